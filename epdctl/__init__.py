@@ -1,0 +1,3 @@
+"""epdctl: orchestrate vLLM's disaggregated Encode / Prefill / Decode serving."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,34 @@
+"""How many accelerators this machine has, when that can be told cheaply."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from typing import Mapping, Optional
+
+
+def detect_device_count(platform: str, environ: Optional[Mapping[str, str]] = None) -> Optional[int]:
+    """The number of devices of `platform`, or None when it cannot be known here.
+
+    `EPDCTL_DEVICE_COUNT` overrides detection (for planning a GPU topology on a laptop, and
+    for tests). None means "don't check device ids against the machine".
+    """
+    environ = os.environ if environ is None else environ
+    override = environ.get("EPDCTL_DEVICE_COUNT")
+    if override:
+        try:
+            return int(override)
+        except ValueError:
+            return None
+    if platform != "cuda" or shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10, stdin=subprocess.DEVNULL
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))

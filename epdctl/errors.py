@@ -1,0 +1,20 @@
+"""The one error type library code raises (DESIGN §7.7)."""
+
+from __future__ import annotations
+
+# Exit codes of DESIGN §4.
+EXIT_RUNTIME = 1
+EXIT_USAGE = 2
+EXIT_NOTHING_RUNNING = 3
+
+
+class EpdctlError(Exception):
+    """A failure the user can act on. The CLI prints it as-is and exits with `exit_code`."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_RUNTIME):
+        super().__init__(message)
+        self.message = message
+        self.exit_code = exit_code
+
+    def __str__(self) -> str:
+        return self.message

@@ -1,0 +1,240 @@
+"""Topology → Plan: every process's argv, env and port (DESIGN §3). Pure: no I/O."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional
+
+from epdctl.topology import Topology
+
+LOOPBACK = "127.0.0.1"
+ENCODER_MIN_BATCHED_TOKENS = 114688  # the seeds' value: a whole multi-image prompt in one step
+DEVICE_VARIABLE = {"cuda": "CUDA_VISIBLE_DEVICES", "xpu": "ZE_AFFINITY_MASK"}
+
+
+@dataclass(frozen=True)
+class ProcessSpec:
+    name: str
+    argv: tuple[str, ...]
+    env: Mapping[str, str]
+    host: str
+    port: int
+    role: str = "proxy"
+    devices: tuple[int, ...] = ()
+    side_channel_port: Optional[int] = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def ports(self) -> tuple[int, ...]:
+        return (self.port,) + ((self.side_channel_port,) if self.side_channel_port else ())
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"name": self.name}
+        if self.role != "proxy":
+            data["role"] = self.role
+            data["devices"] = list(self.devices)
+        data.update(argv=list(self.argv), env=dict(self.env), host=self.host, port=self.port, url=self.url)
+        return data
+
+
+@dataclass(frozen=True)
+class Plan:
+    name: str
+    engine: str
+    platform: str
+    instances: tuple[ProcessSpec, ...]
+    proxy: ProcessSpec
+    health_timeout_s: float
+    health_interval_s: float
+    ec_storage_path: Optional[str] = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def processes(self) -> tuple[ProcessSpec, ...]:
+        return self.instances + (self.proxy,)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "engine": self.engine,
+            "platform": self.platform,
+            "instances": [spec.to_json() for spec in self.instances],
+            "proxy": self.proxy.to_json(),
+        }
+
+
+# ---------------------------------------------------------------- flags
+
+
+def normalize_flag(key: str, value: Any) -> tuple[str, Any]:
+    """`max_num_seqs` and `--max-num-seqs` are one flag; `no-x: true` is `x: false`."""
+    key = key.lstrip("-").replace("_", "-")
+    if key.startswith("no-") and isinstance(value, bool):
+        return key[3:], not value
+    return key, value
+
+
+def merge_flags(*layers: Mapping[str, Any]) -> dict[str, Any]:
+    """Later layers replace earlier ones flag by flag (DESIGN §2 precedence)."""
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        for key, value in layer.items():
+            key, value = normalize_flag(key, value)
+            merged[key] = value
+    return merged
+
+
+def flags_to_argv(flags: Mapping[str, Any]) -> list[str]:
+    argv: list[str] = []
+    for key, value in flags.items():
+        if value is None:  # `key: null` at a higher level removes a lower level's flag
+            continue
+        if value is True:
+            argv.append(f"--{key}")
+        elif value is False:
+            argv.append(f"--no-{key}")
+        elif isinstance(value, dict):
+            argv += [f"--{key}", compact_json(value)]
+        elif isinstance(value, (list, tuple)):
+            argv += [f"--{key}", *(compact_json(v) if isinstance(v, (dict, list)) else str(v) for v in value)]
+        else:
+            argv += [f"--{key}", str(value)]
+    return argv
+
+
+def compact_json(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+# ---------------------------------------------------------------- the plan
+
+
+def engine_prefix(topology: Topology, python: str) -> tuple[list[str], bool]:
+    """The argv prefix and whether the model is positional (`vllm serve MODEL`)."""
+    if topology.engine == "sim":
+        return [python, "-m", "epdctl.sim"], True
+    command = list(topology.vllm_command)
+    # `python -m vllm.entrypoints.openai.api_server` ignores a positional model, so only a
+    # `... serve` command gets one; every other entry point gets `--model`.
+    return command, command[-1] == "serve"
+
+
+def ec_config(topology: Topology, role: str) -> dict[str, Any]:
+    ec = topology.ec_transfer
+    assert ec is not None
+    extra: dict[str, Any] = {}
+    if ec.shared_storage_path:
+        extra["shared_storage_path"] = ec.shared_storage_path
+    extra.update(ec.extra_config)
+    config: dict[str, Any] = {"ec_connector": ec.connector, "ec_role": role}
+    config["ec_connector_extra_config"] = extra
+    config.update(ec.config)
+    return config
+
+
+def kv_config(topology: Topology, role: str) -> dict[str, Any]:
+    kv = topology.kv_transfer
+    assert kv is not None
+    config: dict[str, Any] = {"kv_connector": kv.connector, "kv_role": role}
+    config.update(kv.config)
+    if kv.extra_config:
+        config["kv_connector_extra_config"] = dict(kv.extra_config)
+    return config
+
+
+def role_flags(topology: Topology, role: str, devices: tuple[int, ...]) -> dict[str, Any]:
+    """The flags a role needs to work (precedence level 2)."""
+    flags: dict[str, Any] = {"enable-request-id-headers": True}
+    if len(devices) > 1:
+        flags["tensor-parallel-size"] = len(devices)
+    if topology.media.allowed_local_path and role in ("encode", "prefill", "pd"):
+        flags["allowed-local-media-path"] = topology.media.allowed_local_path
+    has_encoders = bool(topology.encode)
+    if role == "encode":
+        defaults = merge_flags(topology.defaults.args)
+        batched = defaults.get("max-num-batched-tokens")
+        flags["enforce-eager"] = True
+        flags["enable-prefix-caching"] = False
+        flags["max-num-batched-tokens"] = max(ENCODER_MIN_BATCHED_TOKENS, batched if isinstance(batched, int) else 0)
+        flags["ec-transfer-config"] = ec_config(topology, "ec_producer")
+    elif role in ("pd", "prefill") and has_encoders:
+        flags["ec-transfer-config"] = ec_config(topology, "ec_consumer")
+    if role == "prefill":
+        flags["kv-transfer-config"] = kv_config(topology, "kv_producer")
+    elif role == "decode":
+        flags["kv-transfer-config"] = kv_config(topology, "kv_consumer")
+    return flags
+
+
+def build_plan(topology: Topology, python: str = "python") -> Plan:
+    """The processes `up` will run, in start order: instances, then the proxy."""
+    prefix, positional_model = engine_prefix(topology, python)
+    side_channels = topology.side_channel_ports()
+    device_variable = DEVICE_VARIABLE.get(topology.platform)
+    instances = []
+    for ref in topology.instances():
+        spec = ref.spec
+        instance_flags: dict[str, Any] = {}
+        if spec.gpu_memory_utilization is not None:
+            instance_flags["gpu-memory-utilization"] = spec.gpu_memory_utilization
+        instance_flags.update(spec.args)
+        flags = merge_flags(topology.defaults.args, role_flags(topology, ref.role, spec.devices), instance_flags)
+        model_argv = [topology.model] if positional_model else ["--model", topology.model]
+        argv = prefix + model_argv + ["--port", str(spec.port)] + flags_to_argv(flags)
+
+        role_env: dict[str, str] = {}
+        if device_variable and spec.devices:
+            role_env[device_variable] = ",".join(str(d) for d in spec.devices)
+        side_channel = side_channels.get(ref.name)
+        if side_channel:
+            role_env["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(side_channel)
+            role_env["UCX_NET_DEVICES"] = "all"
+        env = {**topology.defaults.env, **role_env, **spec.env}
+        instances.append(
+            ProcessSpec(
+                name=ref.name, role=ref.role, devices=spec.devices, argv=tuple(argv), env=env,
+                host=LOOPBACK, port=spec.port, side_channel_port=side_channel,
+            )
+        )
+    instances_t = tuple(instances)
+    return Plan(
+        name=topology.name,
+        engine=topology.engine,
+        platform=topology.platform,
+        instances=instances_t,
+        proxy=ProcessSpec(
+            name="proxy", argv=tuple(proxy_argv(topology, instances_t, python)), env={},
+            host=topology.proxy.host, port=topology.proxy.port,
+        ),
+        health_timeout_s=topology.health.timeout_s,
+        health_interval_s=topology.health.interval_s,
+        ec_storage_path=topology.ec_transfer.shared_storage_path if topology.ec_transfer and topology.encode else None,
+    )
+
+
+def proxy_argv(topology: Topology, instances: tuple[ProcessSpec, ...], python: str) -> list[str]:
+    def urls(*roles: str) -> str:
+        return ",".join(spec.url for spec in instances if spec.role in roles) or "disable"
+
+    proxy = topology.proxy
+    argv = [
+        python, "-m", "epdctl.proxy",
+        "--host", proxy.host, "--port", str(proxy.port),
+        "--encode-servers-urls", urls("encode"),
+        "--prefill-servers-urls", urls("prefill"),
+        "--decode-servers-urls", urls("decode", "pd"),
+        "--policy", proxy.policy,
+        "--encode-timeout-s", f"{proxy.encode_timeout_s:g}",
+        "--prefill-timeout-s", f"{proxy.prefill_timeout_s:g}",
+        "--decode-timeout-s", f"{proxy.decode_timeout_s:g}",
+        "--max-body-mb", f"{proxy.max_body_mb:g}",
+    ]
+    ec = topology.ec_transfer
+    if topology.encode and ec is not None and ec.connector == "ECExampleConnector" and ec.shared_storage_path:
+        argv += ["--ec-shared-storage-path", ec.shared_storage_path]
+    if topology.media.allowed_local_path:
+        argv += ["--allowed-local-media-path", topology.media.allowed_local_path]
+    return argv
