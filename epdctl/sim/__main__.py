@@ -1,0 +1,139 @@
+"""`python -m epdctl.sim MODEL --port P ...`: accepts `vllm serve`'s argument shapes."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import errno
+import json
+import logging
+import signal
+import subprocess
+import sys
+from typing import Optional
+
+HELP = """\
+epdctl's SIMULATED engine: a stand-in for `vllm serve` for tests, demos and CI.
+It is NOT an inference engine: it returns deterministic filler text after configurable
+sleeps, while keeping vLLM's encoder-cache (ECExampleConnector) and KV (NixlConnector)
+contracts so a disaggregated topology can run and be proven on a machine with no GPU.
+Flags of `vllm serve` that it does not model are accepted and ignored."""
+
+_IDLE_CHILD = "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nwhile True: time.sleep(1)\n"
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(prog="python -m epdctl.sim", description=HELP,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="Model name (or give it positionally, as `vllm serve MODEL`).")
+    parser.add_argument("--served-model-name", nargs="+", help="Names the API answers to (default: the model).")
+    parser.add_argument("--host", default="127.0.0.1", help="Bind address (default 127.0.0.1).")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--ec-transfer-config", help="vLLM's EC connector JSON (ec_role, shared_storage_path).")
+    parser.add_argument("--kv-transfer-config", help="vLLM's KV connector JSON (kv_role).")
+    parser.add_argument("--allowed-local-media-path", help="Folder under which file:// media may be read.")
+    parser.add_argument("--max-model-len", type=int, default=32768)
+    sim = parser.add_argument_group("simulation")
+    sim.add_argument("--sim-ttft-ms", type=float, default=20.0, help="Prefill time per request (ms).")
+    sim.add_argument("--sim-tpot-ms", type=float, default=2.0, help="Time per output token after the first (ms).")
+    sim.add_argument("--sim-encode-ms", type=float, default=10.0, help="Encode time per media item not loaded from the EC (ms).")
+    testing = parser.add_argument_group("testing the supervisor")
+    testing.add_argument("--sim-startup-ms", type=float, default=0.0, help="Wait before listening (a slow start).")
+    testing.add_argument("--sim-exit-after-s", type=float, help="Exit with code 3 after this many seconds (a crash).")
+    testing.add_argument("--sim-ignore-sigterm", action="store_true", help="Ignore SIGTERM (needs SIGKILL).")
+    testing.add_argument("--sim-spawn-child", choices=["group", "session"],
+                         help="Start a child that ignores SIGTERM, in our process group or its own session (like vLLM's EngineCore).")
+    model = None
+    if argv and not argv[0].startswith("-"):
+        model, argv = argv[0], argv[1:]
+    args, unknown = parser.parse_known_args(argv)
+    args.model = args.model or model
+    if not args.model:
+        parser.error("a model is required (positional, or --model)")
+    return args, unknown
+
+
+def _role(raw: Optional[str], key: str, flag: str) -> tuple[Optional[str], dict]:
+    if not raw:
+        return None, {}
+    try:
+        config = json.loads(raw)
+    except ValueError as exc:
+        raise SystemExit(f"epdctl.sim: {flag} is not valid JSON: {exc}")
+    if not isinstance(config, dict):
+        raise SystemExit(f"epdctl.sim: {flag} must be a JSON object")
+    return config.get(key), config
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args, unknown = parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout)
+    log = logging.getLogger("epdctl.sim")
+    if unknown:
+        log.info("ignoring flags the sim does not model: %s", " ".join(unknown))
+
+    from epdctl.sim.server import SimConfig, SimEngine, build_app, configure_from_env
+
+    ec_role, ec = _role(args.ec_transfer_config, "ec_role", "--ec-transfer-config")
+    kv_role, _ = _role(args.kv_transfer_config, "kv_role", "--kv-transfer-config")
+    ec_path = (ec.get("ec_connector_extra_config") or {}).get("shared_storage_path") if ec else None
+    config = SimConfig(
+        model=args.model, served_names=tuple(args.served_model_name or [args.model]),
+        host=args.host, port=args.port, ttft_ms=args.sim_ttft_ms, tpot_ms=args.sim_tpot_ms,
+        encode_ms=args.sim_encode_ms, ec_role=ec_role, ec_path=ec_path, kv_role=kv_role,
+        allowed_local_media_path=args.allowed_local_media_path, max_model_len=args.max_model_len,
+    )
+    configure_from_env(config)
+    if args.sim_ignore_sigterm:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if args.sim_spawn_child:
+        subprocess.Popen([sys.executable, "-c", _IDLE_CHILD], stdin=subprocess.DEVNULL,
+                         start_new_session=args.sim_spawn_child == "session")
+    try:
+        import uvloop  # type: ignore
+
+        uvloop.install()
+    except ImportError:
+        pass
+    return asyncio.run(_serve(config, build_app(SimEngine(config)), args, log))
+
+
+async def _serve(config, app, args, log) -> int:
+    from aiohttp import web
+
+    if args.sim_startup_ms:
+        await asyncio.sleep(args.sim_startup_ms / 1000)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, config.host, config.port, reuse_address=False).start()
+    except OSError as exc:
+        await runner.cleanup()
+        if exc.errno == errno.EADDRINUSE:
+            print(f"epdctl.sim: port {config.port} on {config.host} is already in use", file=sys.stderr)
+        else:
+            print(f"epdctl.sim: cannot listen on {config.host}:{config.port}: {exc.strerror}", file=sys.stderr)
+        return 1
+    log.info("sim engine for %s on http://%s:%d (ec_role=%s ec_path=%s kv_role=%s)",
+             config.model, config.host, config.port, config.ec_role, config.ec_path, config.kv_role)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    if not args.sim_ignore_sigterm:
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+    code = 0
+    if args.sim_exit_after_s is not None:
+        try:
+            await asyncio.wait_for(stop.wait(), args.sim_exit_after_s)
+        except asyncio.TimeoutError:
+            log.error("exiting on purpose (--sim-exit-after-s)")
+            code = 3
+    else:
+        await stop.wait()
+    log.info("shutting down")
+    await runner.cleanup()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,302 @@
+"""The simulated engine's HTTP server: OpenAI chat/completions with vLLM's EC and KV contracts.
+
+Every wait is an `asyncio.sleep`, so one sim serves many concurrent requests on little CPU:
+it is the backend of the proxy and bench benchmarks, so per-request work is kept small.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import json
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, disable_created_metrics, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from epdctl.ec import ec_exists, load_ec, save_ec
+from epdctl.media import MediaError, content_hash, iter_media, local_media_path
+
+log = logging.getLogger("epdctl.sim")
+disable_created_metrics()  # `_created` gauges only clutter what smoke and people read
+
+WORDS = (
+    "the quick brown fox jumps over a lazy dog while seven bright encoders hum and "
+    "prefill waits for decode to stream tokens across the disaggregated cluster"
+).split()
+TOKENS_PER_MEDIA_ITEM = 64  # the sim's "encoder output length" per item
+HIDDEN_SIZE = 128
+DEFAULT_MAX_TOKENS = 16
+
+
+@dataclass
+class SimConfig:
+    model: str
+    served_names: tuple[str, ...]
+    host: str = "127.0.0.1"
+    port: int = 8000
+    ttft_ms: float = 20.0
+    tpot_ms: float = 2.0
+    encode_ms: float = 10.0
+    ec_role: Optional[str] = None  # ec_producer | ec_consumer | ec_both
+    ec_path: Optional[str] = None
+    kv_role: Optional[str] = None  # kv_producer | kv_consumer | kv_both
+    allowed_local_media_path: Optional[str] = None
+    max_model_len: int = 32768
+    side_channel_port: int = 5600
+    engine_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+
+
+class BadRequest(Exception):
+    def __init__(self, message: str, status: int = 400, kind: str = "BadRequestError"):
+        super().__init__(message)
+        self.status = status
+        self.kind = kind
+
+
+def error_response(message: str, status: int = 400, kind: str = "BadRequestError") -> web.Response:
+    body = {"error": {"message": message, "type": kind, "param": None, "code": status}}
+    return web.json_response(body, status=status)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+
+        def counter(name: str, doc: str) -> Counter:
+            return Counter(name, doc, registry=self.registry)
+
+        self.requests = counter("epdctl_sim_requests", "Requests served (chat and completions).")
+        self.encoded = counter("epdctl_sim_encoded_items", "Media items encoded here (as producer, or a consumer's miss).")
+        self.ec_loaded = counter("epdctl_sim_ec_loaded", "Encoder-cache files a consumer loaded.")
+        self.ec_missed = counter("epdctl_sim_ec_missed", "Media items a consumer found no encoder-cache file for.")
+        self.prefills = counter("epdctl_sim_prefills", "Prefills computed here.")
+        self.remote_prefills = counter("epdctl_sim_remote_prefills", "Decodes that used KV from a prefill instance.")
+
+
+class SimEngine:
+    def __init__(self, config: SimConfig) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self._block_ids = itertools.count()
+        self._ids = itertools.count()
+
+    # ------------------------------------------------------------ request model
+
+    def _media_keys(self, body: dict) -> list[str]:
+        """The mm_hash of each media item: its uuid when given (as vLLM), else a content hash."""
+        keys = []
+        try:
+            for item in iter_media(body):
+                if item.uuid:
+                    keys.append(item.uuid)
+                    continue
+                path = local_media_path(item.locator, self.config.allowed_local_media_path)
+                if path is not None:
+                    try:
+                        with open(path, "rb") as handle:
+                            keys.append(hashlib.sha256(handle.read()).hexdigest())
+                    except OSError as exc:
+                        raise MediaError(f"cannot read {item.locator}: {exc.strerror}") from None
+                else:
+                    keys.append(content_hash(item.locator))
+        except MediaError as exc:
+            raise BadRequest(str(exc)) from None
+        return keys
+
+    def _encode_items(self, keys: list[str], remote_prefill: bool) -> int:
+        """Apply the EC contract; return how many items this instance must encode itself."""
+        cfg = self.config
+        if remote_prefill:
+            return 0  # encoder outputs only feed the prefill, which ran elsewhere
+        to_encode = 0
+        for key in keys:
+            if cfg.ec_role in ("ec_producer", "ec_both") and cfg.ec_path:
+                if ec_exists(cfg.ec_path, key):
+                    continue  # as vLLM's scheduler: an item already in the cache is not recomputed
+                save_ec(cfg.ec_path, key, TOKENS_PER_MEDIA_ITEM, HIDDEN_SIZE)
+                to_encode += 1
+            elif cfg.ec_role == "ec_consumer" and cfg.ec_path:
+                if load_ec(cfg.ec_path, key) is not None:
+                    self.metrics.ec_loaded.inc()
+                    continue
+                self.metrics.ec_missed.inc()
+                log.info("EC miss for mm_hash %s: encoding locally", key)
+                to_encode += 1
+            else:
+                to_encode += 1
+        if to_encode:
+            self.metrics.encoded.inc(to_encode)
+        return to_encode
+
+    def _answer_tokens(self, seed_text: str, count: int) -> list[str]:
+        start = int.from_bytes(hashlib.blake2b(seed_text.encode(), digest_size=4).digest(), "little")
+        return [" " + WORDS[(start + i) % len(WORDS)] for i in range(count)]
+
+    def _kv_params_out(self) -> dict[str, Any]:
+        """What NixlConnector's producer returns, so the proxy can hand it to a decoder."""
+        base = next(self._block_ids) * 4
+        return {
+            "do_remote_prefill": True,
+            "do_remote_decode": False,
+            "remote_block_ids": [base, base + 1, base + 2, base + 3],
+            "remote_engine_id": self.config.engine_id,
+            "remote_host": "127.0.0.1",
+            "remote_port": self.config.side_channel_port,
+            "tp_size": 1,
+        }
+
+    # ------------------------------------------------------------ handlers
+
+    async def handle(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        request_id = request.headers.get("X-Request-Id") or f"sim-{next(self._ids)}"
+        headers = {"X-Request-Id": request_id}
+        try:
+            raw = await request.read()
+            try:
+                body = json.loads(raw)
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise BadRequest(f"malformed JSON body: {exc}") from None
+            if not isinstance(body, dict):
+                raise BadRequest("the body must be a JSON object")
+            model = body.get("model")
+            if model is not None and model not in self.config.served_names:
+                raise BadRequest(f"The model `{model}` does not exist.", 404, "NotFoundError")
+            max_tokens = body.get("max_completion_tokens") if chat else None
+            if max_tokens is None:
+                max_tokens = body.get("max_tokens", DEFAULT_MAX_TOKENS)
+            if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+                raise BadRequest("max_tokens must be a positive integer")
+            stream = body.get("stream", False)
+            if not isinstance(stream, bool):
+                raise BadRequest("stream must be a boolean")
+            if chat:
+                messages = body.get("messages")
+                if not isinstance(messages, list) or not messages:
+                    raise BadRequest("messages must be a non-empty list")
+                text = json.dumps(messages, sort_keys=True)
+                keys = self._media_keys(body)
+            else:
+                prompt = body.get("prompt")
+                if not isinstance(prompt, (str, list)) or not prompt:
+                    raise BadRequest("prompt must be a non-empty string or list")
+                text = json.dumps(prompt)
+                keys = []
+            kv_in = body.get("kv_transfer_params")
+            if kv_in is not None and not isinstance(kv_in, dict):
+                raise BadRequest("kv_transfer_params must be an object")
+        except BadRequest as exc:
+            return error_response(str(exc), exc.status, exc.kind)
+
+        cfg = self.config
+        self.metrics.requests.inc()
+        remote_prefill = bool(
+            kv_in and kv_in.get("do_remote_prefill") and cfg.kv_role in ("kv_consumer", "kv_both")
+        )
+        encoded_here = self._encode_items(keys, remote_prefill)
+        if remote_prefill:
+            self.metrics.remote_prefills.inc()
+        else:
+            self.metrics.prefills.inc()
+        kv_out = None
+        if kv_in and kv_in.get("do_remote_decode") and cfg.kv_role in ("kv_producer", "kv_both"):
+            kv_out = self._kv_params_out()
+
+        ttft_s = ((0.0 if remote_prefill else cfg.ttft_ms) + cfg.encode_ms * encoded_here) / 1000.0
+        tpot_s = cfg.tpot_ms / 1000.0
+        # The answer depends on the prompt and the media keys only, so EPD and aggregated agree.
+        tokens = self._answer_tokens(text + "|".join(keys), max_tokens)
+        prompt_tokens = max(1, len(text) // 4) + TOKENS_PER_MEDIA_ITEM * len(keys)
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": max_tokens,
+            "total_tokens": prompt_tokens + max_tokens,
+        }
+        ident = f"{'chatcmpl' if chat else 'cmpl'}-{request_id}"
+        created = int(time.time())
+        if not stream:
+            await asyncio.sleep(ttft_s + tpot_s * (max_tokens - 1))
+            content = "".join(tokens)
+            if chat:
+                choice = {"index": 0, "message": {"role": "assistant", "content": content},
+                          "logprobs": None, "finish_reason": "length", "stop_reason": None}
+            else:
+                choice = {"index": 0, "text": content, "logprobs": None, "finish_reason": "length", "stop_reason": None}
+            payload = {
+                "id": ident, "object": "chat.completion" if chat else "text_completion",
+                "created": created, "model": model or cfg.served_names[0],
+                "choices": [choice], "usage": usage, "kv_transfer_params": kv_out,
+            }
+            return web.json_response(payload, headers=headers)
+
+        response = web.StreamResponse(headers={**headers, "Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await response.prepare(request)
+        base = {"id": ident, "object": "chat.completion.chunk" if chat else "text_completion",
+                "created": created, "model": model or cfg.served_names[0]}
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage")) if isinstance(body.get("stream_options"), dict) else False
+
+        def event(choices: list, **extra: Any) -> bytes:
+            return b"data: " + json.dumps({**base, "choices": choices, **extra}, separators=(",", ":")).encode() + b"\n\n"
+
+        await asyncio.sleep(ttft_s)
+        if chat:
+            await response.write(event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]))
+        for i, token in enumerate(tokens):
+            if i:
+                await asyncio.sleep(tpot_s)
+            last = i == len(tokens) - 1
+            finish = "length" if last else None
+            if chat:
+                choice = {"index": 0, "delta": {"content": token}, "logprobs": None, "finish_reason": finish}
+            else:
+                choice = {"index": 0, "text": token, "logprobs": None, "finish_reason": finish}
+            extra = {"kv_transfer_params": kv_out} if last and kv_out else {}
+            await response.write(event([choice], **extra))
+        if include_usage:
+            await response.write(event([], usage=usage))
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        return await self.handle(request, chat=True)
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self.handle(request, chat=False)
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.Response(status=200)
+
+    async def models(self, request: web.Request) -> web.Response:
+        data = [
+            {"id": name, "object": "model", "created": 0, "owned_by": "epdctl-sim", "root": self.config.model,
+             "parent": None, "max_model_len": self.config.max_model_len}
+            for name in self.config.served_names
+        ]
+        return web.json_response({"object": "list", "data": data})
+
+    async def metrics_text(self, request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(self.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def build_app(engine: SimEngine, max_body_bytes: int = 256 * 1024 * 1024) -> web.Application:
+    app = web.Application(client_max_size=max_body_bytes)
+    app.router.add_post("/v1/chat/completions", engine.chat)
+    app.router.add_post("/v1/completions", engine.completions)
+    app.router.add_get("/health", engine.health)
+    app.router.add_get("/v1/models", engine.models)
+    app.router.add_get("/metrics", engine.metrics_text)
+    return app
+
+
+def configure_from_env(config: SimConfig) -> None:
+    port = os.environ.get("VLLM_NIXL_SIDE_CHANNEL_PORT")
+    if port and port.isdigit():
+        config.side_channel_port = int(port)
