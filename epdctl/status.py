@@ -1,0 +1,138 @@
+"""`epdctl status` and `epdctl logs`: read state.json, probe health live, print."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Optional
+
+from epdctl.errors import EXIT_NOTHING_RUNNING, EXIT_USAGE, EpdctlError
+from epdctl.state import StateDir, list_state_dirs, verified_process
+from epdctl.supervisor import Runtime
+
+
+def live_status(state: dict[str, Any], runtime: Optional[Runtime] = None) -> dict[str, Any]:
+    """DESIGN §4 `status --json` for one topology, probing every live process's /health."""
+    runtime = runtime or Runtime()
+    records = state.get("processes", [])
+    phase = state.get("phase")
+
+    def one(record: dict[str, Any]) -> dict[str, Any]:
+        alive = verified_process(record.get("pid"), record.get("create_time")) is not None
+        if not alive:
+            current = "exited"
+        elif runtime.probe(record["url"], timeout=1.0):
+            current = "healthy"
+        else:
+            current = "starting" if phase == "starting" and record.get("state") != "healthy" else "unhealthy"
+        entry = {
+            "name": record["name"], "role": record["role"], "pid": record.get("pid"), "port": record["port"],
+            "url": record["url"], "state": current, "exit_code": record.get("exit_code") if not alive else None,
+        }
+        return entry
+
+    with ThreadPoolExecutor(max_workers=max(1, min(16, len(records)))) as pool:
+        entries = list(pool.map(one, records))
+    instances = [e for e in entries if e["role"] != "proxy"]
+    proxy = next((e for e in entries if e["role"] == "proxy"), None)
+    if proxy:
+        proxy = {k: v for k, v in proxy.items() if k != "role"}
+    states = [e["state"] for e in entries]
+    if states and all(s == "healthy" for s in states):
+        overall = "running"
+    elif any(s != "exited" for s in states):
+        overall = "degraded"
+    else:
+        overall = "stopped"
+    return {"name": state["name"], "state": overall, "instances": instances, "proxy": proxy}
+
+
+def show_status(name: Optional[str], as_json: bool, out=None) -> int:
+    out = out or sys.stdout
+    if name:
+        state = StateDir(name).read()
+        states = [state] if state else []
+    else:
+        states = [s for s in (d.read() for d in list_state_dirs()) if s]
+    if not states:
+        if as_json:
+            print(json.dumps({"name": name, "state": "stopped", "instances": [], "proxy": None} if name else []), file=out)
+        else:
+            print(f"epdctl: nothing is running{f' under the name {name!r}' if name else ''}", file=sys.stderr)
+        return EXIT_NOTHING_RUNNING
+    reports = [live_status(state) for state in states]
+    if as_json:
+        print(json.dumps(reports[0] if name else reports, indent=2), file=out)
+    else:
+        _print_table(reports, states, out)
+    return 0 if any(r["state"] != "stopped" for r in reports) else EXIT_NOTHING_RUNNING
+
+
+def _print_table(reports, states, out) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(file=out, no_color=not out.isatty(), width=140)
+    for report, state in zip(reports, states):
+        table = Table(title=f"{report['name']}: {report['state']}" + (f" ({state.get('error')})" if state.get("error") else ""),
+                      title_justify="left")
+        for column in ("name", "role", "pid", "port", "url", "state", "exit code"):
+            table.add_column(column)
+        rows = report["instances"] + ([dict(report["proxy"], role="proxy")] if report["proxy"] else [])
+        for row in rows:
+            code = "" if row["exit_code"] is None else str(row["exit_code"])
+            table.add_row(row["name"], row["role"], str(row["pid"]), str(row["port"]), row["url"], row["state"], code)
+        console.print(table)
+
+
+def show_logs(name: str, instance: Optional[str], follow: bool, tail: Optional[int], out=None) -> None:
+    out = out or sys.stdout
+    state_dir = StateDir(name)
+    state = state_dir.read()
+    if state is None:
+        raise EpdctlError(f"no topology named {name!r} (see `epdctl status`)", EXIT_USAGE)
+    names = [p["name"] for p in state.get("processes", [])]
+    if instance and instance not in names + ["supervisor"]:
+        raise EpdctlError(f"{name} has no instance {instance!r} (it has {', '.join(names)})", EXIT_USAGE)
+    chosen = [instance] if instance else names
+    paths = {n: state_dir.log_file(n) for n in chosen}
+    width = max(len(n) for n in chosen)
+    offsets: dict[str, int] = {}
+    for proc_name, path in paths.items():
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            data = b""
+        offsets[proc_name] = len(data)
+        lines = data.decode(errors="replace").splitlines()
+        if tail is not None:
+            lines = lines[-tail:] if tail > 0 else []
+        for line in lines:
+            out.write(f"{proc_name:<{width}} | {line}\n")
+    out.flush()
+    if not follow:
+        return
+    try:
+        while True:
+            for proc_name, path in paths.items():
+                try:
+                    with open(path, "rb") as handle:
+                        handle.seek(offsets[proc_name])
+                        data = handle.read()
+                except FileNotFoundError:
+                    continue
+                if b"\n" not in data:
+                    continue
+                complete = data[: data.rfind(b"\n") + 1]
+                offsets[proc_name] += len(complete)
+                for line in complete.decode(errors="replace").splitlines():
+                    out.write(f"{proc_name:<{width}} | {line}\n")
+            out.flush()
+            if not state_dir.exists():
+                return  # the topology was brought down
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        return

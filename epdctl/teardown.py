@@ -1,0 +1,199 @@
+"""Stopping processes for good (DESIGN §7.4): SIGTERM each group, grace, SIGKILL once, sweep.
+
+"Down" means no descendant is left. vLLM's EngineCore and workers are children that can
+outlive their parent, or sit in another session, so besides each recorded process group we
+also take every descendant seen before signalling and every process carrying the run's
+environment tag (which survives reparenting to init).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Optional
+
+import psutil
+
+from epdctl.state import is_alive, tagged_processes, verified_process
+
+SWEEP_WAIT_S = 2.0
+
+
+@dataclass
+class StopResult:
+    name: str
+    pid: Optional[int]
+    how: str  # "sigterm" | "sigkill" | "already-exited" | "survived"
+    seconds: float = 0.0
+
+    def describe(self) -> str:
+        pid = f" (pid {self.pid})" if self.pid else ""
+        return {
+            "sigterm": f"{self.name}{pid}: stopped by SIGTERM in {self.seconds:.2f}s",
+            "sigkill": f"{self.name}{pid}: killed with SIGKILL after the {self.seconds:.0f}s grace",
+            "already-exited": f"{self.name}{pid}: had already exited",
+            "survived": f"{self.name}{pid}: STILL RUNNING after SIGKILL",
+        }[self.how]
+
+
+@dataclass
+class StopReport:
+    results: list[StopResult] = field(default_factory=list)
+    swept: int = 0
+    survivors: list[psutil.Process] = field(default_factory=list)
+
+    @property
+    def clean(self) -> bool:
+        return not self.survivors and all(r.how != "survived" for r in self.results)
+
+    def lines(self) -> list[str]:
+        out = [r.describe() for r in self.results]
+        if self.swept:
+            out.append(f"swept {self.swept} stray descendant process(es)")
+        for proc in self.survivors:
+            out.append(f"pid {proc.pid} survived SIGKILL")
+        return out
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass  # already gone
+    except PermissionError:
+        pass
+
+
+def _signal(proc: psutil.Process, sig: int) -> None:
+    try:
+        proc.send_signal(sig)  # psutil checks the create_time first, so a reused pid is safe
+    except (psutil.NoSuchProcess, psutil.AccessDenied, ProcessLookupError):
+        pass
+
+
+def _descendants(proc: psutil.Process) -> list[psutil.Process]:
+    try:
+        return proc.children(recursive=True)
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return []
+
+
+def stop_processes(
+    records: Iterable[dict],
+    run_token: Optional[str],
+    grace: float,
+    *,
+    hurry: Callable[[], bool] = lambda: False,
+    reap: Callable[[], None] = lambda: None,
+) -> StopReport:
+    """Stop every recorded process with its group and descendants.
+
+    `records` carry name, pid, pgid and create_time. `hurry()` returning True (a second
+    Ctrl-C) ends the grace early. `reap()` lets a parent collect exit codes while we wait,
+    so its children don't linger as zombies.
+    """
+    records = list(records)
+    report = StopReport()
+    leaders: dict[str, Optional[psutil.Process]] = {}
+    everyone: dict[int, psutil.Process] = {}
+    for record in records:
+        leader = verified_process(record.get("pid"), record.get("create_time"))
+        leaders[record["name"]] = leader
+        if leader is not None:
+            everyone[leader.pid] = leader
+            for child in _descendants(leader):
+                everyone[child.pid] = child
+    if run_token:
+        for proc in tagged_processes(run_token):
+            everyone.setdefault(proc.pid, proc)
+
+    groups = []
+    for record in records:
+        leader = leaders[record["name"]]
+        if leader is None:
+            continue
+        pgid = record.get("pgid") or leader.pid
+        try:
+            if os.getpgid(leader.pid) == pgid:
+                groups.append(pgid)
+                _signal_group(pgid, signal.SIGTERM)
+                continue
+        except ProcessLookupError:
+            continue
+        _signal(leader, signal.SIGTERM)
+    for proc in everyone.values():
+        try:
+            if os.getpgid(proc.pid) not in groups:
+                _signal(proc, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
+    started = time.monotonic()
+    deadline = started + grace
+    exited_at: dict[str, float] = {}
+    while True:
+        reap()
+        now = time.monotonic()
+        for name, leader in leaders.items():
+            if leader is not None and name not in exited_at and not is_alive(leader):
+                exited_at[name] = now - started
+        if not any(is_alive(p) for p in everyone.values()):
+            break
+        if now >= deadline or hurry():
+            break
+        time.sleep(0.05)
+
+    killed = False
+    for pgid in groups:
+        if any(is_alive(p) for p in everyone.values() if _pgid(p) == pgid):
+            _signal_group(pgid, signal.SIGKILL)
+            killed = True
+    for proc in everyone.values():
+        if is_alive(proc):
+            _signal(proc, signal.SIGKILL)
+            killed = True
+    if killed:
+        _wait_gone(everyone.values(), SWEEP_WAIT_S, reap)
+
+    # The sweep: anything tagged that appeared meanwhile (a child forked during the grace).
+    if run_token:
+        strays = [p for p in tagged_processes(run_token) if p.pid not in everyone]
+        for proc in strays:
+            _signal(proc, signal.SIGKILL)
+            everyone[proc.pid] = proc
+        report.swept = len(strays)
+        _wait_gone(strays, SWEEP_WAIT_S, reap)
+    reap()
+
+    for record in records:
+        name, leader = record["name"], leaders[record["name"]]
+        if leader is None:
+            report.results.append(StopResult(name, record.get("pid"), "already-exited"))
+        elif is_alive(leader):
+            report.results.append(StopResult(name, leader.pid, "survived"))
+        elif name in exited_at:
+            report.results.append(StopResult(name, leader.pid, "sigterm", exited_at[name]))
+        else:
+            report.results.append(StopResult(name, leader.pid, "sigkill", grace))
+    leader_pids = {p.pid for p in leaders.values() if p is not None}
+    report.survivors = [p for p in everyone.values() if p.pid not in leader_pids and is_alive(p)]
+    return report
+
+
+def _pgid(proc: psutil.Process) -> Optional[int]:
+    try:
+        return os.getpgid(proc.pid)
+    except ProcessLookupError:
+        return None
+
+
+def _wait_gone(procs: Iterable[psutil.Process], timeout: float, reap: Callable[[], None]) -> None:
+    procs = list(procs)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        reap()
+        if not any(is_alive(p) for p in procs):
+            return
+        time.sleep(0.02)
