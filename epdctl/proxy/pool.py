@@ -79,6 +79,10 @@ class Pool:
     def pick(self, exclude: tuple = (), affinity_key: Optional[str] = None) -> Backend:
         candidates = [b for b in self.backends if b.routable and b not in exclude]
         if not candidates:
+            # All ejected: try one anyway. A stale ejection then costs one fast connection
+            # error, where refusing outright would fail every request until the next probe.
+            candidates = [b for b in self.backends if b not in exclude]
+        if not candidates:
             raise NoBackend(self.role)
         if len(candidates) == 1:
             chosen = candidates[0]

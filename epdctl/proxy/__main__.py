@@ -1,0 +1,109 @@
+"""`python -m epdctl.proxy` / `epdctl proxy`: the EPD proxy alone, with the upstream proxy's flags."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import errno
+import logging
+import signal
+import sys
+from typing import Optional
+
+DISABLED = ("", "disable", "disabled", "none")
+
+
+def _urls(value: str, flag: str, parser: argparse.ArgumentParser) -> list[str]:
+    if value.strip().lower() in DISABLED:
+        return []
+    urls = [u.strip().rstrip("/") for u in value.split(",") if u.strip()]
+    for url in urls:
+        if not url.startswith(("http://", "https://")):
+            parser.error(f"{flag}: {url!r} is not an http:// URL")
+    return urls
+
+
+def parse_args(argv: list[str]):
+    parser = argparse.ArgumentParser(
+        prog="epdctl proxy",
+        description="The EPD proxy: encoders (E), then prefill (P), then decode (D or PD), behind one OpenAI API.",
+    )
+    parser.add_argument("--encode-servers-urls", default="disable",
+                        help="Comma-separated encoder URLs, or 'disable' (no encoders).")
+    parser.add_argument("--prefill-servers-urls", default="disable",
+                        help="Comma-separated prefill URLs, or 'disable'/'none' (E+PD).")
+    parser.add_argument("--decode-servers-urls", required=True, help="Comma-separated decode (or PD) URLs.")
+    parser.add_argument("--host", default="127.0.0.1", help="Bind address (default 127.0.0.1).")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--policy", choices=["least-loaded", "round-robin"], default="least-loaded")
+    parser.add_argument("--encode-timeout-s", type=float, default=300.0, help="Whole encoder call.")
+    parser.add_argument("--prefill-timeout-s", type=float, default=600.0, help="Whole prefill call.")
+    parser.add_argument("--decode-timeout-s", type=float, default=600.0,
+                        help="Decode: the longest wait for the next byte (a stream may run longer in all).")
+    parser.add_argument("--max-body-mb", type=float, default=64.0, help="Larger request bodies get 413.")
+    parser.add_argument("--ec-shared-storage-path",
+                        help="ECExampleConnector's folder, if the proxy can see it: items already cached skip the encoder.")
+    parser.add_argument("--allowed-local-media-path", help="file:// media is allowed only under this folder.")
+    parser.add_argument("--probe-interval-s", type=float, default=2.0, help="Background /health probe period.")
+    parser.add_argument("--log-level", default="info")
+    args = parser.parse_args(argv)
+    args.encode_urls = _urls(args.encode_servers_urls, "--encode-servers-urls", parser)
+    args.prefill_urls = _urls(args.prefill_servers_urls, "--prefill-servers-urls", parser)
+    args.decode_urls = _urls(args.decode_servers_urls, "--decode-servers-urls", parser)
+    if not args.decode_urls:
+        parser.error("--decode-servers-urls: at least one decode (or PD) URL is required")
+    return args
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stdout,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        import uvloop  # type: ignore
+
+        uvloop.install()
+    except ImportError:
+        pass
+    return asyncio.run(_serve(args))
+
+
+async def _serve(args) -> int:
+    from aiohttp import web
+
+    from epdctl.proxy.server import Proxy, ProxyConfig
+
+    config = ProxyConfig(
+        encode_urls=args.encode_urls, prefill_urls=args.prefill_urls, decode_urls=args.decode_urls,
+        policy=args.policy, encode_timeout_s=args.encode_timeout_s, prefill_timeout_s=args.prefill_timeout_s,
+        decode_timeout_s=args.decode_timeout_s, max_body_bytes=int(args.max_body_mb * 1024 * 1024),
+        ec_storage_path=args.ec_shared_storage_path, allowed_local_media_path=args.allowed_local_media_path,
+        probe_interval_s=args.probe_interval_s,
+    )
+    proxy = Proxy(config)
+    # handler_cancellation: a client that disconnects cancels its handler, and with it the
+    # upstream requests, instead of letting them run to completion for nobody.
+    runner = web.AppRunner(proxy.app(), access_log=None, handle_signals=False, handler_cancellation=True)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, args.host, args.port, reuse_address=False).start()
+    except OSError as exc:
+        await runner.cleanup()
+        what = "is already in use" if exc.errno == errno.EADDRINUSE else f"cannot be bound: {exc.strerror}"
+        print(f"epdctl proxy: port {args.port} on {args.host} {what}", file=sys.stderr)
+        return 1
+    log = logging.getLogger("epdctl.proxy")
+    log.info("EPD proxy on http://%s:%d: encode=%s prefill=%s decode=%s policy=%s",
+             args.host, args.port, args.encode_urls or "-", args.prefill_urls or "-", args.decode_urls, args.policy)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down")
+    await runner.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

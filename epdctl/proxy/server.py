@@ -1,0 +1,480 @@
+"""The EPD proxy's HTTP server (aiohttp): encode fan-out, prefill, streamed decode.
+
+Per request (DESIGN §1):
+1. each media item not already in the EC goes to an encoder (text removed, max_tokens 1), in
+   parallel, keyed by a content-derived `uuid` that the decoder sees too;
+2. with prefill instances, a P computes the KV (max_tokens 1, `do_remote_decode`), and the
+   `kv_transfer_params` it returns go into the decode request;
+3. a D or PD gets the request and its answer is streamed back.
+
+Unlike the upstream proxy, nothing is sent to the client before the decoder's first byte is
+in hand, so an error up to then is a proper status with an OpenAI-style JSON body; after it,
+an error becomes an SSE error event followed by `[DONE]`, never a silently cut stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from epdctl.ec import ec_exists
+from epdctl.media import MediaError, content_hash, iter_media, local_media_path, strip_text
+from epdctl.proxy.pool import Backend, NoBackend, Pool
+
+log = logging.getLogger("epdctl.proxy")
+disable_created_metrics()
+
+CHAT_PATH = "/v1/chat/completions"
+COMPLETIONS_PATH = "/v1/completions"
+PROBE_TIMEOUT_S = 2.0
+CONNECT_TIMEOUT_S = 10.0
+# NixlConnector's request shape for "prefill here, decode elsewhere" (as vLLM's own proxies send it).
+PREFILL_KV_PARAMS = {
+    "do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None,
+    "remote_block_ids": None, "remote_host": None, "remote_port": None,
+}
+STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+FORWARDED_HEADERS = ("Authorization",)
+
+
+@dataclass
+class ProxyConfig:
+    encode_urls: list[str]
+    prefill_urls: list[str]
+    decode_urls: list[str]
+    policy: str = "least-loaded"
+    encode_timeout_s: float = 300.0
+    prefill_timeout_s: float = 600.0
+    decode_timeout_s: float = 600.0
+    max_body_bytes: int = 64 * 1024 * 1024
+    ec_storage_path: Optional[str] = None
+    allowed_local_media_path: Optional[str] = None
+    probe_interval_s: float = 2.0
+
+
+class StageError(Exception):
+    """A request that must end with an error status. `body` passes a backend's own answer on."""
+
+    def __init__(self, status: int, message: str, body: Optional[bytes] = None, content_type: str = "application/json"):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.body = body
+        self.content_type = content_type
+
+    def response(self, request_id: str) -> web.Response:
+        headers = {"X-Request-Id": request_id}
+        if self.body is not None:
+            return web.Response(status=self.status, body=self.body, content_type=self.content_type, headers=headers)
+        return error_response(self.message, self.status, headers)
+
+
+ERROR_TYPES = {400: "BadRequestError", 404: "NotFoundError", 413: "RequestEntityTooLarge",
+               502: "BadGatewayError", 503: "ServiceUnavailableError", 504: "GatewayTimeoutError"}
+
+
+def error_body(message: str, status: int) -> dict[str, Any]:
+    return {"error": {"message": message, "type": ERROR_TYPES.get(status, "InternalServerError"), "param": None, "code": status}}
+
+
+def error_response(message: str, status: int, headers: Optional[dict] = None) -> web.Response:
+    return web.json_response(error_body(message, status), status=status, headers=headers)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.requests = Counter("epdctl_proxy_requests", "Requests by route and outcome.", ["route", "outcome"],
+                                registry=self.registry)
+        self.in_flight = Gauge("epdctl_proxy_in_flight", "Requests in flight per instance.", ["role", "instance", "url"],
+                               registry=self.registry)
+        self.stage = Histogram("epdctl_proxy_stage_seconds",
+                               "Per-request stage latency: encode (all items), prefill, decode_ttft (to the first byte).",
+                               ["stage"], buckets=STAGE_BUCKETS, registry=self.registry)
+        self.ec_reused = Counter("epdctl_proxy_ec_reused_items", "Media items whose EC file existed, so no encoder was called.",
+                                 registry=self.registry)
+        self.retries = Counter("epdctl_proxy_retries", "Calls retried on another instance after a failure.", ["role"],
+                               registry=self.registry)
+        self.ejections = Counter("epdctl_proxy_ejections", "Instances taken out of rotation after a failure.", ["role"],
+                                 registry=self.registry)
+        # Label lookups take a lock; resolve each child once.
+        self.stage_encode = self.stage.labels("encode")
+        self.stage_prefill = self.stage.labels("prefill")
+        self.stage_decode = self.stage.labels("decode_ttft")
+        self._outcomes: dict[tuple[str, str], Any] = {}
+
+    def count(self, route: str, outcome: str) -> None:
+        child = self._outcomes.get((route, outcome))
+        if child is None:
+            child = self._outcomes[(route, outcome)] = self.requests.labels(route, outcome)
+        child.inc()
+
+
+def _outcome(status: int) -> str:
+    if status < 400:
+        return "ok"
+    return "client_error" if status < 500 else "upstream_error"
+
+
+class Proxy:
+    def __init__(self, config: ProxyConfig) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self.encode = Pool("encode", config.encode_urls, config.policy)
+        self.prefill = Pool("prefill", config.prefill_urls, config.policy)
+        self.decode = Pool("decode", config.decode_urls, config.policy)
+        self.pools = [p for p in (self.encode, self.prefill, self.decode) if p]
+        for pool in self.pools:
+            for backend in pool.backends:
+                backend.gauge = self.metrics.in_flight.labels(pool.role, backend.name, backend.url)
+        self.timeouts = {
+            "encode": aiohttp.ClientTimeout(total=config.encode_timeout_s, sock_connect=CONNECT_TIMEOUT_S),
+            "prefill": aiohttp.ClientTimeout(total=config.prefill_timeout_s, sock_connect=CONNECT_TIMEOUT_S),
+            # A stream may run for long; what must not last is the silence between bytes.
+            "decode": aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S, sock_read=config.decode_timeout_s),
+        }
+        self.sessions: dict[str, aiohttp.ClientSession] = {}
+        self._prober: Optional[asyncio.Task] = None
+        self._warned_no_kv = False
+
+    # ------------------------------------------------------------ lifecycle
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=self.config.max_body_bytes)
+        app.router.add_post(CHAT_PATH, self.chat)
+        app.router.add_post(COMPLETIONS_PATH, self.completions)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/metrics", self.metrics_text)
+        app.on_startup.append(self._startup)
+        app.on_cleanup.append(self._cleanup)
+        return app
+
+    async def _startup(self, app: web.Application) -> None:
+        # One long-lived session (and connection pool) per role: no per-request handshakes,
+        # and a slow role cannot starve another's connections.
+        for role in ("encode", "prefill", "decode", "probe"):
+            connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=60)
+            self.sessions[role] = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+        self._prober = asyncio.create_task(self._probe_loop())
+
+    async def _cleanup(self, app: web.Application) -> None:
+        if self._prober:
+            self._prober.cancel()
+            try:
+                await self._prober
+            except (asyncio.CancelledError, Exception):
+                pass
+        for session in self.sessions.values():
+            await session.close()
+
+    # ------------------------------------------------------------ health
+
+    async def _probe(self, backend: Backend) -> bool:
+        try:
+            async with self.sessions["probe"].get(backend.url + "/health",
+                                                  timeout=aiohttp.ClientTimeout(total=PROBE_TIMEOUT_S)) as resp:
+                ok = resp.status == 200
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            ok = False
+        if ok and backend.healthy is not True:
+            if backend.healthy is False:
+                log.info("%s (%s) is healthy again", backend.name, backend.url)
+            backend.healthy = True
+        elif not ok and backend.healthy is not False:
+            log.warning("%s (%s) failed its health probe; out of rotation until it recovers", backend.name, backend.url)
+            self._eject(backend)
+        return ok
+
+    async def _probe_loop(self) -> None:
+        backends = [b for pool in self.pools for b in pool.backends]
+        while True:
+            await asyncio.gather(*(self._probe(b) for b in backends), return_exceptions=True)
+            await asyncio.sleep(self.config.probe_interval_s)
+
+    def _eject(self, backend: Backend) -> None:
+        backend.eject()
+        self.metrics.ejections.labels(backend.role).inc()
+
+    async def health(self, request: web.Request) -> web.Response:
+        # Probe now whatever is not known healthy, so `up` sees the truth without waiting a period.
+        stale = [b for pool in self.pools for b in pool.backends if b.healthy is not True]
+        if stale:
+            await asyncio.gather(*(self._probe(b) for b in stale), return_exceptions=True)
+        roles = {}
+        for pool in self.pools:
+            roles[pool.role] = [
+                {"name": b.name, "url": b.url, "state": b.state(), "in_flight": b.in_flight} for b in pool.backends
+            ]
+        ok = all(any(b.healthy for b in pool.backends) for pool in self.pools)
+        return web.json_response({"status": "ok" if ok else "degraded", "roles": roles}, status=200 if ok else 503)
+
+    async def metrics_text(self, request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(self.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def models(self, request: web.Request) -> web.Response:
+        try:
+            backend = self.decode.pick()
+        except NoBackend as exc:
+            return error_response(str(exc), 503)
+        try:
+            async with self.sessions["decode"].get(backend.url + "/v1/models", headers=self._forwarded(request),
+                                                   timeout=self.timeouts["prefill"]) as resp:
+                body = await resp.read()
+                return web.Response(status=resp.status, body=body, content_type=resp.content_type)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            return error_response(f"{backend.name} ({backend.url}): {_describe(exc)}", 502)
+
+    # ------------------------------------------------------------ requests
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle(request, CHAT_PATH, "chat")
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle(request, COMPLETIONS_PATH, "completions")
+
+    async def _handle(self, request: web.Request, path: str, route: str) -> web.StreamResponse:
+        request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
+        headers = self._forwarded(request)
+        outcome = "cancelled"
+        try:
+            try:
+                raw = await request.read()
+            except web.HTTPRequestEntityTooLarge:
+                raise StageError(413, f"request body larger than {self.config.max_body_bytes} bytes "
+                                      "(raise the proxy's max_body_mb)") from None
+            try:
+                body = json.loads(raw)
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise StageError(400, f"malformed JSON body: {exc}") from None
+            if not isinstance(body, dict):
+                raise StageError(400, "the body must be a JSON object")
+            stream = body.get("stream") is True
+            items = self._media_items(body) if route == "chat" else []
+            weight = 1.0 + max(0, len(raw) - sum(len(item.locator) for item in items)) / 4096.0
+
+            if items:
+                await self._encode_all(body, items, request_id, headers)
+            if self.prefill:
+                body["kv_transfer_params"] = await self._prefill(body, path, request_id, headers, weight)
+            # Re-serialise only when something changed: a text request to PD goes out as it came.
+            payload = json.dumps(body, separators=(",", ":")).encode() if (items or self.prefill) else raw
+            response, outcome = await self._decode(request, payload, path, stream, request_id, headers, weight)
+            return response
+        except StageError as exc:
+            outcome = _outcome(exc.status)
+            return exc.response(request_id)
+        finally:
+            self.metrics.count(route, outcome)
+
+    def _forwarded(self, request: web.Request) -> dict[str, str]:
+        headers = {"Content-Type": "application/json"}
+        for name in FORWARDED_HEADERS:
+            value = request.headers.get(name)
+            if value:
+                headers[name] = value
+        return headers
+
+    def _media_items(self, body: dict) -> list:
+        try:
+            items = list(iter_media(body))
+            for item in items:
+                local_media_path(item.locator, self.config.allowed_local_media_path)
+                if not item.uuid:
+                    # vLLM keys its caches (and the EC file) by a given uuid, so encoder and
+                    # decoder agree on the mm_hash without hashing the pixels twice.
+                    item.part["uuid"] = content_hash(item.locator)
+        except MediaError as exc:
+            raise StageError(400, str(exc)) from None
+        return items
+
+    async def _encode_all(self, body: dict, items: list, request_id: str, headers: dict) -> None:
+        started = time.perf_counter()
+        calls = []
+        seen = set()
+        ec_path = self.config.ec_storage_path
+        for index, item in enumerate(items):
+            key = item.uuid
+            if key in seen:
+                continue
+            seen.add(key)
+            if ec_path and ec_exists(ec_path, key):
+                self.metrics.ec_reused.inc()
+                continue
+            payload = json.dumps(strip_text(body, item), separators=(",", ":")).encode()
+            calls.append(self._call(self.encode, CHAT_PATH, payload, f"{request_id}-encode-{index}", headers,
+                                    weight=1.0, affinity=key))
+        if not calls:
+            return
+        if not self.encode:
+            raise StageError(503, "the request has media but the proxy has no encoder")
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        self.metrics.stage_encode.observe(time.perf_counter() - started)
+
+    async def _prefill(self, body: dict, path: str, request_id: str, headers: dict, weight: float) -> Optional[dict]:
+        started = time.perf_counter()
+        request = {k: v for k, v in body.items() if k not in ("stream_options", "max_completion_tokens")}
+        request["max_tokens"] = 1
+        request["stream"] = False
+        request["kv_transfer_params"] = dict(PREFILL_KV_PARAMS)
+        answer = await self._call(self.prefill, path, json.dumps(request, separators=(",", ":")).encode(),
+                                  f"{request_id}-prefill", headers, weight=weight, parse=True)
+        kv = answer.get("kv_transfer_params") if isinstance(answer, dict) else None
+        if not kv and not self._warned_no_kv:
+            self._warned_no_kv = True
+            log.warning("prefill answered without kv_transfer_params: decode will recompute the prefill "
+                        "(is its --kv-transfer-config kv_role kv_producer?)")
+        self.metrics.stage_prefill.observe(time.perf_counter() - started)
+        return kv
+
+    async def _call(self, pool: Pool, path: str, payload: bytes, request_id: str, headers: dict, *,
+                    weight: float, affinity: Optional[str] = None, parse: bool = False) -> Any:
+        """One non-streamed call to a role, retried once on another instance after a failure."""
+        session, timeout = self.sessions[pool.role], self.timeouts[pool.role]
+        tried: list[Backend] = []
+        error: Optional[StageError] = None
+        for attempt in range(2):
+            try:
+                backend = pool.pick(exclude=tuple(tried), affinity_key=affinity)
+            except NoBackend:
+                break
+            if attempt:
+                self.metrics.retries.labels(pool.role).inc()
+            tried.append(backend)
+            backend.acquire(weight)
+            try:
+                async with session.post(backend.url + path, data=payload,
+                                        headers={**headers, "X-Request-Id": request_id}, timeout=timeout) as resp:
+                    data = await resp.read()
+                    if resp.status >= 500:
+                        self._eject(backend)
+                        error = StageError(502, f"{pool.role} {backend.name} ({backend.url}) answered {resp.status}: "
+                                                f"{_snippet(data)}")
+                        continue
+                    if resp.status != 200:
+                        # The client's fault (a bad image, an unknown model): pass the answer on.
+                        raise StageError(resp.status, _snippet(data), body=data, content_type=resp.content_type)
+                    if not parse:
+                        return None
+                    try:
+                        return json.loads(data)
+                    except ValueError:
+                        error = StageError(502, f"{pool.role} {backend.name} answered invalid JSON: {_snippet(data)}")
+                        continue
+            except asyncio.TimeoutError:
+                self._eject(backend)
+                error = StageError(504, f"{pool.role} {backend.name} ({backend.url}) timed out "
+                                        f"after {timeout.total:g}s")
+            except aiohttp.ClientError as exc:
+                self._eject(backend)
+                error = StageError(502, f"{pool.role} {backend.name} ({backend.url}): {_describe(exc)}")
+            finally:
+                backend.release(weight)
+        raise error or StageError(503, f"no healthy {pool.role} instance")
+
+    async def _decode(self, request: web.Request, payload: bytes, path: str, stream: bool, request_id: str,
+                      headers: dict, weight: float) -> tuple[web.StreamResponse, str]:
+        session, timeout = self.sessions["decode"], self.timeouts["decode"]
+        started = time.perf_counter()
+        tried: list[Backend] = []
+        error: Optional[StageError] = None
+        for attempt in range(2):
+            try:
+                backend = self.decode.pick(exclude=tuple(tried))
+            except NoBackend:
+                break
+            if attempt:
+                self.metrics.retries.labels("decode").inc()
+            tried.append(backend)
+            backend.acquire(weight)
+            try:
+                try:
+                    resp = await session.post(backend.url + path, data=payload,
+                                              headers={**headers, "X-Request-Id": request_id}, timeout=timeout)
+                except asyncio.TimeoutError:
+                    self._eject(backend)
+                    error = StageError(504, f"decode {backend.name} ({backend.url}) did not answer in {timeout.sock_read:g}s")
+                    continue
+                except aiohttp.ClientError as exc:
+                    # Nothing reached the client yet, so another decoder can take the request.
+                    self._eject(backend)
+                    error = StageError(502, f"decode {backend.name} ({backend.url}): {_describe(exc)}")
+                    continue
+                try:
+                    return await self._relay(request, resp, backend, stream, request_id, started)
+                finally:
+                    resp.release()
+            finally:
+                backend.release(weight)
+        raise error or StageError(503, "no healthy decode instance")
+
+    async def _relay(self, request: web.Request, resp: aiohttp.ClientResponse, backend: Backend, stream: bool,
+                     request_id: str, started: float) -> tuple[web.StreamResponse, str]:
+        where = f"decode {backend.name} ({backend.url})"
+        try:
+            if resp.status != 200 or not stream:
+                data = await resp.read()
+                self.metrics.stage_decode.observe(time.perf_counter() - started)
+                if resp.status >= 500:
+                    raise StageError(502, f"{where} answered {resp.status}: {_snippet(data)}")
+                return (web.Response(status=resp.status, body=data, content_type=resp.content_type,
+                                     headers={"X-Request-Id": request_id}), _outcome(resp.status))
+            # Hold the 200 until the first byte: an error before it is still a clean error status.
+            first = await resp.content.readany()
+        except asyncio.TimeoutError:
+            raise StageError(504, f"{where} sent nothing for {self.timeouts['decode'].sock_read:g}s") from None
+        except aiohttp.ClientError as exc:
+            raise StageError(502, f"{where}: {_describe(exc)}") from None
+        self.metrics.stage_decode.observe(time.perf_counter() - started)
+        out = web.StreamResponse(headers={
+            "Content-Type": resp.headers.get("Content-Type", "text/event-stream"),
+            "Cache-Control": "no-cache", "X-Request-Id": request_id,
+        })
+        await out.prepare(request)
+        outcome = "ok"
+        try:
+            if first:
+                await out.write(first)
+                async for chunk in resp.content.iter_any():
+                    await out.write(chunk)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            outcome = "stream_error"
+            message = f"{where} failed mid-stream: {_describe(exc)}"
+            log.warning("request %s: %s", request_id, message)
+            event = json.dumps(error_body(message, 502), separators=(",", ":"))
+            await out.write(f"data: {event}\n\ndata: [DONE]\n\n".encode())
+        await out.write_eof()
+        return out, outcome
+
+
+def _snippet(data: bytes, limit: int = 300) -> str:
+    text = data.decode(errors="replace").strip()
+    try:
+        parsed = json.loads(text)
+        if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
+            text = str(parsed["error"].get("message", text))
+        elif isinstance(parsed, dict) and "detail" in parsed:
+            text = str(parsed["detail"])
+    except ValueError:
+        pass
+    return text[:limit] or "(empty body)"
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, asyncio.TimeoutError):
+        return "timed out"
+    text = str(exc) or type(exc).__name__
+    return text
