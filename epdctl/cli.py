@@ -25,8 +25,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
-export_app = typer.Typer(help="Compile a topology for another runtime.", no_args_is_help=True)
-app.add_typer(export_app, name="export")
 
 _verbose = False
 
@@ -191,52 +189,6 @@ def proxy(ctx: typer.Context) -> None:
     from epdctl.proxy.__main__ import main as proxy_main
 
     raise typer.Exit(proxy_main(list(ctx.args)))
-
-
-@app.command(
-    context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
-    add_help_option=False,
-)
-@_command
-def bench(ctx: typer.Context) -> None:
-    """Load-test a topology through its proxy: TTFT, TPOT, ITL, E2E, throughput (see `epdctl bench --help`)."""
-    from epdctl.bench.cli import main as bench_main
-
-    raise typer.Exit(bench_main(list(ctx.args)))
-
-
-@app.command()
-@_command
-def smoke(
-    file: Path = FILE_ARG,
-    keep_up: bool = typer.Option(False, "--keep-up", help="Leave the topology running afterwards."),
-    junit: Optional[Path] = typer.Option(None, "--junit", help="Write a JUnit XML report here."),
-    wait_timeout: Optional[float] = typer.Option(None, "--wait-timeout", help="Seconds to wait for health."),
-) -> None:
-    """Bring the topology up, send golden requests, prove each role did its part, bring it down."""
-    from epdctl.smoke import run_smoke
-
-    topology, the_plan = _plan(file)
-    raise typer.Exit(run_smoke(topology, the_plan, source=file, keep_up=keep_up, junit=junit, wait_timeout=wait_timeout))
-
-
-@export_app.command("k8s")
-@_command
-def export_k8s(
-    file: Path = FILE_ARG,
-    output: Path = typer.Option(Path("k8s"), "-o", "--output", help="Folder for the manifests."),
-    namespace: Optional[str] = typer.Option(None, "--namespace", help="Namespace for every object."),
-    image: Optional[str] = typer.Option(None, "--image", help="Container image for the vLLM instances."),
-    proxy_image: Optional[str] = typer.Option(None, "--proxy-image", help="Container image with epdctl for the proxy."),
-    storage_class: Optional[str] = typer.Option(None, "--storage-class", help="StorageClass of the RWX EC volume."),
-    check: bool = typer.Option(False, "--check", help="Validate every manifest against the Kubernetes schema."),
-) -> None:
-    """Write kubectl-apply-ready manifests (and a kustomization.yaml) for the topology."""
-    from epdctl.k8s import export
-
-    topology = _load(file)
-    export(topology, file, output, namespace=namespace, image=image, proxy_image=proxy_image,
-           storage_class=storage_class, check=check)
 
 
 def main() -> None:

@@ -202,8 +202,8 @@ def parse_topology(
         raise EpdctlError(f"{filename}:1: the file is empty", EXIT_USAGE)
     if not isinstance(data, dict):
         raise EpdctlError(f"{filename}:1: the topology must be a mapping of keys (name, model, ...)", EXIT_USAGE)
-    if "name" not in data and source is not None:
-        data["name"] = _name_from_stem(source.stem)
+    if "name" not in data:
+        data["name"] = _name_from_stem((source or Path(filename)).stem)
     try:
         topology = Topology.model_validate(data)
     except ValidationError as exc:
@@ -211,7 +211,7 @@ def parse_topology(
     problems = cross_check(topology, device_count=device_count)
     if problems:
         lines = [
-            f"{filename}:{marks.line_for(loc, prefer_key=prefer_key)}: {dotted(loc)}: {message}"
+            f"{filename}:{marks.line_for(loc, prefer_key=prefer_key)}: {dotted(loc) or '<top>'}: {message}"
             for loc, message, prefer_key in problems
         ]
         raise EpdctlError("\n".join(lines), EXIT_USAGE)

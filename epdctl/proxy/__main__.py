@@ -85,8 +85,10 @@ async def _serve(args) -> int:
     # upstream requests, instead of letting them run to completion for nobody.
     runner = web.AppRunner(proxy.app(), access_log=None, handle_signals=False, handler_cancellation=True)
     await runner.setup()
+    # SO_REUSEADDR, as uvicorn sets it for vLLM: a restart must not wait out the TIME_WAITs of
+    # its last connections. (It never lets two listeners share a port on Linux.)
     try:
-        await web.TCPSite(runner, args.host, args.port, reuse_address=False).start()
+        await web.TCPSite(runner, args.host, args.port, reuse_address=True).start()
     except OSError as exc:
         await runner.cleanup()
         what = "is already in use" if exc.errno == errno.EADDRINUSE else f"cannot be bound: {exc.strerror}"

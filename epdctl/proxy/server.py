@@ -263,12 +263,13 @@ class Proxy:
             items = self._media_items(body) if route == "chat" else []
             weight = 1.0 + max(0, len(raw) - sum(len(item.locator) for item in items)) / 4096.0
 
-            if items:
+            encode = bool(items) and bool(self.encode)  # without encoders, PD encodes its own media
+            if encode:
                 await self._encode_all(body, items, request_id, headers)
             if self.prefill:
                 body["kv_transfer_params"] = await self._prefill(body, path, request_id, headers, weight)
             # Re-serialise only when something changed: a text request to PD goes out as it came.
-            payload = json.dumps(body, separators=(",", ":")).encode() if (items or self.prefill) else raw
+            payload = json.dumps(body, separators=(",", ":")).encode() if (encode or self.prefill) else raw
             response, outcome = await self._decode(request, payload, path, stream, request_id, headers, weight)
             return response
         except StageError as exc:
@@ -290,7 +291,7 @@ class Proxy:
             items = list(iter_media(body))
             for item in items:
                 local_media_path(item.locator, self.config.allowed_local_media_path)
-                if not item.uuid:
+                if self.encode and not item.uuid:
                     # vLLM keys its caches (and the EC file) by a given uuid, so encoder and
                     # decoder agree on the mm_hash without hashing the pixels twice.
                     item.part["uuid"] = content_hash(item.locator)
@@ -316,8 +317,6 @@ class Proxy:
                                     weight=1.0, affinity=key))
         if not calls:
             return
-        if not self.encode:
-            raise StageError(503, "the request has media but the proxy has no encoder")
         results = await asyncio.gather(*calls, return_exceptions=True)
         for result in results:
             if isinstance(result, BaseException):

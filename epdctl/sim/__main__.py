@@ -105,8 +105,10 @@ async def _serve(config, app, args, log) -> int:
         await asyncio.sleep(args.sim_startup_ms / 1000)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
+    # SO_REUSEADDR, as uvicorn sets it for vLLM: a restart must not wait out the TIME_WAITs of
+    # its last connections. (It never lets two listeners share a port on Linux.)
     try:
-        await web.TCPSite(runner, config.host, config.port, reuse_address=False).start()
+        await web.TCPSite(runner, config.host, config.port, reuse_address=True).start()
     except OSError as exc:
         await runner.cleanup()
         if exc.errno == errno.EADDRINUSE:

@@ -1,0 +1,208 @@
+"""Shared fixtures: free ports, a private state dir, real sim processes, and the orphan check."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Optional
+
+import psutil
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+TOPOLOGIES = REPO / "topologies"
+
+
+def free_ports(count: int) -> list[int]:
+    """Ports the OS says are free now (held open together so they are distinct)."""
+    socks, ports = [], []
+    for _ in range(count):
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        socks.append(sock)
+        ports.append(sock.getsockname()[1])
+    for sock in socks:
+        sock.close()
+    return ports
+
+
+def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def http_post(url: str, body, timeout: float = 30.0, raw: Optional[bytes] = None) -> tuple[int, bytes]:
+    data = raw if raw is not None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"}, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def metrics(url: str) -> dict[str, float]:
+    """Unlabelled sample values of a Prometheus endpoint (labelled ones keyed with their labels)."""
+    status, body = http_get(url + "/metrics")
+    assert status == 200
+    out = {}
+    for line in body.decode().splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+def wait_healthy(url: str, timeout: float = 20.0, proc: Optional[subprocess.Popen] = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"{url}: process exited with {proc.returncode}")
+        try:
+            if http_get(url + "/health", timeout=1.0)[0] == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"{url} not healthy after {timeout}s")
+
+
+class Procs:
+    """Processes a test started; all are killed (with their groups) at teardown."""
+
+    def __init__(self, tmp: Path):
+        self.tmp = tmp
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, argv: list[str], name: str, env: Optional[dict] = None) -> subprocess.Popen:
+        log = open(self.tmp / f"{name}.log", "wb")
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True, env={**os.environ, **(env or {})})
+        log.close()
+        self.procs.append(proc)
+        return proc
+
+    def sim(self, port: int, *args: str, name: Optional[str] = None) -> str:
+        url = f"http://127.0.0.1:{port}"
+        proc = self.start([sys.executable, "-m", "epdctl.sim", "sim-model", "--port", str(port), *args],
+                          name or f"sim-{port}")
+        wait_healthy(url, proc=proc)
+        return url
+
+    def log(self, name: str) -> str:
+        return (self.tmp / f"{name}.log").read_text(errors="replace")
+
+    def kill_all(self) -> None:
+        for proc in self.procs:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+
+
+@pytest.fixture
+def procs(tmp_path):
+    p = Procs(tmp_path)
+    yield p
+    p.kill_all()
+
+
+@pytest.fixture
+def state_dir(tmp_path, monkeypatch):
+    path = tmp_path / "state"
+    monkeypatch.setenv("EPDCTL_STATE_DIR", str(path))
+    return path
+
+
+def epdctl(*args: str, timeout: float = 120, env: Optional[dict] = None, check: Optional[int] = None,
+           cwd: Optional[Path] = None) -> subprocess.CompletedProcess:
+    """Run the real `epdctl` CLI (as a new user would) and capture its output."""
+    result = subprocess.run(
+        [sys.executable, "-m", "epdctl", *args], capture_output=True, text=True, timeout=timeout,
+        stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})}, cwd=cwd,
+    )
+    if check is not None:
+        assert result.returncode == check, f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    return result
+
+
+def run_processes(token_marker: str) -> list[psutil.Process]:
+    """Live processes whose command line or environment mentions `token_marker`."""
+    found = []
+    me = os.getpid()
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        if proc.pid == me:
+            continue
+        try:
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                continue
+            cmd = " ".join(proc.info["cmdline"] or [])
+            if token_marker in cmd or any(token_marker in v for v in proc.environ().values()):
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+def assert_no_orphans(marker: str, ports: list[int] = (), timeout: float = 5.0) -> None:
+    """Nothing of the run is left: no process mentioning `marker`, and every port is free."""
+    from epdctl.ports import port_is_free
+
+    deadline = time.monotonic() + timeout
+    while True:
+        left = run_processes(marker)
+        busy = [p for p in ports if not port_is_free(p)]
+        if not left and not busy:
+            return
+        if time.monotonic() > deadline:
+            desc = [f"{p.pid} {' '.join(p.cmdline())}" for p in left]
+            raise AssertionError(f"orphans: {desc}; busy ports: {busy}")
+        time.sleep(0.1)
+
+
+def write_sim_topology(tmp: Path, kind: str = "1e1pd", *, name: str = "t", instance_args: Optional[dict] = None,
+                       extra: str = "", timings: str = "sim-ttft-ms: 5, sim-tpot-ms: 1, sim-encode-ms: 5",
+                       health_timeout: float = 30, ec_path: Optional[str] = None) -> tuple[Path, dict]:
+    """A sim topology on free ports. Returns the file and {instance name: port} (plus 'proxy')."""
+    roles = {"1e1pd": ["encode", "pd"], "1e1p1d": ["encode", "prefill", "decode"], "2e1pd": ["encode", "encode", "pd"],
+             "agg": ["pd"], "1p1d": ["prefill", "decode"]}[kind]
+    ports = free_ports(len(roles) + 1)
+    ec_path = ec_path or str(tmp / "ec")
+    by_role: dict[str, list[str]] = {}
+    names: dict[str, int] = {}
+    for role, port in zip(roles, ports):
+        index = len(by_role.setdefault(role, []))
+        args = (instance_args or {}).get(f"{role}-{index}")
+        item = f"{{port: {port}" + (f", args: {json.dumps(args)}" if args else "") + "}"
+        by_role[role].append(item)
+        names[f"{role}-{index}"] = port
+    names["proxy"] = ports[-1]
+    text = [f"name: {name}", "model: sim-model", "engine: sim", "platform: cpu",
+            f"defaults: {{args: {{{timings}}}}}"]
+    if "encode" in by_role:
+        text.append(f"ec_transfer: {{connector: ECExampleConnector, shared_storage_path: {ec_path}}}")
+    if "prefill" in by_role:
+        text.append("kv_transfer: {connector: NixlConnector, side_channel_port_base: %d}" % free_ports(1)[0])
+    for role, items in by_role.items():
+        text.append(f"{role}: [{', '.join(items)}]")
+    text.append(f"proxy: {{host: 127.0.0.1, port: {ports[-1]}}}")
+    text.append(f"health: {{timeout_s: {health_timeout}, interval_s: 0.05}}")
+    if extra:
+        text.append(extra)
+    path = tmp / f"{name}.yaml"
+    path.write_text("\n".join(text) + "\n")
+    return path, names

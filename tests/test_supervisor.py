@@ -1,0 +1,270 @@
+"""`epdctl up / status / logs / down` against real sim topologies: health-gated, signal-safe, no orphans."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from epdctl.state import StateDir
+from epdctl.teardown import stop_processes
+
+from conftest import assert_no_orphans, epdctl, http_post, wait_healthy, write_sim_topology
+
+CHAT = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 2}
+
+
+def start_foreground(topology: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "epdctl", "up", str(topology), *extra],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_up_detached_status_requests_down(tmp_path, state_dir):
+    topology, ports = write_sim_topology(tmp_path, "1e1p1d", name="life")
+    up = epdctl("up", "-d", str(topology), check=0)
+    assert "life is up" in up.stdout
+    assert oct(os.stat(state_dir / "life").st_mode & 0o777) == "0o700"
+
+    status = json.loads(epdctl("status", "life", "--json", check=0).stdout)
+    assert status["name"] == "life" and status["state"] == "running"
+    assert [i["name"] for i in status["instances"]] == ["encode-0", "prefill-0", "decode-0"]
+    for entry in status["instances"] + [status["proxy"]]:
+        assert entry["state"] == "healthy" and entry["exit_code"] is None
+        assert psutil.pid_exists(entry["pid"])
+        assert entry["url"] == f"http://127.0.0.1:{entry['port']}"
+    for name, port in ports.items():
+        assert http_post(f"http://127.0.0.1:{port}/v1/completions", {"prompt": "x", "max_tokens": 1})[0] == 200, name
+    assert http_post(f"http://127.0.0.1:{ports['proxy']}/v1/chat/completions", CHAT)[0] == 200
+
+    logs = epdctl("logs", "life", "proxy", check=0).stdout
+    assert logs.startswith("proxy | ")
+    table = epdctl("status", check=0).stdout
+    assert "life: running" in table
+
+    down = epdctl("down", "life", check=0)
+    assert "stopped by SIGTERM" in down.stdout and "life is down" in down.stdout
+    assert_no_orphans(str(state_dir), list(ports.values()))
+    assert not (state_dir / "life").exists()
+    assert not (tmp_path / "ec").exists(), "epdctl created the EC folder, so down removes it"
+    assert epdctl("status", "life").returncode == 3
+    assert epdctl("status").returncode == 3
+
+
+def test_down_keeps_an_ec_folder_it_did_not_create(tmp_path, state_dir):
+    ec = tmp_path / "ec"
+    ec.mkdir()
+    (ec / "keep-me").write_text("user data")
+    topology, ports = write_sim_topology(tmp_path, "1e1pd", name="keepec")
+    epdctl("up", "-d", str(topology), check=0)
+    epdctl("down", str(topology), check=0)  # down by file works as well as by name
+    assert (ec / "keep-me").read_text() == "user data"
+    assert_no_orphans(str(state_dir), list(ports.values()))
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)])
+def test_foreground_signal_tears_down(tmp_path, state_dir, sig, code):
+    topology, ports = write_sim_topology(tmp_path, "1e1pd", name="fg")
+    proc = start_foreground(topology)
+    try:
+        wait_healthy(f"http://127.0.0.1:{ports['proxy']}", timeout=30, proc=proc)
+        time.sleep(0.3)  # past the health gate, into log streaming
+        proc.send_signal(sig)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == code, out
+    assert "pd-0" in out and " | " in out  # prefixed log lines were streamed
+    assert_no_orphans(str(state_dir), list(ports.values()))
+    assert not (state_dir / "fg").exists()
+
+
+def test_sigkill_of_up_then_down_cleans_everything(tmp_path, state_dir):
+    topology, ports = write_sim_topology(tmp_path, "1e1pd", name="killed",
+                                         instance_args={"pd-0": {"sim-spawn-child": "session"}})
+    proc = start_foreground(topology)
+    wait_healthy(f"http://127.0.0.1:{ports['proxy']}", timeout=30, proc=proc)
+    proc.kill()
+    proc.wait()
+    assert wait_healthy(f"http://127.0.0.1:{ports['pd-0']}") is None  # the instances outlived `up`
+    status = json.loads(epdctl("status", "killed", "--json").stdout)
+    assert status["state"] == "running"
+    down = epdctl("down", "killed", "-t", "2", check=0)
+    assert "killed is down" in down.stdout
+    assert_no_orphans(str(state_dir), list(ports.values()))
+
+
+def test_sigkill_of_the_detached_supervisor_then_down(tmp_path, state_dir):
+    topology, ports = write_sim_topology(tmp_path, "1e1pd", name="orphaned")
+    epdctl("up", "-d", str(topology), check=0)
+    supervisor = json.loads((state_dir / "orphaned" / "state.json").read_text())["supervisor"]["pid"]
+    os.kill(supervisor, signal.SIGKILL)
+    time.sleep(0.2)
+    epdctl("down", "orphaned", check=0)
+    assert_no_orphans(str(state_dir), list(ports.values()))
+
+
+def test_child_dying_at_startup_fails_fast_and_leaves_nothing(tmp_path, state_dir):
+    topology, ports = write_sim_topology(tmp_path, "1e1pd", name="dies", health_timeout=60,
+                                         instance_args={"pd-0": {"sim-startup-ms": 300, "sim-exit-after-s": 0}})
+    started = time.monotonic()
+    result = epdctl("up", "-d", str(topology))
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert time.monotonic() - started < 20
+    assert "pd-0 exited with code 3 during start-up" in result.stderr
+    assert "pd-0 | " in result.stderr  # the last lines of its log
+    assert "Traceback" not in result.stderr
+    assert_no_orphans(str(state_dir), list(ports.values()))
+
+
+def test_instance_port_taken_after_the_check_fails_fast(tmp_path, state_dir):
+    """A child that cannot bind dies during start-up; `up` names it and cleans up."""
+    topology, ports = write_sim_topology(tmp_path, "1e1pd", name="raced",
+                                         instance_args={"encode-0": {"sim-startup-ms": 500}})
+    proc = start_foreground(topology)
+    holder = None
+    try:
+        time.sleep(0.2)
+        holder = socket.socket()
+        holder.bind(("127.0.0.1", ports["encode-0"]))
+        holder.listen()
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if holder:
+            holder.close()
+    # Either the pre-check or the child itself finds the port taken; both name it and fail.
+    assert proc.returncode == 1, out
+    assert "encode-0" in out and "already in use" in out
+    assert_no_orphans(str(state_dir), [ports["pd-0"], ports["proxy"]])
+
+
+def test_busy_port_is_refused_before_anything_starts(tmp_path, state_dir):
+    topology, ports = write_sim_topology(tmp_path, "1e1pd", name="busy")
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", ports["pd-0"]))
+    holder.listen()
+    try:
+        result = epdctl("up", "-d", str(topology))
+    finally:
+        holder.close()
+    assert result.returncode == 1
+    assert f"port {ports['pd-0']} (pd-0) is already in use by pid {os.getpid()}" in result.stderr
+    assert_no_orphans(str(state_dir), [ports["encode-0"], ports["proxy"]])
+
+
+def test_health_deadline_fails_and_cleans_up(tmp_path, state_dir):
+    topology, ports = write_sim_topology(tmp_path, "1e1pd", name="slow", instance_args={"pd-0": {"sim-startup-ms": 60000}})
+    result = epdctl("up", "-d", "--wait-timeout", "2", str(topology))
+    assert result.returncode == 1
+    assert "not healthy after 2s: pd-0" in result.stderr
+    assert_no_orphans(str(state_dir), list(ports.values()))
+
+
+def test_sigterm_ignoring_child_is_killed_within_grace(tmp_path, state_dir):
+    topology, ports = write_sim_topology(tmp_path, "1e1pd", name="stubborn",
+                                         instance_args={"pd-0": {"sim-ignore-sigterm": True, "sim-spawn-child": "group"}})
+    epdctl("up", "-d", str(topology), check=0)
+    started = time.monotonic()
+    down = epdctl("down", "stubborn", "-t", "1", check=0)
+    took = time.monotonic() - started
+    assert "pd-0" in down.stdout and "SIGKILL" in down.stdout, down.stdout
+    assert took < 1 + 1 + 1.5, f"down took {took:.1f}s"  # grace + 1 s, plus the CLI's own start-up
+    assert_no_orphans(str(state_dir), list(ports.values()))
+
+
+def test_double_up_is_refused(tmp_path, state_dir):
+    topology, ports = write_sim_topology(tmp_path, "1e1pd", name="twice")
+    epdctl("up", "-d", str(topology), check=0)
+    try:
+        again = epdctl("up", "-d", str(topology))
+        assert again.returncode == 2
+        assert "already up" in again.stderr and "epdctl down twice" in again.stderr
+        # The first run is untouched.
+        assert json.loads(epdctl("status", "twice", "--json").stdout)["state"] == "running"
+    finally:
+        epdctl("down", "twice", check=0)
+    assert_no_orphans(str(state_dir), list(ports.values()))
+
+
+def test_instance_exiting_in_foreground_stops_all_with_exit_1(tmp_path, state_dir):
+    topology, ports = write_sim_topology(tmp_path, "1e1pd", name="crash",
+                                         instance_args={"encode-0": {"sim-exit-after-s": 2}})
+    proc = start_foreground(topology)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 1, out
+    assert "encode-0 exited with code 3" in out
+    assert_no_orphans(str(state_dir), list(ports.values()))
+    status = json.loads(epdctl("status", "crash", "--json").stdout)
+    entry = next(i for i in status["instances"] if i["name"] == "encode-0")
+    assert entry["state"] == "exited" and entry["exit_code"] == 3
+    epdctl("down", "crash", check=0)  # clears the kept state
+    assert not (state_dir / "crash").exists()
+
+
+def test_detached_supervisor_records_a_death(tmp_path, state_dir):
+    topology, ports = write_sim_topology(tmp_path, "1e1pd", name="degrade")
+    epdctl("up", "-d", str(topology), check=0)
+    try:
+        state = json.loads((state_dir / "degrade" / "state.json").read_text())
+        pd = next(p for p in state["processes"] if p["name"] == "pd-0")
+        os.killpg(pd["pid"], signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            status = json.loads(epdctl("status", "degrade", "--json").stdout)
+            entry = next(i for i in status["instances"] if i["name"] == "pd-0")
+            if entry["exit_code"] is not None:
+                break
+            time.sleep(0.2)
+        assert status["state"] == "degraded"
+        assert entry["state"] == "exited" and entry["exit_code"] == -9
+    finally:
+        epdctl("down", "degrade", check=0)
+    assert_no_orphans(str(state_dir), list(ports.values()))
+
+
+def test_missing_engine_binary_is_one_line(tmp_path, state_dir):
+    topology = tmp_path / "novllm.yaml"
+    topology.write_text("model: m\nplatform: cpu\nvllm_command: [no-such-vllm-binary, serve]\npd: [{port: 19999}]\n"
+                        "proxy: {port: 19998}\n")
+    result = epdctl("up", "-d", str(topology))
+    assert result.returncode == 1
+    assert "pd-0: cannot start 'no-such-vllm-binary': command not found" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert_no_orphans(str(state_dir), [19999, 19998])
+
+
+def test_pid_reuse_is_never_signalled():
+    """A recorded pid whose create_time differs belongs to someone else now: leave it alone."""
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    try:
+        real = psutil.Process(bystander.pid).create_time()
+        record = {"name": "pd-0", "pid": bystander.pid, "pgid": bystander.pid, "create_time": real - 1000}
+        report = stop_processes([record], run_token=None, grace=0.5)
+        assert bystander.poll() is None, "a process with another create_time was signalled"
+        assert [r.how for r in report.results] == ["already-exited"]
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+def test_logs_tail_and_unknown_instance(tmp_path, state_dir):
+    topology, ports = write_sim_topology(tmp_path, "agg", name="logs")
+    epdctl("up", "-d", str(topology), check=0)
+    try:
+        out = epdctl("logs", "logs", "pd-0", "--tail", "1", check=0).stdout
+        assert len(out.strip().splitlines()) == 1 and out.startswith("pd-0 | ")
+        bad = epdctl("logs", "logs", "nope")
+        assert bad.returncode == 2 and "has no instance 'nope'" in bad.stderr
+    finally:
+        epdctl("down", "logs", check=0)
+    assert_no_orphans(str(state_dir), list(ports.values()))
