@@ -191,6 +191,33 @@ def proxy(ctx: typer.Context) -> None:
     raise typer.Exit(proxy_main(list(ctx.args)))
 
 
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
+    add_help_option=False,
+)
+@_command
+def bench(ctx: typer.Context) -> None:
+    """Load-test a topology through its proxy: TTFT, TPOT, ITL, E2E, throughput (see `epdctl bench --help`)."""
+    from epdctl.bench.cli import main as bench_main
+
+    raise typer.Exit(bench_main(list(ctx.args)))
+
+
+@app.command()
+@_command
+def smoke(
+    file: Path = FILE_ARG,
+    keep_up: bool = typer.Option(False, "--keep-up", help="Leave the topology running afterwards."),
+    junit: Optional[Path] = typer.Option(None, "--junit", help="Write a JUnit XML report here."),
+    wait_timeout: Optional[float] = typer.Option(None, "--wait-timeout", help="Seconds to wait for health."),
+) -> None:
+    """Bring the topology up, send golden requests, prove each role did its part, bring it down."""
+    from epdctl.smoke import run_smoke
+
+    topology, the_plan = _plan(file)
+    raise typer.Exit(run_smoke(topology, the_plan, source=file, keep_up=keep_up, junit=junit, wait_timeout=wait_timeout))
+
+
 def main() -> None:
     app(prog_name="epdctl")
 

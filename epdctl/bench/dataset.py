@@ -1,0 +1,100 @@
+"""Bench requests: synthetic (offline PNGs + random text) or a JSONL file of OpenAI chat requests."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from epdctl.errors import EXIT_USAGE, EpdctlError
+
+WORDS = ("image scene object color shape light shadow corner center detail texture pattern person street "
+         "sky tree window door table chair animal water mountain road sign text number").split()
+
+
+@dataclass
+class BenchRequest:
+    body: dict  # an OpenAI chat request without model/stream (the runner sets those)
+    images: int
+
+
+def png_data_url(seed: int, size: int) -> str:
+    """A deterministic PNG: a gradient keyed by `seed`, so equal seeds give equal bytes."""
+    from PIL import Image
+
+    rng = random.Random(seed)
+    base = [rng.randrange(256) for _ in range(3)]
+    img = Image.new("RGB", (size, size))
+    pixels = img.load()
+    for y in range(size):
+        for x in range(size):
+            pixels[x, y] = ((base[0] + x) % 256, (base[1] + y) % 256, (base[2] + x + y) % 256)
+    out = io.BytesIO()
+    img.save(out, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(out.getvalue()).decode()
+
+
+def synthetic(num: int, *, images_per_request: int, image_size: int, repeat_ratio: float, prompt_len: int,
+              max_tokens: int, seed: int) -> list[BenchRequest]:
+    """`num` chat requests. A `repeat_ratio` share of the images reuse an earlier one (EC reuse)."""
+    rng = random.Random(seed)
+    cache: dict[int, str] = {}
+    made: list[int] = []
+    requests = []
+    next_image = seed * 1_000_003
+    for _ in range(num):
+        parts: list[dict] = []
+        for _ in range(images_per_request):
+            if made and rng.random() < repeat_ratio:
+                key = rng.choice(made)
+            else:
+                key = next_image
+                next_image += 1
+                made.append(key)
+            if key not in cache:
+                cache[key] = png_data_url(key, image_size)
+            parts.append({"type": "image_url", "image_url": {"url": cache[key]}})
+        text = " ".join(rng.choice(WORDS) for _ in range(max(1, prompt_len)))
+        parts.append({"type": "text", "text": text})
+        content: object = parts if images_per_request else text
+        requests.append(BenchRequest({"messages": [{"role": "user", "content": content}], "max_tokens": max_tokens},
+                                     images_per_request))
+    return requests
+
+
+def from_jsonl(path: str, num: Optional[int], max_tokens: Optional[int]) -> list[BenchRequest]:
+    """One OpenAI chat request per line; `max_tokens` overrides the file's when given."""
+    from epdctl.media import MediaError, iter_media
+
+    requests = []
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise EpdctlError(f"--dataset {path}: cannot read: {exc.strerror}", EXIT_USAGE) from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            body = json.loads(line)
+        except ValueError as exc:
+            raise EpdctlError(f"{path}:{number}: not a JSON object: {exc}", EXIT_USAGE) from None
+        if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
+            raise EpdctlError(f"{path}:{number}: a chat request needs a messages list", EXIT_USAGE)
+        for key in ("stream", "stream_options", "model"):
+            body.pop(key, None)
+        if max_tokens is not None:
+            body["max_tokens"] = max_tokens
+        try:
+            images = len(list(iter_media(body)))
+        except MediaError as exc:
+            raise EpdctlError(f"{path}:{number}: {exc}", EXIT_USAGE) from None
+        requests.append(BenchRequest(body, images))
+    if not requests:
+        raise EpdctlError(f"--dataset {path}: no requests in the file", EXIT_USAGE)
+    if num is not None:
+        requests = [requests[i % len(requests)] for i in range(num)]
+    return requests

@@ -1,0 +1,170 @@
+"""Bench results → the figures `vllm bench serve` reports, as a table, JSON, a saved file, a plot."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from epdctl.bench.runner import Run
+from epdctl.errors import EXIT_USAGE, EpdctlError
+
+LATENCIES = ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms")
+PERCENTILES = (50, 90, 99)
+
+
+def stats(values_ms: list[float]) -> dict[str, float]:
+    import numpy as np
+
+    if not values_ms:
+        return {"mean": 0.0, "p50": 0.0, "p90": 0.0, "p99": 0.0, "std": 0.0}
+    arr = np.asarray(values_ms, dtype=float)
+    out = {"mean": float(arr.mean())}
+    for p in PERCENTILES:
+        out[f"p{p}"] = float(np.percentile(arr, p))
+    out["std"] = float(arr.std())
+    return out
+
+
+def summarize(run: Run, config: dict[str, Any], slo_ttft_ms: Optional[float] = None,
+              slo_tpot_ms: Optional[float] = None) -> dict[str, Any]:
+    done = [r for r in run.results if r.ok]
+    failed = [r for r in run.results if not r.ok]
+    ttft = [r.ttft * 1000 for r in done]
+    tpot = [(r.e2e - r.ttft) * 1000 / (r.output_tokens - 1) for r in done if r.output_tokens > 1]
+    itl = [gap * 1000 for r in done for gap in r.itl]
+    e2e = [r.e2e * 1000 for r in done]
+    output_tokens = sum(r.output_tokens for r in done)
+    input_tokens = sum(r.prompt_tokens for r in done)
+    duration = run.duration or 1e-9
+    report: dict[str, Any] = {
+        "completed": len(done),
+        "failed": len(failed),
+        "duration_s": run.duration,
+        "request_throughput": len(done) / duration,
+        "output_token_throughput": output_tokens / duration,
+        "total_token_throughput": (output_tokens + input_tokens) / duration,
+        "total_input_tokens": input_tokens,
+        "total_output_tokens": output_tokens,
+        "ttft_ms": stats(ttft),
+        "tpot_ms": stats(tpot),
+        "itl_ms": stats(itl),
+        "e2e_ms": stats(e2e),
+    }
+    if slo_ttft_ms is not None or slo_tpot_ms is not None:
+        good = 0
+        for r in done:
+            r_tpot = (r.e2e - r.ttft) * 1000 / (r.output_tokens - 1) if r.output_tokens > 1 else 0.0
+            if (slo_ttft_ms is None or r.ttft * 1000 <= slo_ttft_ms) and (slo_tpot_ms is None or r_tpot <= slo_tpot_ms):
+                good += 1
+        report["goodput"] = good / duration
+        report["slo"] = {"ttft_ms": slo_ttft_ms, "tpot_ms": slo_tpot_ms, "met": good}
+    report["errors"] = sorted({r.error for r in failed})[:5]
+    report["config"] = {**config, "model": run.model}
+    report["samples_ms"] = {"ttft": ttft, "tpot": tpot, "e2e": e2e}
+    return report
+
+
+def public(report: dict[str, Any]) -> dict[str, Any]:
+    """The report without the raw samples (those go only into saved files, for plots)."""
+    return {k: v for k, v in report.items() if k != "samples_ms"}
+
+
+def print_table(report: dict[str, Any], out) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(file=out)
+    table = Table(title=f"epdctl bench: {report['config'].get('target', '')}", title_justify="left")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_row("completed / failed", f"{report['completed']} / {report['failed']}")
+    table.add_row("duration (s)", f"{report['duration_s']:.2f}")
+    table.add_row("request throughput (req/s)", f"{report['request_throughput']:.2f}")
+    table.add_row("output token throughput (tok/s)", f"{report['output_token_throughput']:.1f}")
+    if "goodput" in report:
+        table.add_row("goodput (req/s)", f"{report['goodput']:.2f}")
+    for key in LATENCIES:
+        s = report[key]
+        table.add_row(f"{key[:-3].upper()} ms mean / p50 / p90 / p99",
+                      f"{s['mean']:.2f} / {s['p50']:.2f} / {s['p90']:.2f} / {s['p99']:.2f}")
+    console.print(table)
+    for error in report.get("errors", []):
+        console.print(f"[red]error:[/red] {error}", markup=True, highlight=False)
+
+
+def save(report: dict[str, Any], directory: str, label: str) -> list[Path]:
+    """DIR/LABEL-TIMESTAMP.json, plus a PNG of the latency CDFs when matplotlib is installed."""
+    folder = Path(directory)
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = f"{label}-{time.strftime('%Y%m%d-%H%M%S')}"
+    written = [folder / f"{stem}.json"]
+    written[0].write_text(json.dumps(report, indent=2) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return written
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for ax, key in zip(axes, ("ttft", "tpot", "e2e")):
+        values = sorted(report["samples_ms"][key])
+        if values:
+            ax.plot(values, [(i + 1) / len(values) for i in range(len(values))])
+        ax.set_title(f"{key.upper()} CDF")
+        ax.set_xlabel("ms")
+        ax.set_ylim(0, 1.01)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("share of requests")
+    fig.suptitle(f"{label}: {report['completed']} requests, {report['request_throughput']:.2f} req/s")
+    fig.tight_layout()
+    written.append(folder / f"{stem}.png")
+    fig.savefig(written[1], dpi=100)
+    plt.close(fig)
+    return written
+
+
+def load_report(path: str) -> dict[str, Any]:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise EpdctlError(f"{path}: not a bench report: {exc}", EXIT_USAGE) from None
+    if not isinstance(data, dict) or "ttft_ms" not in data:
+        raise EpdctlError(f"{path}: not a bench report (no ttft_ms)", EXIT_USAGE)
+    return data
+
+
+COMPARED = [("request_throughput", "req/s", True), ("output_token_throughput", "tok/s", True)] + [
+    (f"{key}.{stat}", "ms", False) for key in LATENCIES for stat in ("mean", "p50", "p99")]
+
+
+def _get(report: dict[str, Any], dotted: str) -> float:
+    value: Any = report
+    for part in dotted.split("."):
+        value = value.get(part, 0.0) if isinstance(value, dict) else 0.0
+    return float(value or 0.0)
+
+
+def compare(paths: list[str], out) -> None:
+    """Side by side, each column with its ratio to the first report (the baseline)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    reports = [load_report(p) for p in paths]
+    table = Table(title="epdctl bench --compare (ratio to the first)", title_justify="left")
+    table.add_column("metric")
+    for path in paths:
+        table.add_column(Path(path).stem, justify="right")
+    for key, unit, higher_better in COMPARED:
+        base = _get(reports[0], key)
+        cells = []
+        for i, report in enumerate(reports):
+            value = _get(report, key)
+            cell = f"{value:.2f}"
+            if i and base:
+                cell += f" ({value / base:.2f}x)"
+            cells.append(cell)
+        table.add_row(f"{key} ({unit}, {'higher' if higher_better else 'lower'} is better)", *cells)
+    Console(file=out).print(table)

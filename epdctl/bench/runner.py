@@ -1,0 +1,135 @@
+"""The load generator: streamed chat requests at a fixed concurrency or a Poisson rate.
+
+Timing follows `vllm bench serve`: TTFT is the wait for the first chunk with content, ITL the
+gaps between content chunks, E2E the whole request, and TPOT (E2E - TTFT) / (tokens - 1).
+The client's own work per chunk is a `perf_counter()` and one small JSON parse, so it does not
+distort what it measures (benchmarks/bench_fidelity.py shows by how little).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import aiohttp
+
+from epdctl.bench.dataset import BenchRequest
+from epdctl.errors import EpdctlError
+
+
+@dataclass
+class Result:
+    ok: bool
+    start: float = 0.0
+    ttft: float = 0.0
+    e2e: float = 0.0
+    itl: list[float] = field(default_factory=list)
+    output_tokens: int = 0
+    prompt_tokens: int = 0
+    error: str = ""
+
+
+@dataclass
+class Run:
+    results: list[Result]
+    duration: float
+    model: str
+
+
+async def discover_model(session: aiohttp.ClientSession, url: str) -> str:
+    try:
+        async with session.get(url + "/v1/models", timeout=aiohttp.ClientTimeout(total=10)) as resp:
+            if resp.status != 200:
+                raise EpdctlError(f"{url}/v1/models answered {resp.status}; is it an OpenAI-compatible server?")
+            data = await resp.json(content_type=None)
+            return data["data"][0]["id"]
+    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        raise EpdctlError(f"cannot reach {url}: {exc or type(exc).__name__}") from None
+    except (KeyError, IndexError, TypeError, ValueError):
+        raise EpdctlError(f"{url}/v1/models lists no model") from None
+
+
+async def send(session: aiohttp.ClientSession, url: str, request: BenchRequest, model: str) -> Result:
+    payload = {**request.body, "model": model, "stream": True, "stream_options": {"include_usage": True}}
+    result = Result(ok=False, start=time.perf_counter())
+    start = last = result.start
+    chunks = 0
+    try:
+        async with session.post(url + "/v1/chat/completions", json=payload) as resp:
+            if resp.status != 200:
+                body = (await resp.read()).decode(errors="replace")[:200]
+                result.error = f"HTTP {resp.status}: {body}"
+                return result
+            async for line in resp.content:
+                if not line.startswith(b"data:"):
+                    continue
+                data = line[5:].strip()
+                if data == b"[DONE]":
+                    break
+                now = time.perf_counter()
+                event = json.loads(data)
+                if "error" in event:
+                    result.error = str(event["error"].get("message", event["error"]))[:200]
+                    return result
+                choices = event.get("choices")
+                if choices:
+                    choice = choices[0]
+                    delta = choice.get("delta") or {}
+                    if delta.get("content") or delta.get("reasoning_content") or choice.get("text"):
+                        if chunks == 0:
+                            result.ttft = now - start
+                        else:
+                            result.itl.append(now - last)
+                        last = now
+                        chunks += 1
+                usage = event.get("usage")
+                if usage:
+                    result.output_tokens = usage.get("completion_tokens") or 0
+                    result.prompt_tokens = usage.get("prompt_tokens") or 0
+    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+        result.error = f"{type(exc).__name__}: {exc}"[:200]
+        return result
+    result.e2e = time.perf_counter() - start
+    if chunks == 0:
+        result.error = "the stream held no content"
+        return result
+    result.output_tokens = result.output_tokens or chunks
+    result.ok = True
+    return result
+
+
+async def run(url: str, requests: list[BenchRequest], *, concurrency: Optional[int], request_rate: Optional[float],
+              warmup: int, seed: int, timeout_s: float, on_done: Callable[[Result], None] = lambda r: None) -> Run:
+    connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        model = await discover_model(session, url)
+        # Warm-up requests go first, one at a time, through the same session, and are not counted.
+        for request in requests[:warmup]:
+            await send(session, url, request, model)
+        requests = requests[warmup:]
+        limit = asyncio.Semaphore(concurrency) if concurrency else None
+        rng = random.Random(seed)
+        results: list[Result] = []
+
+        async def one(request: BenchRequest) -> None:
+            if limit is None:
+                result = await send(session, url, request, model)
+            else:
+                async with limit:
+                    result = await send(session, url, request, model)
+            results.append(result)
+            on_done(result)
+
+        started = time.perf_counter()
+        tasks = []
+        for request in requests:
+            tasks.append(asyncio.create_task(one(request)))
+            if request_rate:
+                await asyncio.sleep(rng.expovariate(request_rate))  # Poisson arrivals
+        await asyncio.gather(*tasks)
+        return Run(results, time.perf_counter() - started, model)

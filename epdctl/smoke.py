@@ -1,0 +1,317 @@
+"""`epdctl smoke FILE`: up, golden requests through the proxy, proof that each role did its part, down.
+
+The proof is read from each instance's own `/metrics`, before and after the golden requests,
+so a topology that answers correctly while silently not disaggregating (an encoder whose EC
+folder nobody reads, a decoder that recomputes the prefill) fails, naming the role and why.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+from xml.sax.saxutils import escape, quoteattr
+
+from epdctl.errors import EXIT_RUNTIME, EpdctlError
+from epdctl.plan import Plan, ProcessSpec
+
+REQUEST_TIMEOUT_S = 600.0  # a real model's first request can take long to warm up
+
+# Counters the sim exports (DESIGN §5).
+SIM = {
+    "requests": "epdctl_sim_requests_total",
+    "encoded": "epdctl_sim_encoded_items_total",
+    "loaded": "epdctl_sim_ec_loaded_total",
+    "missed": "epdctl_sim_ec_missed_total",
+    "prefills": "epdctl_sim_prefills_total",
+    "remote_prefills": "epdctl_sim_remote_prefills_total",
+}
+# vLLM's own: finished requests, by finish reason (all labels summed). Present in vLLM's v1 engine.
+VLLM_REQUESTS = "vllm:request_success_total"
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    seconds: float = 0.0
+
+
+@dataclass
+class Golden:
+    name: str
+    body: dict
+    images: list[str] = field(default_factory=list)
+
+
+def _png(seed: bytes) -> str:
+    """A tiny PNG that is new on every run, so the EC never already holds it."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    img = Image.new("RGB", (32, 32), tuple(seed[:3]))
+    img.putpixel((0, 0), tuple(seed[3:6]))
+    out = io.BytesIO()
+    img.save(out, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(out.getvalue()).decode()
+
+
+def golden_requests(model: str) -> list[Golden]:
+    images = [_png(secrets.token_bytes(6)) for _ in range(4)]
+
+    def chat(*urls: str, stream: bool = False) -> dict:
+        content: Any = [{"type": "image_url", "image_url": {"url": u}} for u in urls]
+        content.append({"type": "text", "text": "Describe the picture." if urls else "Say hello."})
+        body = {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": 8, "temperature": 0}
+        if stream:
+            body["stream"] = True
+        return body
+
+    return [
+        Golden("text-only", chat()),
+        Golden("one image", chat(images[0]), images[:1]),
+        Golden("two images", chat(images[1], images[2]), images[1:3]),
+        Golden("one image, streamed", chat(images[3], stream=True), images[3:4]),
+    ]
+
+
+# ---------------------------------------------------------------- HTTP
+
+
+def _get(url: str, timeout: float = 10.0) -> bytes:
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        return resp.read()
+
+
+def scrape(url: str) -> dict[str, float]:
+    """Each metric family's samples summed over labels, from a Prometheus `/metrics`."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        text = _get(url + "/metrics").decode()
+    except (OSError, urllib.error.URLError) as exc:
+        raise EpdctlError(f"cannot read {url}/metrics: {exc}") from None
+    totals: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.endswith(("_created", "_bucket")):
+                continue
+            totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
+    return totals
+
+
+def send(proxy: str, golden: Golden) -> str:
+    """The answer's text; raises EpdctlError with the status and body on any failure."""
+    data = json.dumps(golden.body).encode()
+    req = urllib.request.Request(proxy + "/v1/chat/completions", data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=REQUEST_TIMEOUT_S) as resp:
+            raw = resp.read().decode(errors="replace")
+    except urllib.error.HTTPError as exc:
+        raise EpdctlError(f"HTTP {exc.code}: {exc.read().decode(errors='replace')[:300]}") from None
+    except (OSError, urllib.error.URLError) as exc:
+        raise EpdctlError(f"no answer: {exc}") from None
+    if not golden.body.get("stream"):
+        return json.loads(raw)["choices"][0]["message"]["content"] or ""
+    text, done = [], False
+    for line in raw.splitlines():
+        if not line.startswith("data: "):
+            continue
+        payload = line[6:]
+        if payload == "[DONE]":
+            done = True
+            break
+        event = json.loads(payload)
+        if "error" in event:
+            raise EpdctlError(f"error event in the stream: {event['error'].get('message')}")
+        for choice in event.get("choices") or []:
+            text.append((choice.get("delta") or {}).get("content") or "")
+    if not done:
+        raise EpdctlError("the stream ended without [DONE]")
+    return "".join(text)
+
+
+# ---------------------------------------------------------------- the proof
+
+
+def _ec_path_of(spec: ProcessSpec) -> Optional[str]:
+    """The shared_storage_path this instance was really given (instance args may override the plan's)."""
+    argv = list(spec.argv)
+    if "--ec-transfer-config" not in argv:
+        return None
+    try:
+        config = json.loads(argv[argv.index("--ec-transfer-config") + 1])
+    except (ValueError, IndexError):
+        return None
+    return (config.get("ec_connector_extra_config") or {}).get("shared_storage_path")
+
+
+def _ec_files(path: Optional[str]) -> int:
+    if not path or not os.path.isdir(path):
+        return 0
+    return sum(1 for entry in os.scandir(path) if os.path.exists(os.path.join(entry.path, "encoder_cache.safetensors")))
+
+
+def _names(specs: list[ProcessSpec]) -> str:
+    return ", ".join(s.name for s in specs)
+
+
+def prove(plan: Plan, proxy: str) -> list[Check]:
+    """Send the golden requests and check each role's counters moved as disaggregation requires."""
+    by_role: dict[str, list[ProcessSpec]] = {}
+    for spec in plan.instances:
+        by_role.setdefault(spec.role, []).append(spec)
+    encoders, prefills = by_role.get("encode", []), by_role.get("prefill", [])
+    decoders = by_role.get("decode", []) + by_role.get("pd", [])
+    consumers = prefills or by_role.get("pd", [])
+    sim = plan.engine == "sim"
+
+    try:
+        model = json.loads(_get(proxy + "/v1/models"))["data"][0]["id"]
+    except (OSError, ValueError, KeyError, IndexError, urllib.error.URLError) as exc:
+        return [Check("proxy lists a model", False, f"{proxy}/v1/models: {exc}")]
+
+    goldens = golden_requests(model)
+    ec_paths = {s.name: _ec_path_of(s) for s in plan.instances}
+    files_before = {path: _ec_files(path) for path in set(ec_paths.values()) if path}
+    before = {s.name: scrape(s.url) for s in plan.instances}
+    checks: list[Check] = []
+    after_text: dict[str, dict[str, float]] = {}
+    for golden in goldens:
+        started = time.monotonic()
+        try:
+            answer = send(proxy, golden)
+            ok = bool(answer.strip())
+            detail = f"{len(answer)} characters" if ok else "an empty answer"
+        except EpdctlError as exc:
+            ok, detail = False, exc.message
+        checks.append(Check(f"request: {golden.name}", ok, detail, time.monotonic() - started))
+        if golden.name == "text-only":
+            after_text = {s.name: scrape(s.url) for s in encoders}
+    after = {s.name: scrape(s.url) for s in plan.instances}
+    files_after = {path: _ec_files(path) for path in files_before}
+
+    def delta(specs: list[ProcessSpec], metric: str, until: Optional[dict] = None) -> float:
+        until = until or after
+        return sum(until[s.name].get(metric, 0.0) - before[s.name].get(metric, 0.0) for s in specs)
+
+    images = sum(len(g.images) for g in goldens)
+    requests = len(goldens)
+    requests_metric = SIM["requests"] if sim else VLLM_REQUESTS
+
+    if encoders:
+        written = sum(files_after[p] - files_before[p] for p in {ec_paths[s.name] for s in encoders if ec_paths[s.name]})
+        where = ", ".join(sorted({p for p in (ec_paths[s.name] for s in encoders) if p})) or "?"
+        text_hits = delta(encoders, requests_metric, after_text)
+        checks.append(Check("text skipped the encoders", text_hits == 0,
+                            f"{_names(encoders)} got {text_hits:g} requests for the text-only one"))
+        if sim:
+            encoded = delta(encoders, SIM["encoded"])
+            checks.append(Check("encoders encoded", encoded >= images,
+                                f"{_names(encoders)} encoded {encoded:g} of {images} images; wrote {written} EC files to {where}"))
+        else:
+            checks.append(Check("encoders encoded", written >= images,
+                                f"{_names(encoders)} wrote {written} EC files for {images} images to {where}"))
+        consumer_paths = sorted({p for p in (ec_paths[s.name] for s in consumers) if p})
+        if sim:
+            loaded, missed = delta(consumers, SIM["loaded"]), delta(consumers, SIM["missed"])
+            ok = loaded >= images and missed == 0
+            detail = (f"{_names(consumers)} loaded {loaded:g} EC files and missed {missed:g} "
+                      f"(reading {', '.join(consumer_paths) or '?'}); encoders wrote {written} to {where}")
+            checks.append(Check("consumers loaded the EC", ok, detail))
+        elif consumer_paths != sorted({p for p in (ec_paths[s.name] for s in encoders) if p}):
+            checks.append(Check("consumers read the encoders' EC folder", False,
+                                f"{_names(consumers)} read {', '.join(consumer_paths) or 'no EC folder'}; encoders write {where}"))
+    if prefills:
+        if sim:
+            prefilled = delta(prefills, SIM["prefills"])
+            checks.append(Check("prefill instances prefilled", prefilled >= requests,
+                                f"{_names(prefills)} prefilled {prefilled:g} of {requests} requests"))
+        else:
+            served = delta(prefills, VLLM_REQUESTS)
+            checks.append(Check("prefill instances prefilled", served >= requests,
+                                f"{_names(prefills)} finished {served:g} of {requests} requests ({VLLM_REQUESTS})"))
+    if decoders:
+        if prefills and sim:
+            remote = delta(decoders, SIM["remote_prefills"])
+            local = delta(decoders, SIM["prefills"])
+            checks.append(Check("decode used the remote prefill", remote >= requests and local == 0,
+                                f"{_names(decoders)} served {remote:g} remote prefills of {requests} and "
+                                f"recomputed {local:g} (is kv_transfer wired to both?)"))
+        else:
+            served = delta(decoders, requests_metric)
+            checks.append(Check("decode served the requests", served >= requests,
+                                f"{_names(decoders)} served {served:g} of {requests} requests"))
+        if not encoders and sim and not prefills:
+            encoded = delta(decoders, SIM["encoded"])
+            checks.append(Check("pd encoded its own images", encoded >= images,
+                                f"{_names(decoders)} encoded {encoded:g} of {images} images"))
+    return checks
+
+
+# ---------------------------------------------------------------- the command
+
+
+def _running(plan: Plan) -> bool:
+    from epdctl.state import StateDir
+
+    state = StateDir(plan.name).read()
+    if not state or state.get("phase") != "running":
+        return False
+    try:
+        return json.loads(_get(plan.proxy.url + "/health", timeout=5)).get("status") == "ok"
+    except (OSError, ValueError, urllib.error.URLError):
+        return False
+
+
+def write_junit(path: Path, suite: str, checks: list[Check]) -> None:
+    failures = sum(not c.ok for c in checks)
+    cases = []
+    for check in checks:
+        body = "" if check.ok else f"<failure message={quoteattr(check.detail)}>{escape(check.detail)}</failure>"
+        cases.append(f'  <testcase classname={quoteattr("epdctl.smoke." + suite)} name={quoteattr(check.name)} '
+                     f'time="{check.seconds:.3f}">{body}</testcase>')
+    xml = (f'<?xml version="1.0" encoding="UTF-8"?>\n<testsuite name={quoteattr("epdctl smoke " + suite)} '
+           f'tests="{len(checks)}" failures="{failures}" errors="0">\n' + "\n".join(cases) + "\n</testsuite>\n")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(xml)
+
+
+def run_smoke(topology, plan: Plan, *, source: Path, keep_up: bool, junit: Optional[Path],
+              wait_timeout: Optional[float], out=None) -> int:
+    from epdctl import supervisor
+
+    out = out or sys.stdout
+    started_here = False
+    if _running(plan):
+        print(f"epdctl smoke: using the running {plan.name}", file=out, flush=True)
+    else:
+        code = supervisor.up(topology, plan, detach=True, wait_timeout=wait_timeout, source=source)
+        if code != 0:
+            return code
+        started_here = True
+    try:
+        checks = prove(plan, plan.proxy.url)
+        for check in checks:
+            print(f"{'PASS' if check.ok else 'FAIL'}  {check.name}: {check.detail}", file=out, flush=True)
+    finally:
+        if started_here and not keep_up:
+            supervisor.down(plan.name, out=out)
+    if junit:
+        write_junit(junit, plan.name, checks)
+    failed = [c for c in checks if not c.ok]
+    if failed:
+        raise EpdctlError(f"smoke failed for {plan.name}: " + "; ".join(f"{c.name}: {c.detail}" for c in failed),
+                          EXIT_RUNTIME)
+    print(f"epdctl smoke: {plan.name}: all {len(checks)} checks passed", file=out, flush=True)
+    return 0
