@@ -239,37 +239,3 @@ def proxy_argv(topology: Topology, instances: tuple[ProcessSpec, ...], python: s
         argv += ["--allowed-local-media-path", topology.media.allowed_local_path]
     return argv
 
-
-# ---------------------------------------------------------------- serialisation for the supervisor
-
-
-def plan_to_dict(plan: Plan) -> dict[str, Any]:
-    """Everything the detached supervisor needs, as JSON (the public shape is `to_json`)."""
-
-    def process(spec: ProcessSpec) -> dict[str, Any]:
-        return {
-            "name": spec.name, "role": spec.role, "devices": list(spec.devices), "argv": list(spec.argv),
-            "env": dict(spec.env), "host": spec.host, "port": spec.port, "side_channel_port": spec.side_channel_port,
-        }
-
-    return {
-        "name": plan.name, "engine": plan.engine, "platform": plan.platform,
-        "instances": [process(s) for s in plan.instances], "proxy": process(plan.proxy),
-        "health_timeout_s": plan.health_timeout_s, "health_interval_s": plan.health_interval_s,
-        "ec_storage_path": plan.ec_storage_path,
-    }
-
-
-def plan_from_dict(data: Mapping[str, Any]) -> Plan:
-    def process(item: Mapping[str, Any]) -> ProcessSpec:
-        return ProcessSpec(
-            name=item["name"], role=item["role"], devices=tuple(item["devices"]), argv=tuple(item["argv"]),
-            env=dict(item["env"]), host=item["host"], port=item["port"], side_channel_port=item.get("side_channel_port"),
-        )
-
-    return Plan(
-        name=data["name"], engine=data["engine"], platform=data["platform"],
-        instances=tuple(process(i) for i in data["instances"]), proxy=process(data["proxy"]),
-        health_timeout_s=data["health_timeout_s"], health_interval_s=data["health_interval_s"],
-        ec_storage_path=data.get("ec_storage_path"),
-    )

@@ -21,7 +21,6 @@ from epdctl.errors import EpdctlError
 
 STATE_FILE = "state.json"
 LOCK_FILE = "lock"
-LAUNCH_FILE = "launch.json"
 RUN_ENV = "EPDCTL_RUN"  # every child gets this tag; the sweep finds strays by it
 CREATE_TIME_TOLERANCE_S = 0.05
 
@@ -46,10 +45,6 @@ class StateDir:
     @property
     def lock_file(self) -> Path:
         return self.path / LOCK_FILE
-
-    @property
-    def launch_file(self) -> Path:
-        return self.path / LAUNCH_FILE
 
     def log_file(self, process: str) -> Path:
         return self.path / f"{process}.log"
@@ -96,9 +91,9 @@ class StateDir:
         return False
 
     def remove(self) -> None:
-        """Delete only what we create here: state, launch spec, lock and logs."""
+        """Delete only what we create here: state, lock and logs."""
         for entry in list(self.path.iterdir()) if self.path.exists() else []:
-            if entry.name in (STATE_FILE, LOCK_FILE, LAUNCH_FILE) or entry.suffix == ".log":
+            if entry.name in (STATE_FILE, LOCK_FILE) or entry.suffix == ".log":
                 entry.unlink(missing_ok=True)
         try:
             self.path.rmdir()

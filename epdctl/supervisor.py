@@ -1,8 +1,8 @@
 """Spawn, health gate, fail fast, watch, tear down (DESIGN §4, §7).
 
 One `Supervisor` runs a plan. In the foreground it lives in the `epdctl up` process; with
-`-d` it lives in a detached `python -m epdctl.supervisor STATE_DIR` process that owns (and
-reaps) the children while the CLI only watches `state.json` until everything is healthy.
+`-d` it lives in a detached fork of `epdctl up` (its own session) that owns (and reaps) the
+children while the CLI only watches `state.json` until everything is healthy.
 Every child is recorded in `state.json` (pid + create_time + pgid) the moment it exists, so
 SIGKILL of any epdctl process still leaves everything within reach of `epdctl down`.
 """
@@ -26,7 +26,7 @@ from urllib.parse import urlparse
 import psutil
 
 from epdctl.errors import EXIT_RUNTIME, EXIT_USAGE, EpdctlError
-from epdctl.plan import Plan, ProcessSpec, plan_from_dict, plan_to_dict
+from epdctl.plan import Plan, ProcessSpec
 from epdctl.ports import busy_ports
 from epdctl.state import RUN_ENV, StateDir, is_alive, state_root, verified_process, write_json_atomic
 from epdctl.teardown import stop_processes
@@ -529,17 +529,25 @@ def _up_foreground(plan: Plan, state_dir: StateDir, timeout: float, source: str)
 
 
 def _up_detached(plan: Plan, state_dir: StateDir, lock_fd: int, timeout: float, source: str) -> int:
-    launch = {"plan": plan_to_dict(plan), "timeout": timeout, "source": source}
-    write_json_atomic(state_dir.launch_file, launch)
     state_dir.state_file.unlink(missing_ok=True)
-    log = open(state_dir.log_file("supervisor"), "ab")
-    daemon = subprocess.Popen(
-        [sys.executable, "-m", "epdctl.supervisor", str(state_dir.path), str(lock_fd)],
-        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        pass_fds=(lock_fd,), close_fds=True,
-    )
-    log.close()
-    os.close(lock_fd)  # the daemon holds the lock now
+    # The supervisor is a fork of this process, not a new interpreter: it starts with the plan
+    # and every module already loaded, which saves a Python start-up on every `up -d`.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    daemon = os.fork()
+    if daemon == 0:  # the supervisor: its own session, its log as stdout, the lock held
+        code = 1
+        try:
+            os.setsid()
+            _redirect_stdio(state_dir.log_file("supervisor"))
+            code = _supervise_detached(plan, state_dir, lock_fd, timeout, source)
+        except BaseException:
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    os.close(lock_fd)  # the supervisor holds the lock now
 
     runtime = Runtime()
     shown: list[Child] = [Child(spec, state_dir.log_file(spec.name)) for spec in plan.processes]
@@ -553,8 +561,8 @@ def _up_detached(plan: Plan, state_dir: StateDir, lock_fd: int, timeout: float, 
     with Progress(shown, runtime) as progress:
         while True:
             if interrupted:
-                daemon.send_signal(signal.SIGTERM)  # the daemon tears down what it started
-                daemon.wait()
+                os.kill(daemon, signal.SIGTERM)  # the supervisor tears down what it started
+                os.waitpid(daemon, 0)
                 return SIGNAL_EXIT[interrupted[0]]
             state = state_dir.read() or {}
             by_name = {p["name"]: p for p in state.get("processes", [])}
@@ -566,11 +574,11 @@ def _up_detached(plan: Plan, state_dir: StateDir, lock_fd: int, timeout: float, 
                     if not child.started_at and child.state == "starting":
                         child.started_at = runtime.now()
             progress.update()
-            phase = state.get("phase")
-            if phase == "running":
+            if state.get("phase") == "running":
                 break
-            code = daemon.poll()
-            if code is not None:
+            pid, status = os.waitpid(daemon, os.WNOHANG)
+            if pid:
+                code = os.waitstatus_to_exitcode(status)
                 daemon_log = "\n".join(tail_lines(state_dir.log_file("supervisor"), 200))
                 raise EpdctlError(daemon_log.strip() or f"the supervisor exited with code {code}")
             runtime.sleep(0.05)
@@ -578,23 +586,27 @@ def _up_detached(plan: Plan, state_dir: StateDir, lock_fd: int, timeout: float, 
     return 0
 
 
-def daemon_main(argv: list[str]) -> int:
-    """`python -m epdctl.supervisor STATE_DIR LOCK_FD`: the detached supervisor."""
-    state_path, lock_fd = Path(argv[0]), int(argv[1])
-    state_dir = StateDir(state_path.name, state_path.parent)
-    launch = __import__("json").loads(state_dir.launch_file.read_text())
-    plan = plan_from_dict(launch["plan"])
-    sup = Supervisor(plan, state_dir, "detached", source=launch.get("source", ""))
+def _redirect_stdio(log_path: Path) -> None:
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.dup2(devnull, 0)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    os.close(devnull)
+    os.close(log)
+
+
+def _supervise_detached(plan: Plan, state_dir: StateDir, lock_fd: int, timeout: float, source: str) -> int:
+    """The detached supervisor's life: start (or fail and clean up), then reap until the end."""
+    sup = Supervisor(plan, state_dir, "detached", source=source)
     sup.install_signals()
     try:
-        sup.start(launch["timeout"], progress_stream=open(os.devnull, "w"))
+        sup.start(timeout, progress_stream=open(os.devnull, "w"))
     except Stop:
         return 1
     except EpdctlError as exc:
         print(exc.message, flush=True)
         return 1
-    finally:
-        state_dir.launch_file.unlink(missing_ok=True)
     code = sup.watch_detached()
     os.close(lock_fd)
     return code
@@ -639,12 +651,16 @@ def down(target: Optional[str], grace: float = DEFAULT_GRACE_S, out=None) -> int
     for line in report.lines():
         print(f"  {line}", file=out)
     if supervisor is not None:
-        try:
-            supervisor.wait(timeout=3)
-        except psutil.TimeoutExpired:
-            supervisor.kill()
-        except psutil.NoSuchProcess:
-            pass
+        # Not `psutil.wait()`: the supervisor is not our child, and once it exits it is a zombie
+        # until init reaps it, which some containers' init does late. Exited is what matters.
+        deadline = time.monotonic() + 3
+        while is_alive(supervisor) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if is_alive(supervisor):
+            try:
+                supervisor.kill()
+            except psutil.NoSuchProcess:
+                pass
     if not report.clean:
         raise EpdctlError(f"{name}: some processes survived SIGKILL; state kept in {state_dir.path}")
     ec = state.get("ec_storage") or {}
@@ -653,6 +669,3 @@ def down(target: Optional[str], grace: float = DEFAULT_GRACE_S, out=None) -> int
     print(f"epdctl: {name} is down ({time.monotonic() - started:.2f}s)", file=out)
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(daemon_main(sys.argv[1:]))
