@@ -26,6 +26,9 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
+export_app = typer.Typer(help="Compile a topology for another runtime.", no_args_is_help=True)
+app.add_typer(export_app, name="export")
+
 _verbose = False
 
 
@@ -216,6 +219,25 @@ def smoke(
 
     topology, the_plan = _plan(file)
     raise typer.Exit(run_smoke(topology, the_plan, source=file, keep_up=keep_up, junit=junit, wait_timeout=wait_timeout))
+
+
+@export_app.command("k8s")
+@_command
+def export_k8s(
+    file: Path = FILE_ARG,
+    output: Path = typer.Option(Path("k8s"), "-o", "--output", help="Folder for the manifests."),
+    namespace: Optional[str] = typer.Option(None, "--namespace", help="Namespace for every object."),
+    image: Optional[str] = typer.Option(None, "--image", help="Container image for the vLLM instances."),
+    proxy_image: Optional[str] = typer.Option(None, "--proxy-image", help="Container image with epdctl for the proxy."),
+    storage_class: Optional[str] = typer.Option(None, "--storage-class", help="StorageClass of the RWX EC volume."),
+    check: bool = typer.Option(False, "--check", help="Validate every manifest against the Kubernetes schema."),
+) -> None:
+    """Write kubectl-apply-ready manifests (and a kustomization.yaml) for the topology."""
+    from epdctl.k8s import export
+
+    topology = _load(file)
+    export(topology, file, output, namespace=namespace, image=image, proxy_image=proxy_image,
+           storage_class=storage_class, check=check)
 
 
 def main() -> None:

@@ -1,0 +1,283 @@
+"""Topology → plain Kubernetes manifests (`epdctl export k8s`), built from the same Plan as `up`.
+
+Each vLLM container runs exactly the argv `plan` prints. What changes on a cluster:
+- devices are resource limits (the device plugin assigns them), so the device variables go;
+- instances find each other through Services instead of loopback ports;
+- the EC folder is a ReadWriteMany volume mounted in every producer and consumer (and the proxy,
+  for EC reuse);
+- NIXL's side channel is advertised on the pod's own IP (downward API), so P and D on different
+  nodes reach each other.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from epdctl.errors import EXIT_RUNTIME, EXIT_USAGE, EpdctlError
+from epdctl.plan import DEVICE_VARIABLE, ProcessSpec, build_plan
+from epdctl.topology import Topology
+
+DEFAULT_IMAGE = "vllm/vllm-openai:v0.33.0"
+DEFAULT_PROXY_IMAGE = "epdctl:0.1.0"  # build it from the repository's Dockerfile (README)
+DEVICE_RESOURCE = {"cuda": "nvidia.com/gpu", "xpu": "gpu.intel.com/i915"}
+EC_VOLUME_SIZE = "50Gi"
+PROBE_PERIOD_S = 5
+# Service names are DNS-1035 labels: a letter first, at most 63 characters.
+DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
+
+
+class _PlainDumper(yaml.SafeDumper):
+    """No `&id001` anchors: manifests stay plain for people and for every tool that reads them."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+@dataclass
+class Workload:
+    """One Deployment (and its Service): an instance, or a role's alike instances as replicas."""
+
+    name: str  # the Kubernetes object name
+    role: str
+    spec: ProcessSpec  # the first instance's process; alike replicas differ only in port numbers
+    replicas: int
+
+
+def _base(topology: Topology) -> str:
+    """The prefix of every object's name: the topology's name, made to start with a letter."""
+    return topology.name if topology.name[0].isalpha() else f"epd-{topology.name}"
+
+
+def _labels(topology: Topology, role: str, workload: Optional[str] = None) -> dict[str, str]:
+    labels = {"app.kubernetes.io/name": "epdctl", "app.kubernetes.io/instance": topology.name,
+              "epdctl.io/role": role}
+    if workload:
+        labels["epdctl.io/workload"] = workload
+    return labels
+
+
+def _alike(specs: list[ProcessSpec]) -> bool:
+    """Instances that differ only in ports (host-local details on one machine) can be replicas."""
+
+    def shape(spec: ProcessSpec) -> tuple:
+        argv = list(spec.argv)
+        if "--port" in argv:
+            argv[argv.index("--port") + 1] = "PORT"
+        env = {k: v for k, v in spec.env.items() if k != "VLLM_NIXL_SIDE_CHANNEL_PORT"}
+        return (tuple(argv), tuple(sorted(env.items())), len(spec.devices))
+
+    return len({shape(s) for s in specs}) == 1
+
+
+def workloads(topology: Topology, instances: tuple[ProcessSpec, ...]) -> list[Workload]:
+    out: list[Workload] = []
+    by_role: dict[str, list[ProcessSpec]] = {}
+    for spec in instances:
+        by_role.setdefault(spec.role, []).append(spec)
+    for role, specs in by_role.items():
+        if len(specs) > 1 and _alike(specs):
+            out.append(Workload(f"{_base(topology)}-{role}", role, specs[0], len(specs)))
+        else:
+            out.extend(Workload(f"{_base(topology)}-{s.name}", role, s, 1) for s in specs)
+    return out
+
+
+def _probe(port: str, period: int, failures: int) -> dict[str, Any]:
+    return {"httpGet": {"path": "/health", "port": port}, "periodSeconds": period, "failureThreshold": failures,
+            "timeoutSeconds": 3}
+
+
+def _container_env(topology: Topology, spec: ProcessSpec) -> list[dict[str, Any]]:
+    device_variable = DEVICE_VARIABLE.get(topology.platform)
+    env: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in spec.env.items() if k != device_variable]
+    if spec.side_channel_port:
+        env.append({"name": "VLLM_NIXL_SIDE_CHANNEL_HOST", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}})
+    return env
+
+
+def _deployment(topology: Topology, work: Workload, image: str, ec_claim: Optional[str]) -> dict[str, Any]:
+    spec = work.spec
+    ports = [{"name": "http", "containerPort": spec.port}]
+    if spec.side_channel_port:
+        ports.append({"name": "nixl", "containerPort": spec.side_channel_port})
+    startup_failures = max(1, math.ceil(topology.health.timeout_s / PROBE_PERIOD_S))
+    container: dict[str, Any] = {
+        "name": "vllm" if topology.engine == "vllm" else "sim",
+        "image": image,
+        # The sim binds loopback unless told otherwise; vLLM listens on every interface already.
+        "command": list(spec.argv) + (["--host", "0.0.0.0"] if topology.engine == "sim" else []),
+        "ports": ports,
+        "startupProbe": _probe("http", PROBE_PERIOD_S, startup_failures),
+        "readinessProbe": _probe("http", PROBE_PERIOD_S, 3),
+        "livenessProbe": _probe("http", 10, 3),
+    }
+    env = _container_env(topology, spec)
+    if env:
+        container["env"] = env
+    resource = DEVICE_RESOURCE.get(topology.platform)
+    if resource and spec.devices:
+        container["resources"] = {"limits": {resource: len(spec.devices)}}
+    mounts, volumes = [], []
+    if ec_claim and "--ec-transfer-config" in spec.argv:
+        mounts.append({"name": "ec-cache", "mountPath": topology.ec_transfer.shared_storage_path})
+        volumes.append({"name": "ec-cache", "persistentVolumeClaim": {"claimName": ec_claim}})
+    if topology.engine == "vllm":
+        # vLLM's workers exchange tensors through /dev/shm; a container's default 64 MiB is too small.
+        mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
+        volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
+    if mounts:
+        container["volumeMounts"] = mounts
+    labels = _labels(topology, work.role, work.name)
+    pod: dict[str, Any] = {"containers": [container]}
+    if volumes:
+        pod["volumes"] = volumes
+    return {
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": work.name, "labels": labels},
+        "spec": {"replicas": work.replicas, "selector": {"matchLabels": labels},
+                 "template": {"metadata": {"labels": labels}, "spec": pod}},
+    }
+
+
+def _service(topology: Topology, name: str, role: str, port: int, workload: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name, "labels": _labels(topology, role, workload)},
+        "spec": {"type": "ClusterIP", "selector": _labels(topology, role, workload),
+                 "ports": [{"name": "http", "port": port, "targetPort": "http"}]},
+    }
+
+
+def _proxy_deployment(topology: Topology, works: list[Workload], image: str, ec_claim: Optional[str]) -> dict[str, Any]:
+    def urls(*roles: str) -> str:
+        return ",".join(f"http://{w.name}:{w.spec.port}" for w in works if w.role in roles) or "disable"
+
+    proxy = topology.proxy
+    command = [
+        "python", "-m", "epdctl.proxy", "--host", "0.0.0.0", "--port", str(proxy.port),
+        "--encode-servers-urls", urls("encode"), "--prefill-servers-urls", urls("prefill"),
+        "--decode-servers-urls", urls("decode", "pd"), "--policy", proxy.policy,
+        "--encode-timeout-s", f"{proxy.encode_timeout_s:g}", "--prefill-timeout-s", f"{proxy.prefill_timeout_s:g}",
+        "--decode-timeout-s", f"{proxy.decode_timeout_s:g}", "--max-body-mb", f"{proxy.max_body_mb:g}",
+    ]
+    if topology.media.allowed_local_path:
+        command += ["--allowed-local-media-path", topology.media.allowed_local_path]
+    container: dict[str, Any] = {
+        "name": "proxy", "image": image, "command": command,
+        "ports": [{"name": "http", "containerPort": proxy.port}],
+        "readinessProbe": _probe("http", PROBE_PERIOD_S, 3),
+        "livenessProbe": _probe("http", 10, 6),
+    }
+    pod: dict[str, Any] = {"containers": [container]}
+    if ec_claim:
+        path = topology.ec_transfer.shared_storage_path
+        command += ["--ec-shared-storage-path", path]
+        container["volumeMounts"] = [{"name": "ec-cache", "mountPath": path, "readOnly": True}]
+        pod["volumes"] = [{"name": "ec-cache", "persistentVolumeClaim": {"claimName": ec_claim}}]
+    name = f"{_base(topology)}-proxy"
+    labels = _labels(topology, "proxy", name)
+    return {
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name, "labels": labels},
+        "spec": {"replicas": 1, "selector": {"matchLabels": labels},
+                 "template": {"metadata": {"labels": labels}, "spec": pod}},
+    }
+
+
+def manifests(topology: Topology, source_text: str, *, image: Optional[str] = None,
+              proxy_image: Optional[str] = None, storage_class: Optional[str] = None) -> list[dict[str, Any]]:
+    """Every object, in apply order: config, storage, instances and their services, the proxy."""
+    plan = build_plan(topology, python="python")
+    image = image or (DEFAULT_IMAGE if topology.engine == "vllm" else proxy_image or DEFAULT_PROXY_IMAGE)
+    proxy_image = proxy_image or DEFAULT_PROXY_IMAGE
+    docs: list[dict[str, Any]] = [{
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": f"{_base(topology)}-topology", "labels": _labels(topology, "config")},
+        "data": {"topology.yaml": source_text},
+    }]
+    ec_claim = None
+    ec = topology.ec_transfer
+    if topology.encode and ec is not None and ec.connector == "ECExampleConnector":
+        ec_claim = f"{_base(topology)}-ec-cache"
+        claim: dict[str, Any] = {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": EC_VOLUME_SIZE}}}
+        if storage_class:
+            claim["storageClassName"] = storage_class
+        docs.append({"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+                     "metadata": {"name": ec_claim, "labels": _labels(topology, "ec-cache")}, "spec": claim})
+    works = workloads(topology, plan.instances)
+    for work in works:
+        docs.append(_deployment(topology, work, image, ec_claim))
+        docs.append(_service(topology, work.name, work.role, work.spec.port, work.name))
+    docs.append(_proxy_deployment(topology, works, proxy_image, ec_claim))
+    proxy = f"{_base(topology)}-proxy"
+    docs.append(_service(topology, proxy, "proxy", topology.proxy.port, proxy))
+    too_long = [d["metadata"]["name"] for d in docs if not DNS_LABEL.match(d["metadata"]["name"])]
+    if too_long:
+        raise EpdctlError(f"name: {topology.name!r} makes object names longer than 63 characters "
+                          f"({too_long[0]}); choose a shorter topology name", EXIT_USAGE)
+    return docs
+
+
+def validate(docs: list[dict[str, Any]]) -> tuple[str, list[str]]:
+    """Each manifest against the newest Kubernetes schema kubernetes-validate has (offline, strict).
+
+    Returns that release and the problems found.
+    """
+    try:
+        import kubernetes_validate
+    except ImportError:
+        raise EpdctlError("--check needs kubernetes-validate: pip install 'epdctl[k8s]'", EXIT_USAGE) from None
+    release = kubernetes_validate.latest_version()
+    problems = []
+    for doc in docs:
+        try:
+            kubernetes_validate.validate(doc, release, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            where = "/".join(str(p) for p in exc.path) or "<top>"
+            problems.append(f"{doc['kind']} {doc['metadata']['name']}: {where}: {exc.message}")
+    return release, problems
+
+
+def export(topology: Topology, source: Path, output: Path, *, namespace: Optional[str] = None,
+           image: Optional[str] = None, proxy_image: Optional[str] = None, storage_class: Optional[str] = None,
+           check: bool = False, out=None) -> list[Path]:
+    """Write OUTPUT/manifests/*.yaml (for `kubectl apply -f`) and OUTPUT/kustomization.yaml (for `-k`)."""
+    import sys
+
+    out = out or sys.stdout
+    docs = manifests(topology, source.read_text(encoding="utf-8"), image=image, proxy_image=proxy_image,
+                     storage_class=storage_class)
+    if namespace:
+        for doc in docs:
+            doc["metadata"]["namespace"] = namespace
+    checked = ""
+    if check:
+        release, problems = validate(docs)
+        if problems:
+            raise EpdctlError("manifests do not validate:\n" + "\n".join(problems), EXIT_RUNTIME)
+        checked = f", all valid against the Kubernetes {release} schema"
+    folder = output / "manifests"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise EpdctlError(f"-o {output}: cannot create the folder: {exc.strerror}") from None
+    written = []
+    for index, doc in enumerate(docs):
+        # Numbered so `kubectl apply -f` creates config and storage before the pods that use them.
+        path = folder / f"{index:02d}-{doc['kind'].lower()}-{doc['metadata']['name']}.yaml"
+        path.write_text(yaml.dump(doc, Dumper=_PlainDumper, sort_keys=False, width=120))
+        written.append(path)
+    kustomization: dict[str, Any] = {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization"}
+    if namespace:
+        kustomization["namespace"] = namespace
+    kustomization["resources"] = [f"manifests/{p.name}" for p in written]
+    (output / "kustomization.yaml").write_text(yaml.safe_dump(kustomization, sort_keys=False))
+    written.append(output / "kustomization.yaml")
+    print(f"epdctl: wrote {len(docs)} manifests to {folder} and {output / 'kustomization.yaml'}{checked}; "
+          f"apply with `kubectl apply -k {output}` (or `kubectl apply -f {folder}`)", file=out)
+    return written
