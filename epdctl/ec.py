@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-import hashlib
+import functools
 import os
 import tempfile
 
@@ -21,23 +21,32 @@ def ec_exists(storage_path: str, mm_hash: str) -> bool:
     return os.path.exists(ec_file(storage_path, mm_hash))
 
 
+@functools.lru_cache(maxsize=8)
+def _ec_payload(tokens: int, hidden: int) -> bytes:
+    """A serialized safetensors file with one (tokens × hidden) float16 tensor `ec_cache`.
+
+    Built once per shape: the sim is the backend of the proxy benchmarks, and serializing a
+    fresh random tensor per item cost more CPU than everything else it does for a request.
+    """
+    import numpy as np
+    from safetensors.numpy import save
+
+    data = np.random.default_rng(0).standard_normal((tokens, hidden), dtype=np.float32).astype(np.float16)
+    return save({EC_TENSOR: data})
+
+
 def save_ec(storage_path: str, mm_hash: str, tokens: int, hidden: int) -> str:
-    """Write a (tokens × hidden) float16 tensor atomically: temp file in the same folder, then rename.
+    """Write the EC file atomically: a temporary file in the same folder, then a rename.
 
     vLLM's own example connector writes in place, so two encoders producing the same
     mm_hash can leave a torn file for a consumer; a rename is atomic on POSIX.
     """
-    import numpy as np
-    from safetensors.numpy import save_file
-
     folder = os.path.join(storage_path, mm_hash)
     os.makedirs(folder, exist_ok=True)
-    seed = int.from_bytes(hashlib.sha256(mm_hash.encode()).digest()[:8], "little")
-    data = np.random.default_rng(seed).standard_normal((tokens, hidden), dtype=np.float32).astype(np.float16)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
-    os.close(fd)
     try:
-        save_file({EC_TENSOR: data}, tmp)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(_ec_payload(tokens, hidden))
         final = os.path.join(folder, EC_FILENAME)
         os.replace(tmp, final)
     except BaseException:

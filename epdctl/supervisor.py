@@ -651,7 +651,7 @@ def down(target: Optional[str], grace: float = DEFAULT_GRACE_S, out=None) -> int
     for line in report.lines():
         print(f"  {line}", file=out)
     if supervisor is not None:
-        # Not `psutil.wait()`: the supervisor is not our child, and once it exits it is a zombie
+        # Not `psutil.wait()`: the supervisor is rarely our child, and once it exits it is a zombie
         # until init reaps it, which some containers' init does late. Exited is what matters.
         deadline = time.monotonic() + 3
         while is_alive(supervisor) and time.monotonic() < deadline:
@@ -661,6 +661,10 @@ def down(target: Optional[str], grace: float = DEFAULT_GRACE_S, out=None) -> int
                 supervisor.kill()
             except psutil.NoSuchProcess:
                 pass
+        try:  # `smoke` forked it itself: reap it, or it stays a zombie until smoke exits
+            os.waitpid(supervisor.pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
     if not report.clean:
         raise EpdctlError(f"{name}: some processes survived SIGKILL; state kept in {state_dir.path}")
     ec = state.get("ec_storage") or {}
