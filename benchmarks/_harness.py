@@ -10,11 +10,9 @@ import base64
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
@@ -22,32 +20,8 @@ from typing import Iterator, Optional
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench-results"
 
-
-def free_ports(count: int) -> list[int]:
-    socks = []
-    for _ in range(count):
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        socks.append(sock)
-    ports = [s.getsockname()[1] for s in socks]
-    for sock in socks:
-        sock.close()
-    return ports
-
-
-def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"{url}: process exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=1) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.05)
-    raise SystemExit(f"{url} not healthy after {timeout}s")
+sys.path.insert(0, str(REPO / "tests"))
+from conftest import free_ports, wait_healthy, write_sim_topology  # noqa: E402,F401  (the tests' helpers)
 
 
 class Fleet:
@@ -69,7 +43,7 @@ class Fleet:
         port = free_ports(1)[0]
         proc = self.start([sys.executable, "-m", "epdctl.sim", "sim-model", "--port", str(port), *args], name)
         url = f"http://127.0.0.1:{port}"
-        wait_healthy(url, proc)
+        wait_healthy(url, proc=proc)
         return url, proc
 
     def stop(self, proc: subprocess.Popen) -> None:

@@ -18,10 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _harness import REPO
-
-sys.path.insert(0, str(REPO / "tests"))
-from conftest import write_sim_topology  # noqa: E402
+from _harness import write_sim_topology
 
 TTFT_MS, TPOT_MS = 50.0, 5.0
 

@@ -55,8 +55,8 @@ def main() -> int:
                                "--encode-servers-urls", encode, "--prefill-servers-urls", "disable",
                                "--decode-servers-urls", pd, "--no-rewrite"], "upstream")
         ours, theirs = f"http://127.0.0.1:{ours_port}", f"http://127.0.0.1:{theirs_port}"
-        wait_healthy(ours, ours_proc)
-        wait_healthy(theirs, theirs_proc)
+        wait_healthy(ours, proc=ours_proc)
+        wait_healthy(theirs, proc=theirs_proc)
 
         print(f"backends: zero-latency sims; load: {args.concurrency} concurrent, {args.seconds:g}s per measurement, "
               f"{args.rounds} alternating rounds (median)\n")

@@ -19,10 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _harness import REPO
-
-sys.path.insert(0, str(REPO / "tests"))
-from conftest import write_sim_topology  # noqa: E402  (the tests' topology writer: free ports, sim timings)
+from _harness import write_sim_topology
 
 
 def epdctl(*args: str, env: dict) -> float:

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import sys
 import traceback
 from pathlib import Path
-from typing import List, Optional
+from typing import Optional
 
 import typer
 

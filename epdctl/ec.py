@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import functools
 import os
-import tempfile
+
+from epdctl.atomicfile import write_atomic
 
 EC_FILENAME = "encoder_cache.safetensors"
 EC_TENSOR = "ec_cache"
@@ -43,18 +44,8 @@ def save_ec(storage_path: str, mm_hash: str, tokens: int, hidden: int) -> str:
     """
     folder = os.path.join(storage_path, mm_hash)
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(_ec_payload(tokens, hidden))
-        final = os.path.join(folder, EC_FILENAME)
-        os.replace(tmp, final)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    final = os.path.join(folder, EC_FILENAME)
+    write_atomic(final, _ec_payload(tokens, hidden))
     return final
 
 

@@ -11,12 +11,12 @@ import errno
 import fcntl
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import psutil
 
+from epdctl.atomicfile import write_atomic
 from epdctl.errors import EpdctlError
 
 STATE_FILE = "state.json"
@@ -102,19 +102,7 @@ class StateDir:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=2)
-            handle.write("\n")
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    write_atomic(path, (json.dumps(data, indent=2) + "\n").encode(), mode=0o600)
 
 
 def list_state_dirs(root: Optional[Path] = None) -> Iterator[StateDir]:

@@ -6,7 +6,6 @@ import json
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any, Optional
 
 from epdctl.errors import EXIT_NOTHING_RUNNING, EXIT_USAGE, EpdctlError

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,16 +19,22 @@ REPO = Path(__file__).resolve().parent.parent
 TOPOLOGIES = REPO / "topologies"
 
 
+# Below Linux's ephemeral range (32768-60999), so no outgoing connection takes a port between
+# the moment we pick it and the moment a server binds it.
+PORT_RANGE = (20000, 32000)
+
+
 def free_ports(count: int) -> list[int]:
-    """Ports the OS says are free now (held open together so they are distinct)."""
-    socks, ports = [], []
-    for _ in range(count):
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        socks.append(sock)
-        ports.append(sock.getsockname()[1])
-    for sock in socks:
-        sock.close()
+    """`count` distinct ports that are free now, picked at random below the ephemeral range."""
+    import random
+
+    from epdctl.ports import port_is_free
+
+    ports: list[int] = []
+    while len(ports) < count:
+        port = random.randrange(*PORT_RANGE)
+        if port not in ports and port_is_free(port):
+            ports.append(port)
     return ports
 
 

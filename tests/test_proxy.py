@@ -111,10 +111,15 @@ def test_e_p_d_prefills_on_p_and_decodes_remotely(up):
     assert p["epdctl_sim_prefills_total"] == 2 and p["epdctl_sim_ec_loaded_total"] == 1
     assert d["epdctl_sim_remote_prefills_total"] == 2 and d["epdctl_sim_prefills_total"] == 0
     assert metrics(urls["encode-0"])["epdctl_sim_encoded_items_total"] == 1
+    # A streamed request is counted just after its last byte, so the client can see [DONE] first.
+    ok = 'epdctl_proxy_requests_total{outcome="ok",route="chat"}'
+    deadline = time.monotonic() + 5
+    while metrics(urls["proxy"]).get(ok) != 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
     proxy = metrics(urls["proxy"])
     assert proxy['epdctl_proxy_stage_seconds_count{stage="prefill"}'] == 2
     assert proxy['epdctl_proxy_stage_seconds_count{stage="encode"}'] == 1
-    assert proxy['epdctl_proxy_requests_total{outcome="ok",route="chat"}'] == 2
+    assert proxy[ok] == 2
 
 
 def test_aggregated_pd_encodes_its_own_images(up):

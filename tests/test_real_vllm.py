@@ -12,13 +12,12 @@ import io
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from epdctl.plan import build_plan
-from epdctl.topology import load_topology, parse_topology
+from epdctl.topology import load_topology
 
 from conftest import REPO, TOPOLOGIES, assert_no_orphans, epdctl
 

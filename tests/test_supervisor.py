@@ -14,7 +14,6 @@ from pathlib import Path
 import psutil
 import pytest
 
-from epdctl.state import StateDir
 from epdctl.teardown import stop_processes
 
 from conftest import assert_no_orphans, epdctl, http_post, wait_healthy, write_sim_topology
