@@ -139,12 +139,16 @@ def test_ec_reuse_skips_the_encoder(up):
     assert metrics(urls["pd-0"])["epdctl_sim_ec_loaded_total"] == 3
 
 
-def test_same_image_goes_to_the_same_encoder(procs, tmp_path):
+def two_encoders_and_pd(procs, tmp_path) -> tuple[list[str], str]:
     ec = tmp_path / "ec"
     e1, e2, pd = free_ports(3)
     encoders = [procs.sim(e1, "--ec-transfer-config", ec_json("ec_producer", ec)),
                 procs.sim(e2, "--ec-transfer-config", ec_json("ec_producer", ec))]
-    decode = procs.sim(pd, "--ec-transfer-config", ec_json("ec_consumer", ec))
+    return encoders, procs.sim(pd, "--ec-transfer-config", ec_json("ec_consumer", ec))
+
+
+def test_same_image_goes_to_the_same_encoder(procs, tmp_path):
+    encoders, decode = two_encoders_and_pd(procs, tmp_path)
     # No --ec-shared-storage-path: the proxy cannot see the EC, so every item goes to an encoder.
     proxy = start_proxy(procs, encode=encoders, decode=[decode])
     for _ in range(4):
@@ -157,11 +161,7 @@ def test_same_image_goes_to_the_same_encoder(procs, tmp_path):
 
 
 def test_failover_when_an_encoder_is_killed(procs, tmp_path):
-    ec = tmp_path / "ec"
-    e1, e2, pd = free_ports(3)
-    encoders = [procs.sim(e1, "--ec-transfer-config", ec_json("ec_producer", ec)),
-                procs.sim(e2, "--ec-transfer-config", ec_json("ec_producer", ec))]
-    decode = procs.sim(pd, "--ec-transfer-config", ec_json("ec_consumer", ec))
+    encoders, decode = two_encoders_and_pd(procs, tmp_path)
     proxy = start_proxy(procs, encode=encoders, decode=[decode], extra=["--probe-interval-s", "60"])
     victim = procs.procs[0]
     os.killpg(victim.pid, signal.SIGKILL)
