@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import signal
 import sys
 import time
 import urllib.error
@@ -367,11 +368,18 @@ def run_smoke(topology, plan: Plan, *, source: Path, keep_up: bool, junit: Optio
         if code != 0:
             return code
         started_here = True
+    # SIGTERM/SIGHUP end smoke like Ctrl-C does: through the `finally` that brings down what it started.
+    def on_signal(signum, frame):
+        raise SystemExit(supervisor.SIGNAL_EXIT[signum])
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         checks = prove(plan, plan.proxy.url, StateDir(plan.name).log_file)
         for check in checks:
             print(f"{check.mark}  {check.name}: {check.detail}", file=out, flush=True)
     finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         if started_here and not keep_up:
             supervisor.down(plan.name, out=out)
     if junit:

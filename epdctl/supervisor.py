@@ -556,14 +556,27 @@ def _up_detached(plan: Plan, state_dir: StateDir, lock_fd: int, timeout: float, 
     def on_signal(signum, frame):
         interrupted.append(signum)
 
-    for sig in SIGNAL_EXIT:
-        signal.signal(sig, on_signal)
+    # Only while we wait: `smoke` goes on in this process, and must get its Ctrl-C back.
+    previous = {sig: signal.signal(sig, on_signal) for sig in SIGNAL_EXIT}
+    try:
+        _watch_start(daemon, state_dir, shown, runtime, interrupted)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if interrupted:
+        return SIGNAL_EXIT[interrupted[0]]
+    print(f"epdctl: {plan.name} is up: proxy at {plan.proxy.url} (`epdctl status {plan.name}`, `epdctl down {plan.name}`)")
+    return 0
+
+
+def _watch_start(daemon: int, state_dir: StateDir, shown: list[Child], runtime: Runtime, interrupted: list[int]) -> None:
+    """Show the supervisor's progress until everything is healthy, it fails, or we are interrupted."""
     with Progress(shown, runtime) as progress:
         while True:
             if interrupted:
                 os.kill(daemon, signal.SIGTERM)  # the supervisor tears down what it started
                 os.waitpid(daemon, 0)
-                return SIGNAL_EXIT[interrupted[0]]
+                return
             state = state_dir.read() or {}
             by_name = {p["name"]: p for p in state.get("processes", [])}
             for child in shown:
@@ -582,8 +595,6 @@ def _up_detached(plan: Plan, state_dir: StateDir, lock_fd: int, timeout: float, 
                 daemon_log = "\n".join(tail_lines(state_dir.log_file("supervisor"), 200))
                 raise EpdctlError(daemon_log.strip() or f"the supervisor exited with code {code}")
             runtime.sleep(0.05)
-    print(f"epdctl: {plan.name} is up: proxy at {plan.proxy.url} (`epdctl status {plan.name}`, `epdctl down {plan.name}`)")
-    return 0
 
 
 def _redirect_stdio(log_path: Path) -> None:

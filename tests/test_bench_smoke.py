@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -110,4 +114,27 @@ def test_smoke_fails_a_miswired_topology_clearly(tmp_path, state_dir):
     assert f"encoders wrote 4 to {elsewhere}" in result.stderr
     assert "Traceback" not in result.stderr
     assert ET.parse(junit).getroot().get("failures") == "1"
+    assert_no_orphans(str(state_dir), list(ports.values()))
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_interrupted_smoke_brings_down_what_it_started(tmp_path, state_dir, sig, code):
+    topology, ports = write_sim_topology(tmp_path, "1e1pd", name="stopped",
+                                         timings="sim-ttft-ms: 60000, sim-tpot-ms: 1, sim-encode-ms: 5")
+    proc = subprocess.Popen([sys.executable, "-m", "epdctl", "smoke", str(topology)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not (state_dir / "stopped" / "state.json").exists() or \
+                json.loads((state_dir / "stopped" / "state.json").read_text()).get("phase") != "running":
+            assert time.monotonic() < deadline and proc.poll() is None, "smoke did not bring the topology up"
+            time.sleep(0.1)
+        time.sleep(1)  # into the first golden request, which the sim holds for 60 s
+        proc.send_signal(sig)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == code, out
+    assert "stopped is down" in out
     assert_no_orphans(str(state_dir), list(ports.values()))
