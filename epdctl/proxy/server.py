@@ -120,6 +120,14 @@ class Metrics:
         child.inc()
 
 
+@dataclass
+class Outcome:
+    """How a request ended, for the requests counter. Set as soon as it is known: a client that
+    hangs up right after the last byte cancels the handler while the stream is being closed."""
+
+    value: str = "cancelled"
+
+
 def _outcome(status: int) -> str:
     if status < 400:
         return "ok"
@@ -246,7 +254,7 @@ class Proxy:
     async def _handle(self, request: web.Request, path: str, route: str) -> web.StreamResponse:
         request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
         headers = self._forwarded(request)
-        outcome = "cancelled"
+        outcome = Outcome()
         try:
             try:
                 raw = await request.read()
@@ -270,13 +278,12 @@ class Proxy:
                 body["kv_transfer_params"] = await self._prefill(body, path, request_id, headers, weight)
             # Re-serialise only when something changed: a text request to PD goes out as it came.
             payload = json.dumps(body, separators=(",", ":")).encode() if (encode or self.prefill) else raw
-            response, outcome = await self._decode(request, payload, path, stream, request_id, headers, weight)
-            return response
+            return await self._decode(request, payload, path, stream, request_id, headers, weight, outcome)
         except StageError as exc:
-            outcome = _outcome(exc.status)
+            outcome.value = _outcome(exc.status)
             return exc.response(request_id)
         finally:
-            self.metrics.count(route, outcome)
+            self.metrics.count(route, outcome.value)
 
     def _forwarded(self, request: web.Request) -> dict[str, str]:
         headers = {"Content-Type": "application/json"}
@@ -385,7 +392,7 @@ class Proxy:
         raise error or StageError(503, f"no healthy {pool.role} instance")
 
     async def _decode(self, request: web.Request, payload: bytes, path: str, stream: bool, request_id: str,
-                      headers: dict, weight: float) -> tuple[web.StreamResponse, str]:
+                      headers: dict, weight: float, outcome: Outcome) -> web.StreamResponse:
         session, timeout = self.sessions["decode"], self.timeouts["decode"]
         started = time.perf_counter()
         tried: list[Backend] = []
@@ -413,7 +420,7 @@ class Proxy:
                     error = StageError(502, f"decode {backend.name} ({backend.url}): {_describe(exc)}")
                     continue
                 try:
-                    return await self._relay(request, resp, backend, stream, request_id, started)
+                    return await self._relay(request, resp, backend, stream, request_id, started, outcome)
                 finally:
                     resp.release()
             finally:
@@ -421,7 +428,7 @@ class Proxy:
         raise error or StageError(503, "no healthy decode instance")
 
     async def _relay(self, request: web.Request, resp: aiohttp.ClientResponse, backend: Backend, stream: bool,
-                     request_id: str, started: float) -> tuple[web.StreamResponse, str]:
+                     request_id: str, started: float, outcome: Outcome) -> web.StreamResponse:
         where = f"decode {backend.name} ({backend.url})"
         try:
             if resp.status != 200 or not stream:
@@ -429,8 +436,9 @@ class Proxy:
                 self.metrics.stage_decode.observe(time.perf_counter() - started)
                 if resp.status >= 500:
                     raise StageError(502, f"{where} answered {resp.status}: {_snippet(data)}")
-                return (web.Response(status=resp.status, body=data, content_type=resp.content_type,
-                                     headers={"X-Request-Id": request_id}), _outcome(resp.status))
+                outcome.value = _outcome(resp.status)
+                return web.Response(status=resp.status, body=data, content_type=resp.content_type,
+                                    headers={"X-Request-Id": request_id})
             # Hold the 200 until the first byte: an error before it is still a clean error status.
             first = await resp.content.readany()
         except asyncio.TimeoutError:
@@ -443,20 +451,20 @@ class Proxy:
             "Cache-Control": "no-cache", "X-Request-Id": request_id,
         })
         await out.prepare(request)
-        outcome = "ok"
         try:
             if first:
                 await out.write(first)
                 async for chunk in resp.content.iter_any():
                     await out.write(chunk)
+            outcome.value = "ok"
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            outcome = "stream_error"
+            outcome.value = "stream_error"
             message = f"{where} failed mid-stream: {_describe(exc)}"
             log.warning("request %s: %s", request_id, message)
             event = json.dumps(error_body(message, 502), separators=(",", ":"))
             await out.write(f"data: {event}\n\ndata: [DONE]\n\n".encode())
         await out.write_eof()
-        return out, outcome
+        return out
 
 
 def _snippet(data: bytes, limit: int = 300) -> str:
