@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
 from epdctl.topology import Topology
@@ -50,7 +50,6 @@ class Plan:
     health_timeout_s: float
     health_interval_s: float
     ec_storage_path: Optional[str] = None
-    extra: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def processes(self) -> tuple[ProcessSpec, ...]:

@@ -110,10 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", type=Path, help="The model folder to write (created if missing).")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    try:
-        import torch  # noqa: F401
-        import transformers  # noqa: F401
-    except ImportError:
+    import importlib.util
+
+    if not all(importlib.util.find_spec(m) for m in ("torch", "transformers", "tokenizers")):
         print("epdctl.tiny_vlm needs torch and transformers: pip install 'epdctl[vllm]'", file=sys.stderr)
         return 2
     path = build(args.out, args.seed)

@@ -82,6 +82,18 @@ def wait_healthy(url: str, timeout: float = 20.0, proc: Optional[subprocess.Pope
     raise AssertionError(f"{url} not healthy after {timeout}s")
 
 
+def signal_and_wait(proc: subprocess.Popen, sig: int, timeout: float = 30) -> str:
+    """Send `sig`, wait for the process to end, and return its output; kill it if it will not end."""
+    try:
+        proc.send_signal(sig)
+        out, _ = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return out
+
+
 class Procs:
     """Processes a test started; all are killed (with their groups) at teardown."""
 

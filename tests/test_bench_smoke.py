@@ -11,7 +11,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from conftest import assert_no_orphans, epdctl, write_sim_topology
+from conftest import assert_no_orphans, epdctl, signal_and_wait, write_sim_topology
 
 LATENCY_KEYS = {"mean", "p50", "p90", "p99"}
 
@@ -123,18 +123,15 @@ def test_interrupted_smoke_brings_down_what_it_started(tmp_path, state_dir, sig,
                                          timings="sim-ttft-ms: 60000, sim-tpot-ms: 1, sim-encode-ms: 5")
     proc = subprocess.Popen([sys.executable, "-m", "epdctl", "smoke", str(topology)], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 30
-        while not (state_dir / "stopped" / "state.json").exists() or \
-                json.loads((state_dir / "stopped" / "state.json").read_text()).get("phase") != "running":
-            assert time.monotonic() < deadline and proc.poll() is None, "smoke did not bring the topology up"
-            time.sleep(0.1)
-        time.sleep(1)  # into the first golden request, which the sim holds for 60 s
-        proc.send_signal(sig)
-        out, _ = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
+    deadline = time.monotonic() + 30
+    while not (state_dir / "stopped" / "state.json").exists() or \
+            json.loads((state_dir / "stopped" / "state.json").read_text()).get("phase") != "running":
+        if time.monotonic() > deadline or proc.poll() is not None:
             proc.kill()
+            raise AssertionError("smoke did not bring the topology up")
+        time.sleep(0.1)
+    time.sleep(1)  # into the first golden request, which the sim holds for 60 s
+    out = signal_and_wait(proc, sig)
     assert proc.returncode == code, out
     assert "stopped is down" in out
     assert_no_orphans(str(state_dir), list(ports.values()))

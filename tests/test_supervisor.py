@@ -16,7 +16,7 @@ import pytest
 
 from epdctl.teardown import stop_processes
 
-from conftest import assert_no_orphans, epdctl, http_post, wait_healthy, write_sim_topology
+from conftest import assert_no_orphans, epdctl, http_post, signal_and_wait, wait_healthy, write_sim_topology
 
 CHAT = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 2}
 
@@ -74,12 +74,11 @@ def test_foreground_signal_tears_down(tmp_path, state_dir, sig, code):
     proc = start_foreground(topology)
     try:
         wait_healthy(f"http://127.0.0.1:{ports['proxy']}", timeout=30, proc=proc)
-        time.sleep(0.3)  # past the health gate, into log streaming
-        proc.send_signal(sig)
-        out, _ = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    except AssertionError:
+        proc.kill()
+        raise
+    time.sleep(0.3)  # past the health gate, into log streaming
+    out = signal_and_wait(proc, sig)
     assert proc.returncode == code, out
     assert "pd-0" in out and " | " in out  # prefixed log lines were streamed
     assert_no_orphans(str(state_dir), list(ports.values()))

@@ -107,6 +107,3 @@ class Pool:
         affinity.move_to_end(key)
         if len(affinity) > AFFINITY_ENTRIES:
             affinity.popitem(last=False)
-
-    def affine(self, key: str) -> Optional[Backend]:
-        return self._affinity.get(key)
