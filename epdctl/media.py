@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 from urllib.parse import unquote, urlparse
@@ -22,6 +23,23 @@ MEDIA_PARTS = {
 
 class MediaError(ValueError):
     """A media item the server must refuse with 400."""
+
+
+# vLLM's ECExampleConnector (and the sim) use a media item's key as a folder name under the EC
+# path, so a client's `uuid` must be a plain file name: no separators, no `.`/`..`, bounded.
+_SAFE_KEY = re.compile(r"[A-Za-z0-9._-]{1,128}")
+
+
+def is_safe_media_key(key: str) -> bool:
+    return bool(_SAFE_KEY.fullmatch(key)) and key not in (".", "..")
+
+
+def check_media_key(key: str) -> str:
+    """`key` if it is safe as a folder name under the EC path; else MediaError."""
+    if not is_safe_media_key(key):
+        shown = key if len(key) <= 40 else key[:40] + "..."
+        raise MediaError(f"media uuid {shown!r} is not a safe cache key (1-128 of A-Z a-z 0-9 . _ -, not . or ..)")
+    return key
 
 
 @dataclass

@@ -80,7 +80,10 @@ class ProxySpec(_Model):
     encode_timeout_s: float = Field(300, gt=0)
     prefill_timeout_s: float = Field(600, gt=0)
     decode_timeout_s: float = Field(600, gt=0)
-    max_body_mb: float = Field(64, gt=0)
+    # Below 1 MB a float rounds the byte limit towards 0, which aiohttp reads as "no limit".
+    max_body_mb: float = Field(64, ge=1, le=4096)
+    # Each media item is one encoder call (and one open connection) per request: bound it.
+    max_media_items: int = Field(64, ge=1, le=4096)
 
 
 class HealthSpec(_Model):
