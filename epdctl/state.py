@@ -11,18 +11,23 @@ import errno
 import fcntl
 import json
 import os
+import re
+import secrets
+import stat
+import sys
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import psutil
 
 from epdctl.atomicfile import write_atomic
-from epdctl.errors import EpdctlError
+from epdctl.errors import EXIT_USAGE, EpdctlError
 
 STATE_FILE = "state.json"
 LOCK_FILE = "lock"
 RUN_ENV = "EPDCTL_RUN"  # every child gets this tag; the sweep finds strays by it
 CREATE_TIME_TOLERANCE_S = 0.05
+MAX_STATE_BYTES = 8 * 1024 * 1024
 
 
 def state_root() -> Path:
@@ -33,10 +38,49 @@ def state_root() -> Path:
     return Path(base) / "epdctl"
 
 
+# A topology name is a folder name under the state root: the same pattern as the topology's
+# `name`, so `epdctl down ../../etc` can never point outside the root.
+_NAME = re.compile(r"[a-z0-9][a-z0-9-]*")
+_warned_roots: set[str] = set()
+
+
+def check_name(name: str) -> str:
+    if not _NAME.fullmatch(name) or len(name) > 200:
+        raise EpdctlError(f"{name!r} is not a topology name ([a-z0-9][a-z0-9-]*)", EXIT_USAGE)
+    return name
+
+
+def warn_if_shared_root(root: Path) -> None:
+    """Others who can write to the root can plant or swap folders in it: say so, once."""
+    key = str(root)
+    if key in _warned_roots:
+        return
+    _warned_roots.add(key)
+    try:
+        st = os.stat(root)
+    except OSError:
+        return
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        sticky = " (sticky)" if st.st_mode & stat.S_ISVTX else ""
+        print(f"epdctl: warning: the state root {root} is writable by other users{sticky} "
+              f"(mode {stat.S_IMODE(st.st_mode):04o}); set EPDCTL_STATE_DIR to a folder only you can write",
+              file=sys.stderr)
+
+
+def _check_owned(st: os.stat_result, path: Path, what: str) -> None:
+    """Only our own user's state is trusted (DESIGN §8)."""
+    if stat.S_ISLNK(st.st_mode):
+        raise EpdctlError(f"{path}: the state {what} is a symlink; refusing to use it (remove it if you did not make it)")
+    if st.st_uid != os.geteuid():
+        raise EpdctlError(f"{path}: the state {what} belongs to uid {st.st_uid}, not to you (uid {os.geteuid()}); "
+                          "refusing to trust it")
+
+
 class StateDir:
     def __init__(self, name: str, root: Optional[Path] = None):
-        self.name = name
-        self.path = (root or state_root()) / name
+        self.name = check_name(name)
+        self.root = root or state_root()
+        self.path = self.root / name
 
     @property
     def state_file(self) -> Path:
@@ -49,21 +93,75 @@ class StateDir:
     def log_file(self, process: str) -> Path:
         return self.path / f"{process}.log"
 
+    def verify(self) -> bool:
+        """True when the folder exists and is ours (a real folder, our uid); False when absent.
+
+        A symlink or another user's folder is refused: someone who can write to the state root
+        must not be able to make us delete, chmod or trust what they point us at.
+        """
+        warn_if_shared_root(self.root)
+        try:
+            st = os.lstat(self.path)
+        except FileNotFoundError:
+            return False
+        _check_owned(st, self.path, "folder")
+        if not stat.S_ISDIR(st.st_mode):
+            raise EpdctlError(f"{self.path}: the state folder is not a folder; refusing to use it")
+        return True
+
+    def _open_dir(self) -> int:
+        """An fd on our verified folder, opened without following a symlink swapped in since."""
+        fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        try:
+            _check_owned(os.fstat(fd), self.path, "folder")
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
     def ensure(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.mkdir(mode=0o700, exist_ok=True)
-        os.chmod(self.path, 0o700)
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        warn_if_shared_root(self.root)
+        try:
+            self.path.mkdir(mode=0o700)
+        except FileExistsError:
+            pass
+        self.verify()
+        fd = self._open_dir()
+        try:
+            os.fchmod(fd, 0o700)  # through the fd: never chmod what a symlink points to
+        finally:
+            os.close(fd)
 
     def exists(self) -> bool:
-        return self.state_file.exists()
+        return self.verify() and os.path.lexists(self.state_file)
 
     def read(self) -> Optional[dict[str, Any]]:
+        if not self.verify():
+            return None
         try:
-            return json.loads(self.state_file.read_text())
+            fd = os.open(self.state_file, os.O_RDONLY | os.O_NOFOLLOW)
         except FileNotFoundError:
             return None
-        except (OSError, ValueError) as exc:
-            raise EpdctlError(f"{self.state_file}: unreadable state ({exc}); remove it after checking no process is left")
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise EpdctlError(f"{self.state_file}: the state file is a symlink; refusing to trust it") from None
+            raise EpdctlError(f"{self.state_file}: unreadable state ({exc.strerror})") from None
+        try:
+            _check_owned(os.fstat(fd), self.state_file, "file")
+            with os.fdopen(fd, "rb", closefd=False) as handle:
+                data = handle.read(MAX_STATE_BYTES + 1)
+        finally:
+            os.close(fd)
+        try:
+            if len(data) > MAX_STATE_BYTES:
+                raise ValueError("larger than any state epdctl writes")
+            state = json.loads(data)
+            if not isinstance(state, dict):
+                raise ValueError("not a JSON object")
+            return state
+        except ValueError as exc:
+            raise EpdctlError(f"{self.state_file}: unreadable state ({exc}); remove it after checking no process is left") from None
 
     def write(self, state: dict[str, Any]) -> None:
         write_json_atomic(self.state_file, state)
@@ -71,7 +169,7 @@ class StateDir:
     def try_lock(self) -> Optional[int]:
         """An fd holding the topology's exclusive lock, or None when someone else holds it."""
         self.ensure()
-        fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o600)
+        fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -82,7 +180,7 @@ class StateDir:
         return fd
 
     def is_locked(self) -> bool:
-        if not self.lock_file.exists():
+        if not self.verify() or not os.path.lexists(self.lock_file):
             return False
         fd = self.try_lock()
         if fd is None:
@@ -90,15 +188,34 @@ class StateDir:
         os.close(fd)
         return False
 
+    def remove_logs(self) -> None:
+        self._remove(lambda entry: entry.endswith(".log"), rmdir=False)
+
     def remove(self) -> None:
-        """Delete only what we create here: state, lock and logs."""
-        for entry in list(self.path.iterdir()) if self.path.exists() else []:
-            if entry.name in (STATE_FILE, LOCK_FILE) or entry.suffix == ".log":
-                entry.unlink(missing_ok=True)
+        """Delete only what we create here: state, lock and logs, then the folder if empty."""
+        self._remove(lambda entry: entry in (STATE_FILE, LOCK_FILE) or entry.endswith(".log"), rmdir=True)
+
+    def _remove(self, ours, rmdir: bool) -> None:
         try:
-            self.path.rmdir()
-        except OSError:
-            pass
+            if not self.verify():
+                return
+            fd = self._open_dir()
+        except FileNotFoundError:
+            return
+        try:
+            for entry in os.listdir(fd):
+                if ours(entry):
+                    try:
+                        os.unlink(entry, dir_fd=fd)  # relative to the verified fd: no symlink games
+                    except (FileNotFoundError, IsADirectoryError, PermissionError):
+                        pass
+        finally:
+            os.close(fd)
+        if rmdir:
+            try:
+                self.path.rmdir()
+            except OSError:
+                pass
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -106,23 +223,36 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 
 def list_state_dirs(root: Optional[Path] = None) -> Iterator[StateDir]:
+    """Our own topologies' state folders; others' (or symlinks) are skipped with a warning."""
     root = root or state_root()
     if not root.is_dir():
         return
+    warn_if_shared_root(root)
     for child in sorted(root.iterdir()):
-        if (child / STATE_FILE).exists():
-            yield StateDir(child.name, root)
+        if not _NAME.fullmatch(child.name):
+            continue
+        state_dir = StateDir(child.name, root)
+        try:
+            if state_dir.exists():
+                yield state_dir
+        except EpdctlError as exc:
+            print(f"epdctl: warning: skipping {exc}", file=sys.stderr)
+
+
+def _ours(proc: psutil.Process) -> bool:
+    """A process of our own user: the only kind epdctl ever signals (DESIGN §8)."""
+    return proc.uids().real == os.getuid()
 
 
 def verified_process(pid: Optional[int], create_time: Optional[float]) -> Optional[psutil.Process]:
     """The live process with this pid *and* create_time, else None (gone, zombie or pid reused)."""
-    if not pid or create_time is None:
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0 or not isinstance(create_time, (int, float)):
         return None
     try:
         proc = psutil.Process(pid)
         if abs(proc.create_time() - create_time) > CREATE_TIME_TOLERANCE_S:
             return None
-        if proc.status() == psutil.STATUS_ZOMBIE:
+        if proc.status() == psutil.STATUS_ZOMBIE or not _ours(proc):
             return None
         return proc
     except (psutil.NoSuchProcess, psutil.AccessDenied):
@@ -136,16 +266,44 @@ def is_alive(proc: psutil.Process) -> bool:
         return False
 
 
-def tagged_processes(run_token: str) -> list[psutil.Process]:
-    """Every live process carrying our run tag, wherever it was reparented to."""
+def new_run_token(name: str) -> str:
+    return f"{name}-{secrets.token_hex(8)}"
+
+
+def _tagged(matches) -> list[psutil.Process]:
     found = []
-    me = os.getpid()
-    for proc in psutil.process_iter():
+    me, uid = os.getpid(), os.getuid()
+    for proc in psutil.process_iter(["uids"]):
         if proc.pid == me:
             continue
         try:
-            if proc.environ().get(RUN_ENV) == run_token and proc.status() != psutil.STATUS_ZOMBIE:
+            # Another user's process is never ours to signal, whatever its environment says.
+            if proc.info["uids"] is None or proc.info["uids"].real != uid:
+                continue
+            tag = proc.environ().get(RUN_ENV)
+            if tag and matches(tag) and proc.status() != psutil.STATUS_ZOMBIE:
                 found.append(proc)
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, OSError):
             continue
     return found
+
+
+def tagged_processes(run_token: str) -> list[psutil.Process]:
+    """Every live process of ours carrying this run's tag, wherever it was reparented to."""
+    return _tagged(lambda tag: tag == run_token)
+
+
+def processes_of_topology(name: str) -> dict[str, list[psutil.Process]]:
+    """Live processes of ours tagged with any run of topology `name`, by run token.
+
+    What `down` falls back on when the state folder is gone: the tag is `<name>-<16 hex>`,
+    matched whole, so topology `a` never takes `a-b`'s processes.
+    """
+    pattern = re.compile(re.escape(name) + r"-[0-9a-f]{16}")
+    runs: dict[str, list[psutil.Process]] = {}
+    for proc in _tagged(pattern.fullmatch):
+        try:
+            runs.setdefault(proc.environ()[RUN_ENV], []).append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, KeyError):
+            continue
+    return runs

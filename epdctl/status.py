@@ -31,6 +31,9 @@ def live_status(state: dict[str, Any], runtime: Optional[Runtime] = None) -> dic
             "name": record["name"], "role": record["role"], "pid": record.get("pid"), "port": record["port"],
             "url": record["url"], "state": current, "exit_code": record.get("exit_code") if not alive else None,
         }
+        if not alive and record.get("pid") is None:
+            # Never ran: say why instead of a pid of None and a made-up exit code.
+            entry["error"] = record.get("error") or ("not started: up failed before it" if phase == "failed" else "not started yet")
         return entry
 
     with ThreadPoolExecutor(max_workers=max(1, min(16, len(records)))) as pool:
@@ -42,6 +45,8 @@ def live_status(state: dict[str, Any], runtime: Optional[Runtime] = None) -> dic
     states = [e["state"] for e in entries]
     if states and all(s == "healthy" for s in states):
         overall = "running"
+    elif phase == "starting" and "exited" not in states:
+        overall = "starting"  # instances still loading are not a degraded topology
     elif any(s != "exited" for s in states):
         overall = "degraded"
     else:
@@ -60,7 +65,8 @@ def show_status(name: Optional[str], as_json: bool, out=None) -> int:
         if as_json:
             print(json.dumps({"name": name, "state": "stopped", "instances": [], "proxy": None} if name else []), file=out)
         else:
-            print(f"epdctl: nothing is running{f' under the name {name!r}' if name else ''}", file=sys.stderr)
+            print(f"epdctl: nothing is running{f' under the name {name!r}' if name else ''}{_strays_hint(name)}",
+                  file=sys.stderr)
         return EXIT_NOTHING_RUNNING
     reports = [live_status(state) for state in states]
     if as_json:
@@ -82,13 +88,16 @@ def _print_table(reports, states, out) -> None:
             table.add_column(column)
         rows = report["instances"] + ([dict(report["proxy"], role="proxy")] if report["proxy"] else [])
         for row in rows:
-            code = "" if row["exit_code"] is None else str(row["exit_code"])
-            table.add_row(row["name"], row["role"], str(row["pid"]), str(row["port"]), row["url"], row["state"], code)
+            code = row.get("error") or ("-" if row["exit_code"] is None else str(row["exit_code"]))
+            pid = "-" if row["pid"] is None else str(row["pid"])
+            table.add_row(row["name"], row["role"], pid, str(row["port"]), row["url"], row["state"], code)
         console.print(table)
 
 
 def show_logs(name: str, instance: Optional[str], follow: bool, tail: Optional[int], out=None) -> None:
     out = out or sys.stdout
+    if tail is not None and tail < 0:
+        raise EpdctlError(f"--tail: must be 0 or more lines (got {tail})", EXIT_USAGE)
     state_dir = StateDir(name)
     state = state_dir.read()
     if state is None:
@@ -114,6 +123,7 @@ def show_logs(name: str, instance: Optional[str], follow: bool, tail: Optional[i
     out.flush()
     if not follow:
         return
+    finished = False
     try:
         while True:
             for proc_name, path in paths.items():
@@ -130,8 +140,32 @@ def show_logs(name: str, instance: Optional[str], follow: bool, tail: Optional[i
                 for line in complete.decode(errors="replace").splitlines():
                     out.write(f"{proc_name:<{width}} | {line}\n")
             out.flush()
-            if not state_dir.exists():
-                return  # the topology was brought down
+            if finished:
+                return
+            # One more pass after the end, so the last lines written before it are shown.
+            finished = not state_dir.exists() or not _anything_alive(state_dir)
             time.sleep(0.2)
     except KeyboardInterrupt:
         return
+
+
+def _anything_alive(state_dir: StateDir) -> bool:
+    """Is any process of the topology, or its supervisor, still running? (`logs -f` ends when not.)"""
+    try:
+        state = state_dir.read() or {}
+    except EpdctlError:
+        return False
+    records = state.get("processes", []) + [state.get("supervisor") or {}]
+    return any(verified_process(r.get("pid"), r.get("create_time")) for r in records)
+
+
+def _strays_hint(name: Optional[str]) -> str:
+    """Processes of a topology whose state folder was deleted are still ours to report."""
+    if not name:
+        return ""
+    from epdctl.state import RUN_ENV, processes_of_topology
+
+    count = sum(len(procs) for procs in processes_of_topology(name).values())
+    if not count:
+        return ""
+    return f", but {count} process(es) carry its {RUN_ENV} tag (its state is gone): `epdctl down {name}` stops them"

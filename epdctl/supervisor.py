@@ -10,9 +10,8 @@ SIGKILL of any epdctl process still leaves everything within reach of `epdctl do
 from __future__ import annotations
 
 import http.client
+import json
 import os
-import secrets
-import shutil
 import signal
 import subprocess
 import sys
@@ -25,13 +24,16 @@ from urllib.parse import urlparse
 
 import psutil
 
+from epdctl import ec_storage
 from epdctl.errors import EXIT_RUNTIME, EXIT_USAGE, EpdctlError
 from epdctl.plan import Plan, ProcessSpec
 from epdctl.ports import busy_ports
-from epdctl.state import RUN_ENV, StateDir, is_alive, state_root, verified_process, write_json_atomic
+from epdctl.state import (
+    RUN_ENV, StateDir, check_name, is_alive, new_run_token, processes_of_topology, state_root, verified_process,
+    write_json_atomic,
+)
 from epdctl.teardown import stop_processes
 
-EC_MARKER = ".epdctl-created"
 LOG_TAIL_LINES = 20
 DEFAULT_GRACE_S = 10.0
 SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129}
@@ -83,6 +85,7 @@ class Child:
     exit_code: Optional[int] = None
     started_at: float = 0.0
     healthy_after_s: Optional[float] = None
+    error: Optional[str] = None  # why it never ran (e.g. command not found)
 
     def poll(self) -> Optional[int]:
         """The exit code once the child has exited (reaping it), else None."""
@@ -90,6 +93,8 @@ class Child:
             return self.exit_code
         if self.popen is not None:
             code = self.popen.poll()
+        elif self.pid is None:
+            return None  # never started: there is no exit code to report
         else:
             code = None if verified_process(self.pid, self.create_time) else -1
         if code is not None:
@@ -104,7 +109,7 @@ class Child:
             "port": spec.port, "url": spec.url, "side_channel_port": spec.side_channel_port,
             "pid": self.pid, "pgid": self.pid, "create_time": self.create_time, "log": str(self.log_path),
             "argv": list(spec.argv), "env": dict(spec.env), "state": self.state, "exit_code": self.exit_code,
-            "healthy_after_s": self.healthy_after_s,
+            "healthy_after_s": self.healthy_after_s, "error": self.error,
         }
 
 
@@ -195,6 +200,19 @@ class Stop(Exception):
         self.signum = signum
 
 
+class StartFailed(EpdctlError):
+    """Start-up failed: `cause` first, then (once torn down) what the teardown did, then `detail`."""
+
+    def __init__(self, cause: str, detail: str = ""):
+        super().__init__(cause + (f"\n{detail}" if detail else ""))
+        self.cause = cause
+        self.detail = detail
+
+
+def _timestamp() -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S")
+
+
 @dataclass
 class Supervisor:
     plan: Plan
@@ -206,11 +224,13 @@ class Supervisor:
 
     def __post_init__(self) -> None:
         self.out = self.out or sys.stdout
-        self.run_token = f"{self.plan.name}-{secrets.token_hex(8)}"
+        self.run_token = new_run_token(self.plan.name)
         self.children = [Child(spec, self.state_dir.log_file(spec.name)) for spec in self.plan.processes]
         self.phase = "starting"
         self.error: Optional[str] = None
+        self.failure: Optional[dict[str, Any]] = None  # cause, teardown lines, detail: for `up -d` to show
         self.ec_created = False
+        self.ec_claimed = False
         self.signals: list[int] = []
         self.handed_over = False  # `epdctl down` took over the teardown
 
@@ -222,13 +242,30 @@ class Supervisor:
         me = psutil.Process()
         state = {
             "name": self.plan.name, "source": self.source, "run_token": self.run_token, "phase": self.phase,
-            "error": self.error, "state_dir": str(self.state_dir.path),
+            "error": self.error, "failure": self.failure, "state_dir": str(self.state_dir.path),
             "supervisor": {"pid": me.pid, "create_time": me.create_time(), "mode": self.mode},
             "ec_storage": {"path": self.plan.ec_storage_path, "created": self.ec_created},
             "processes": [child.record() for child in self.children],
             "health_timeout_s": self.plan.health_timeout_s,
         }
-        write_json_atomic(self.state_dir.state_file, state)
+        try:
+            if not self.state_dir.verify():
+                # Someone removed the state folder under a running topology: put it back, so
+                # `status` and `down` keep working (`down` also finds us by tag without it).
+                self.state_dir.ensure()
+                if self.mode == "detached":  # our log went with the folder: start a new one
+                    _redirect_stdio(self.state_dir.log_file("supervisor"))
+                self.note(f"the state folder {self.state_dir.path} was removed; recreated it")
+            write_json_atomic(self.state_dir.state_file, state)
+        except (OSError, EpdctlError) as exc:
+            # Supervising matters more than recording: a state write that fails must not
+            # orphan every child by killing the supervisor.
+            self.note(f"cannot write {self.state_dir.state_file}: {exc}")
+
+    def note(self, message: str, stream=None) -> None:
+        """A decision or event, in the supervisor's log (detached) or on the terminal."""
+        stamp = f"{_timestamp()} " if self.mode == "detached" else ""
+        print(f"{stamp}epdctl: {message}", file=stream or self.out, flush=True)
 
     # ------------------------------------------------------------ signals
 
@@ -253,18 +290,9 @@ class Supervisor:
 
     def prepare_ec_storage(self) -> None:
         path = self.plan.ec_storage_path
-        if not path:
-            return
-        marker = Path(path) / EC_MARKER
-        if marker.exists():
-            self.ec_created = True  # ours from an earlier run that was never brought down
-        elif not os.path.exists(path):
-            try:
-                os.makedirs(path, exist_ok=True)
-            except OSError as exc:
-                raise EpdctlError(f"ec_transfer.shared_storage_path: cannot create {path}: {exc.strerror}") from None
-            marker.write_text(self.run_token + "\n")
-            self.ec_created = True
+        if path:
+            self.ec_created = ec_storage.claim(path, self.run_token)
+            self.ec_claimed = True
 
     def spawn_all(self) -> None:
         base_env = {k: v for k, v in os.environ.items() if k != RUN_ENV}
@@ -275,12 +303,15 @@ class Supervisor:
             try:
                 child.popen = self.runtime.spawn(list(spec.argv), env, child.log_path)
             except FileNotFoundError:
-                raise EpdctlError(
-                    f"{spec.name}: cannot start {spec.argv[0]!r}: command not found"
-                    + (" (is vLLM installed? set vllm_command in the topology)" if spec.role != "proxy" else "")
-                ) from None
+                child.error = f"cannot start {spec.argv[0]!r}: command not found"
             except PermissionError:
-                raise EpdctlError(f"{spec.name}: cannot start {spec.argv[0]!r}: permission denied") from None
+                child.error = f"cannot start {spec.argv[0]!r}: permission denied"
+            except OSError as exc:
+                child.error = f"cannot start {spec.argv[0]!r}: {exc.strerror or exc}"
+            if child.error:
+                child.state = "exited"
+                hint = " (is vLLM installed? set vllm_command in the topology)" if "not found" in child.error and spec.role != "proxy" else ""
+                raise StartFailed(f"{spec.name}: {child.error}{hint}")
             child.pid = child.popen.pid
             try:
                 child.create_time = psutil.Process(child.pid).create_time()
@@ -303,26 +334,23 @@ class Supervisor:
                 if self.runtime.probe(child.spec.url):
                     child.state = "healthy"
                     child.healthy_after_s = self.runtime.now() - child.started_at
+                    if self.mode == "detached":
+                        self.note(f"{child.spec.name} healthy after {child.healthy_after_s:.1f}s")
                     self.save()
                     continue
                 code = child.poll()
                 if code is not None:
                     self.save()
-                    raise EpdctlError(self._death_message(child, "during start-up"))
+                    raise StartFailed(f"{child.spec.name} {describe_exit(child.exit_code)} during start-up",
+                                      self._log_tail(child))
             progress.update()
             if all(c.state == "healthy" for c in self.children):
                 return
             if self.runtime.now() >= deadline:
                 slow = [c for c in self.children if c.state != "healthy"]
-                names = ", ".join(c.spec.name for c in slow)
-                raise EpdctlError(
-                    f"not healthy after {timeout:g}s: {names} (no 200 from {slow[0].spec.url}/health)\n"
-                    + self._log_tail(slow[0])
-                )
+                names = ", ".join(f"{c.spec.name} (no 200 from {c.spec.url}/health)" for c in slow)
+                raise StartFailed(f"not healthy after {timeout:g}s: {names}", self._log_tail(slow[0]))
             self.runtime.sleep(interval)
-
-    def _death_message(self, child: Child, when: str) -> str:
-        return f"{child.spec.name} {describe_exit(child.exit_code)} {when}\n" + self._log_tail(child)
 
     def _log_tail(self, child: Child) -> str:
         lines = tail_lines(child.log_path)
@@ -331,13 +359,15 @@ class Supervisor:
 
     def start(self, timeout: float, progress_stream=None) -> None:
         """Ports, EC folder, spawn, health gate. On any failure: tear down, then raise."""
-        problems = busy_ports(
-            (port, spec.name if port == spec.port else f"{spec.name}'s NIXL side channel")
-            for spec in self.plan.processes for port in spec.ports()
-        )
-        if problems:
-            raise EpdctlError("; ".join(problems))
-        self.prepare_ec_storage()
+        try:
+            check_ports(self.plan)  # again: `up` checked before the lock, but a port can go since
+            self.prepare_ec_storage()
+        except EpdctlError as exc:
+            self.release_ec()
+            self.phase, self.error = "failed", str(exc).splitlines()[0]
+            self.failure = {"cause": str(exc), "teardown": [], "detail": ""}
+            self.save()  # nothing was started; `down` removes this state (and the lock file)
+            raise
         self.save()
         progress = Progress(self.children, self.runtime, progress_stream or self.out)
         try:
@@ -351,12 +381,31 @@ class Supervisor:
                 raise Stop(signal.SIGUSR1) from None
             self.phase = "failed"
             failed_start = isinstance(exc, EpdctlError)
-            self.error = str(exc).splitlines()[0] if failed_start else f"interrupted ({type(exc).__name__})"
+            # One header line with the cause, then the teardown report, then the log tail.
+            # In the foreground a failure goes to stderr; in the detached supervisor, to its log.
+            report = self.out if self.mode == "detached" or not failed_start else sys.stderr
+            if failed_start:
+                cause = exc.cause if isinstance(exc, StartFailed) else str(exc)
+                self.error = cause.splitlines()[0]
+                self.note(f"{cause}; stopping {self.plan.name}", report)
+            else:
+                name = signal.Signals(exc.signum).name if isinstance(exc, Stop) else type(exc).__name__
+                self.error = f"interrupted ({name})"
+                self.note(f"{name} received, stopping {self.plan.name}", report)
             # A failed start keeps its logs and state for `epdctl logs`/`status`; an interrupt leaves nothing.
-            self.teardown(grace=2.0 if failed_start else DEFAULT_GRACE_S, remove_state=not failed_start)
+            lines = self.teardown(grace=2.0 if failed_start else DEFAULT_GRACE_S, remove_state=not failed_start,
+                                  report=report)
+            if failed_start:
+                detail = exc.detail if isinstance(exc, StartFailed) else ""
+                if detail:
+                    print(detail, file=report, flush=True)
+                self.failure = {"cause": self.error, "teardown": lines, "detail": detail}
+                self.save()
             raise
         self.phase = "running"
         self.save()
+        if self.mode == "detached":
+            self.note(f"{self.plan.name} is up")
 
     # ------------------------------------------------------------ after start
 
@@ -391,15 +440,19 @@ class Supervisor:
             if self.handed_over:
                 return self._await_handover()
             if self.signals:
+                self.note(f"{signal.Signals(self.signals[0]).name} received, stopping {self.plan.name}")
                 self.teardown(grace=DEFAULT_GRACE_S)
                 return 0
-            changed = False
-            for child in self.children:
-                if child.exit_code is None and child.poll() is not None:
-                    changed = True
-            if changed:
-                self.phase = "degraded" if any(c.exit_code is None for c in self.children) else "stopped"
-                self.save()
+            died = [c for c in self.children if c.exit_code is None and c.poll() is not None]
+            if died:
+                left = sum(1 for c in self.children if c.exit_code is None)
+                self.phase = "degraded" if left else "stopped"
+                self.save()  # first: it may have to recreate the folder our log lives in
+                for child in died:
+                    self.note(f"{child.spec.name} (pid {child.pid}) {describe_exit(child.exit_code)}; "
+                              f"{left} of {len(self.children)} processes still running; not restarting it")
+                if not left:
+                    self.note(f"every process of {self.plan.name} has exited; the supervisor ends")
             if all(c.exit_code is not None for c in self.children):
                 return 0
             self.runtime.sleep(0.2)
@@ -407,43 +460,59 @@ class Supervisor:
     def _await_handover(self) -> int:
         """`epdctl down` is stopping our children; reap them so none lingers as a zombie."""
         deadline = self.runtime.now() + 120
-        while self.runtime.now() < deadline and any(c.poll() is None for c in self.children):
+        while self.runtime.now() < deadline and any(c.poll() is None for c in self.children if c.pid):
             self.runtime.sleep(0.05)
-        print(f"epdctl: {self.plan.name} stopped by `epdctl down`", file=self.out, flush=True)
+        self.note(f"{self.plan.name} stopped by `epdctl down`")
         return 0
 
-    def teardown(self, grace: float, remove_state: bool = True) -> None:
+    def release_ec(self) -> Optional[str]:
+        if not self.ec_claimed:
+            return None
+        self.ec_claimed = False
+        return ec_storage.release(self.plan.ec_storage_path, self.run_token)
+
+    def teardown(self, grace: float, remove_state: bool = True, report=None) -> list[str]:
+        """Stop everything; print (to `report`, default our output) and return the report lines."""
         previous = self.phase
         self.phase = "stopping"
         self.save()
         records = [c.record() for c in self.children if c.pid]
         count = len(self.signals)
-        report = stop_processes(
+        stopped = stop_processes(
             records, self.run_token, grace,
             hurry=lambda: len(self.signals) > count,
             reap=lambda: [c.poll() for c in self.children],
         )
-        for line in report.lines():
-            print(f"  {line}", file=self.out, flush=True)
+        lines = stopped.lines()
         for child in self.children:
             child.poll()
-        if not report.clean:
+        if not stopped.clean:
             self.phase = "stopping"
             self.error = "some processes survived SIGKILL; run `epdctl down` again"
             self.save()
-            return
-        cleanup_ec(self.plan.ec_storage_path, self.ec_created)
+        else:
+            ec_line = self.release_ec()
+            if ec_line:
+                lines.append(ec_line)
+        for line in lines:
+            print(f"  {line}", file=report or self.out, flush=True)
+        if not stopped.clean:
+            return lines
         if remove_state:
             self.state_dir.remove()
         else:
             self.phase = "failed" if previous in ("failed", "starting") else "stopped"
             self.save()
+        return lines
 
 
-def cleanup_ec(path: Optional[str], created: bool) -> None:
-    """Remove the EC folder only if epdctl created it (its marker is there), never one it found."""
-    if path and created and (Path(path) / EC_MARKER).exists():
-        shutil.rmtree(path, ignore_errors=True)
+def check_ports(plan: Plan) -> None:
+    problems = busy_ports(
+        (port, spec.name if port == spec.port else f"{spec.name}'s NIXL side channel")
+        for spec in plan.processes for port in spec.ports()
+    )
+    if problems:
+        raise EpdctlError("; ".join(problems))
 
 
 class LogTailer:
@@ -500,17 +569,24 @@ def _refuse_if_running(state_dir: StateDir) -> None:
                 f"topology {state_dir.name!r} still has running processes ({', '.join(alive)}) from an earlier up; "
                 f"`epdctl down {state_dir.name}` first", EXIT_USAGE,
             )
+    strays = processes_of_topology(state_dir.name)
+    if strays:
+        count = sum(len(p) for p in strays.values())
+        raise EpdctlError(
+            f"topology {state_dir.name!r} has {count} running process(es) of an earlier up whose state is gone; "
+            f"`epdctl down {state_dir.name}` finds them by their {RUN_ENV} tag", EXIT_USAGE,
+        )
 
 
 def up(topology, plan: Plan, *, detach: bool, wait_timeout: Optional[float], source: Path) -> int:
     state_dir = StateDir(plan.name)
     _refuse_if_running(state_dir)
+    check_ports(plan)  # before the lock: a busy port leaves nothing behind
     lock_fd = state_dir.try_lock()
     if lock_fd is None:
         _refuse_if_running(state_dir)
         raise EpdctlError(f"topology {plan.name!r} is being started by another epdctl", EXIT_USAGE)
-    for stale in state_dir.path.glob("*.log"):
-        stale.unlink(missing_ok=True)
+    state_dir.remove_logs()
     timeout = wait_timeout if wait_timeout is not None else plan.health_timeout_s
     if detach:
         return _up_detached(plan, state_dir, lock_fd, timeout, str(source))
@@ -524,8 +600,16 @@ def _up_foreground(plan: Plan, state_dir: StateDir, timeout: float, source: str)
         sup.start(timeout)
     except Stop as stop:
         return SIGNAL_EXIT.get(stop.signum, 0)
+    except EpdctlError as exc:
+        if not sup.failure or not sup.failure.get("teardown"):
+            raise  # nothing was started: the CLI prints the one-line cause
+        return exc.exit_code  # cause, teardown and log tail are already on stderr
     print(f"epdctl: {plan.name} is up: proxy at {plan.proxy.url} (Ctrl-C stops it; logs follow)", flush=True)
     return sup.watch(stream_logs=True)
+
+
+# The detached supervisor's exit codes, read by the `up -d` that forked it.
+DAEMON_OK, DAEMON_FAILED, DAEMON_HANDED_OVER = 0, 1, 3
 
 
 def _up_detached(plan: Plan, state_dir: StateDir, lock_fd: int, timeout: float, source: str) -> int:
@@ -536,7 +620,7 @@ def _up_detached(plan: Plan, state_dir: StateDir, lock_fd: int, timeout: float, 
     sys.stderr.flush()
     daemon = os.fork()
     if daemon == 0:  # the supervisor: its own session, its log as stdout, the lock held
-        code = 1
+        code = DAEMON_FAILED
         try:
             os.setsid()
             _redirect_stdio(state_dir.log_file("supervisor"))
@@ -574,8 +658,12 @@ def _watch_start(daemon: int, state_dir: StateDir, shown: list[Child], runtime: 
     with Progress(shown, runtime) as progress:
         while True:
             if interrupted:
+                name = signal.Signals(interrupted[0]).name
+                print(f"epdctl: {name} received, stopping {state_dir.name}", flush=True)
                 os.kill(daemon, signal.SIGTERM)  # the supervisor tears down what it started
                 os.waitpid(daemon, 0)
+                for line in _teardown_lines(state_dir):
+                    print(f"  {line}", flush=True)
                 return
             state = state_dir.read() or {}
             by_name = {p["name"]: p for p in state.get("processes", [])}
@@ -591,15 +679,36 @@ def _watch_start(daemon: int, state_dir: StateDir, shown: list[Child], runtime: 
                 break
             pid, status = os.waitpid(daemon, os.WNOHANG)
             if pid:
-                code = os.waitstatus_to_exitcode(status)
-                daemon_log = "\n".join(tail_lines(state_dir.log_file("supervisor"), 200))
-                raise EpdctlError(daemon_log.strip() or f"the supervisor exited with code {code}")
+                progress.update()
+                raise _daemon_failure(state_dir, os.waitstatus_to_exitcode(status))
             runtime.sleep(0.05)
+
+
+def _teardown_lines(state_dir: StateDir) -> list[str]:
+    """What the supervisor's last teardown reported, from its log (the state is gone by then)."""
+    return [line.strip() for line in tail_lines(state_dir.log_file("supervisor"), 200) if line.startswith("  ")]
+
+
+def _daemon_failure(state_dir: StateDir, code: int) -> EpdctlError:
+    """The detached supervisor ended before `running`: the cause first, then its teardown report."""
+    if code == DAEMON_HANDED_OVER:
+        return EpdctlError(f"up of {state_dir.name} was cut short by `epdctl down`")
+    failure = (state_dir.read() or {}).get("failure")
+    if failure:
+        if not failure.get("teardown") and not failure.get("detail"):
+            return EpdctlError(failure["cause"])  # one line: the CLI prefixes it
+        lines = [f"epdctl: {failure['cause']}; stopped {state_dir.name}"]
+        lines += [f"  {line}" for line in failure.get("teardown", [])]
+        if failure.get("detail"):
+            lines.append(failure["detail"])
+        return EpdctlError("\n".join(lines))
+    daemon_log = "\n".join(tail_lines(state_dir.log_file("supervisor"), 200)).strip()
+    return EpdctlError(f"the supervisor exited with code {code}" + (f"; its log:\n{daemon_log}" if daemon_log else ""))
 
 
 def _redirect_stdio(log_path: Path) -> None:
     devnull = os.open(os.devnull, os.O_RDONLY)
-    log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
     os.dup2(devnull, 0)
     os.dup2(log, 1)
     os.dup2(log, 2)
@@ -611,13 +720,13 @@ def _supervise_detached(plan: Plan, state_dir: StateDir, lock_fd: int, timeout: 
     """The detached supervisor's life: start (or fail and clean up), then reap until the end."""
     sup = Supervisor(plan, state_dir, "detached", source=source)
     sup.install_signals()
+    sup.note(f"supervising {plan.name} (pid {os.getpid()}, run {sup.run_token})")
     try:
         sup.start(timeout, progress_stream=open(os.devnull, "w"))
-    except Stop:
-        return 1
-    except EpdctlError as exc:
-        print(exc.message, flush=True)
-        return 1
+    except Stop as stop:
+        return DAEMON_HANDED_OVER if stop.signum == signal.SIGUSR1 else DAEMON_FAILED
+    except EpdctlError:
+        return DAEMON_FAILED  # the cause and the teardown report are in the state and our log
     code = sup.watch_detached()
     os.close(lock_fd)
     return code
@@ -633,7 +742,7 @@ def resolve_name(target: Optional[str]) -> Optional[str]:
 
         return load_topology(target).name
     if target:
-        return target
+        return check_name(target)
     root = state_root()
     names = sorted(p.parent.name for p in root.glob("*/state.json")) if root.is_dir() else []
     if len(names) > 1:
@@ -643,44 +752,152 @@ def resolve_name(target: Optional[str]) -> Optional[str]:
 
 def down(target: Optional[str], grace: float = DEFAULT_GRACE_S, out=None) -> int:
     out = out or sys.stdout
+    if not grace >= 0:  # also refuses NaN
+        raise EpdctlError(f"--timeout: the grace period must be 0 or more seconds (got {grace:g})", EXIT_USAGE)
     name = resolve_name(target)
-    state_dir = StateDir(name) if name else None
-    state = state_dir.read() if state_dir else None
-    if state is None:
-        print(f"epdctl: nothing to stop{f' for {name!r}' if name else ''}", file=out)
+    if name is None:
+        print("epdctl: nothing to stop", file=out)
         return 0
+    state_dir = StateDir(name)
+    state = state_dir.read()
+    if state is None:
+        return _down_without_state(state_dir, grace, out)
     started = time.monotonic()
-    sup = state.get("supervisor") or {}
-    supervisor = verified_process(sup.get("pid"), sup.get("create_time"))
-    if supervisor is not None and supervisor.pid != os.getpid():
-        try:
-            supervisor.send_signal(signal.SIGUSR1)  # "down is taking over": it only reaps from now on
-        except psutil.NoSuchProcess:
-            supervisor = None
+    supervisor = _hand_over(state.get("supervisor") or {})
     report = stop_processes(state.get("processes", []), state.get("run_token"), grace)
     print(f"epdctl: stopping {name}", file=out)
     for line in report.lines():
         print(f"  {line}", file=out)
-    if supervisor is not None:
-        # Not `psutil.wait()`: the supervisor is rarely our child, and once it exits it is a zombie
-        # until init reaps it, which some containers' init does late. Exited is what matters.
-        deadline = time.monotonic() + 3
-        while is_alive(supervisor) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        if is_alive(supervisor):
-            try:
-                supervisor.kill()
-            except psutil.NoSuchProcess:
-                pass
-        try:  # `smoke` forked it itself: reap it, or it stays a zombie until smoke exits
-            os.waitpid(supervisor.pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
+    _wait_supervisor(supervisor)
     if not report.clean:
         raise EpdctlError(f"{name}: some processes survived SIGKILL; state kept in {state_dir.path}")
-    ec = state.get("ec_storage") or {}
-    cleanup_ec(ec.get("path"), bool(ec.get("created")))
+    ec_line = ec_storage.release((state.get("ec_storage") or {}).get("path"), state.get("run_token"))
+    if ec_line:
+        print(f"  {ec_line}", file=out)
     state_dir.remove()
     print(f"epdctl: {name} is down ({time.monotonic() - started:.2f}s)", file=out)
     return 0
 
+
+def _hand_over(record: dict[str, Any]) -> Optional[psutil.Process]:
+    """Tell a live supervisor that `down` is taking over: from then on it only reaps."""
+    supervisor = verified_process(record.get("pid"), record.get("create_time"))
+    if supervisor is not None and supervisor.pid != os.getpid():
+        try:
+            supervisor.send_signal(signal.SIGUSR1)
+            return supervisor
+        except psutil.NoSuchProcess:
+            pass
+    return None
+
+
+def _wait_supervisor(supervisor: Optional[psutil.Process]) -> None:
+    if supervisor is None:
+        return
+    # Not `psutil.wait()`: the supervisor is rarely our child, and once it exits it is a zombie
+    # until init reaps it, which some containers' init does late. Exited is what matters.
+    deadline = time.monotonic() + 3
+    while is_alive(supervisor) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if is_alive(supervisor):
+        try:
+            supervisor.kill()
+        except psutil.NoSuchProcess:
+            pass
+    try:  # `smoke` forked it itself: reap it, or it stays a zombie until smoke exits
+        os.waitpid(supervisor.pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+def _down_without_state(state_dir: StateDir, grace: float, out) -> int:
+    """The state is gone (deleted by hand, or a start that failed before writing it).
+
+    Every child carries `EPDCTL_RUN=<name>-<token>`: stop the processes of ours that carry
+    one of this topology's tags, and the supervisor that started them (their parent).
+    """
+    name = state_dir.name
+    runs = processes_of_topology(name)
+    leftover = state_dir.verify() and not state_dir.is_locked()
+    if not runs:
+        if leftover:
+            state_dir.remove()
+            print(f"epdctl: nothing to stop for {name!r}; removed its leftover state folder {state_dir.path}", file=out)
+        else:
+            print(f"epdctl: nothing to stop for {name!r}", file=out)
+        return 0
+    started = time.monotonic()
+    print(f"epdctl: stopping {name}: its state is gone; found {sum(map(len, runs.values()))} process(es) "
+          f"by their {RUN_ENV} tag", file=out)
+    clean = True
+    for token, procs in runs.items():
+        supervisors = _supervisors_of(procs)
+        for supervisor in supervisors:
+            try:
+                supervisor.send_signal(signal.SIGUSR1)
+            except psutil.NoSuchProcess:
+                pass
+        records = [_record_of(proc) for proc in procs]
+        ec_path = _ec_path_of(procs)  # while they still run: their command lines name it
+        report = stop_processes([r for r in records if r], token, grace)
+        for line in report.lines():
+            print(f"  {line}", file=out)
+        clean = clean and report.clean
+        for supervisor in supervisors:
+            _wait_supervisor(supervisor)
+        if report.clean:
+            ec_line = ec_storage.release(ec_path, token)
+            if ec_line:
+                print(f"  {ec_line}", file=out)
+    if not clean:
+        raise EpdctlError(f"{name}: some processes survived SIGKILL")
+    state_dir.remove()
+    print(f"epdctl: {name} is down ({time.monotonic() - started:.2f}s)", file=out)
+    return 0
+
+
+def _record_of(proc: psutil.Process) -> Optional[dict[str, Any]]:
+    """What `stop_processes` needs of a process found by tag (its group only if it leads one)."""
+    try:
+        argv = proc.cmdline()
+        port = next((value for flag, value in zip(argv, argv[1:]) if flag == "--port"), None)
+        # Unique per process: stop_processes keys its results by name.
+        what = " ".join(argv[1:3] or argv[:1])[:60] or proc.name()
+        return {"name": f"{what} on port {port}" if port else f"{what} [{proc.pid}]", "pid": proc.pid,
+                "pgid": proc.pid, "create_time": proc.create_time()}
+    except psutil.Error:
+        return None
+
+
+def _ec_path_of(procs: list[psutil.Process]) -> Optional[str]:
+    """The EC folder of a run whose state is gone, from an instance's `--ec-transfer-config`."""
+    for proc in procs:
+        try:
+            argv = proc.cmdline()
+        except psutil.Error:
+            continue
+        for flag, value in zip(argv, argv[1:]):
+            if flag == "--ec-transfer-config":
+                try:
+                    path = json.loads(value)["ec_connector_extra_config"]["shared_storage_path"]
+                except (ValueError, KeyError, TypeError):
+                    continue
+                if isinstance(path, str):
+                    return path
+    return None
+
+
+def _supervisors_of(procs: list[psutil.Process]) -> list[psutil.Process]:
+    """The epdctl processes that started these children: their live, untagged parents of our user."""
+    tagged = {p.pid for p in procs}
+    found: dict[int, psutil.Process] = {}
+    for proc in procs:
+        try:
+            parent = proc.parent()
+            if parent is None or parent.pid in tagged or parent.pid in (1, os.getpid()):
+                continue
+            if parent.uids().real == os.getuid() and "epdctl" in " ".join(parent.cmdline()):
+                found[parent.pid] = parent
+        except psutil.Error:
+            continue
+    return list(found.values())

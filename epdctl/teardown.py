@@ -43,6 +43,10 @@ class StopReport:
     results: list[StopResult] = field(default_factory=list)
     swept: int = 0
     survivors: list[psutil.Process] = field(default_factory=list)
+    # Descendants still alive when the grace ran out ("pid N (command)"), and the grace waited:
+    # where the time went when every instance itself stopped at once.
+    killed_descendants: list[str] = field(default_factory=list)
+    grace_waited_s: float = 0.0
 
     @property
     def clean(self) -> bool:
@@ -50,6 +54,10 @@ class StopReport:
 
     def lines(self) -> list[str]:
         out = [r.describe() for r in self.results]
+        if self.killed_descendants:
+            shown = ", ".join(self.killed_descendants[:5]) + (", ..." if len(self.killed_descendants) > 5 else "")
+            out.append(f"{len(self.killed_descendants)} descendant process(es) ignored SIGTERM ({shown}): "
+                       f"waited {self.grace_waited_s:.1f}s (the grace), then SIGKILL")
         if self.swept:
             out.append(f"swept {self.swept} stray descendant process(es)")
         for proc in self.survivors:
@@ -145,6 +153,9 @@ def stop_processes(
             break
         time.sleep(0.05)
 
+    report.grace_waited_s = time.monotonic() - started
+    leader_pids = {p.pid for p in leaders.values() if p is not None}
+    report.killed_descendants = [_describe(p) for p in everyone.values() if p.pid not in leader_pids and is_alive(p)]
     killed = False
     for pgid in groups:
         if any(is_alive(p) for p in everyone.values() if _pgid(p) == pgid):
@@ -177,9 +188,15 @@ def stop_processes(
             report.results.append(StopResult(name, leader.pid, "sigterm", exited_at[name]))
         else:
             report.results.append(StopResult(name, leader.pid, "sigkill", grace))
-    leader_pids = {p.pid for p in leaders.values() if p is not None}
     report.survivors = [p for p in everyone.values() if p.pid not in leader_pids and is_alive(p)]
     return report
+
+
+def _describe(proc: psutil.Process) -> str:
+    try:
+        return f"pid {proc.pid} ({' '.join(proc.cmdline())[:50]})"
+    except psutil.Error:
+        return f"pid {proc.pid}"
 
 
 def _pgid(proc: psutil.Process) -> Optional[int]:
