@@ -50,6 +50,12 @@ class Plan:
     health_timeout_s: float
     health_interval_s: float
     ec_storage_path: Optional[str] = None
+    kv_storage_path: Optional[str] = None  # a storage KV connector's folder (ExampleConnector)
+
+    @property
+    def storage_paths(self) -> tuple[str, ...]:
+        """Folders `up` creates when missing and `down` removes again (only those it created)."""
+        return tuple(p for p in (self.ec_storage_path, self.kv_storage_path) if p)
 
     @property
     def processes(self) -> tuple[ProcessSpec, ...]:
@@ -211,7 +217,17 @@ def build_plan(topology: Topology, python: str = "python") -> Plan:
         health_timeout_s=topology.health.timeout_s,
         health_interval_s=topology.health.interval_s,
         ec_storage_path=topology.ec_transfer.shared_storage_path if topology.ec_transfer and topology.encode else None,
+        kv_storage_path=kv_storage_path(topology),
     )
+
+
+def kv_storage_path(topology: Topology) -> Optional[str]:
+    """The folder of a storage-based KV connector, when P and D exchange KV through files."""
+    kv = topology.kv_transfer
+    if kv is None or not topology.prefill:
+        return None
+    path = kv.extra_config.get("shared_storage_path")
+    return path if isinstance(path, str) and path else None
 
 
 def proxy_argv(topology: Topology, instances: tuple[ProcessSpec, ...], python: str) -> list[str]:
