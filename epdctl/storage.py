@@ -1,6 +1,7 @@
-"""Who owns an ECExampleConnector folder, and when it may be deleted (DESIGN §8).
+"""Who owns a shared storage folder, and when it may be deleted (DESIGN §8).
 
-`up` creates the EC folder when it is missing and marks it; `down` deletes it only if that
+The folders are ECExampleConnector's (encoder cache) and a storage KV connector's
+(ExampleConnector's KV files). `up` creates one when it is missing and marks it; `down` deletes it only if that
 marker is there (epdctl made it, so it holds nothing of the user's) and no other running
 topology still uses it. Every topology using the folder holds a lease file in it, naming the
 process that took it; a lease whose process is gone is stale (a crashed run) and ignored.
@@ -29,7 +30,7 @@ LEASE_PREFIX = ".epdctl-lease."
 CREATE_TIME_TOLERANCE_S = 0.05
 
 
-def normal(path: str) -> str:
+def normal(path: str, field: str = "shared_storage_path") -> str:
     """The path as the kernel would walk it only if it has no `..`: refuse anything else.
 
     `/data/x/missing/../important` resolves to `important` when `missing` exists and fails when
@@ -37,7 +38,7 @@ def normal(path: str) -> str:
     """
     trimmed = path.rstrip("/") or "/"
     if "\0" in path or not os.path.isabs(path) or os.path.normpath(trimmed) != trimmed:
-        raise EpdctlError(f"ec_transfer.shared_storage_path: {path!r} is not a normalised absolute path "
+        raise EpdctlError(f"{field}: {path!r} is not a normalised absolute path "
                           f"(use {os.path.normpath(path)!r})", EXIT_USAGE)
     return trimmed
 
@@ -62,7 +63,7 @@ def _locked(folder: str, create: bool) -> Iterator[None]:
             return
         finally:
             os.close(fd)
-    raise EpdctlError(f"{folder}: could not take the EC folder's lock")
+    raise EpdctlError(f"{folder}: could not take the shared folder's lock")
 
 
 def _lease_holder_alive(entry: str, folder: str) -> bool:
@@ -85,7 +86,7 @@ def _is_our_marker(folder: str) -> bool:
 
 
 def claim(path: str, run_token: str) -> bool:
-    """Take a lease on the EC folder, creating (and marking) it when missing.
+    """Take a lease on the folder, creating (and marking) it when missing.
 
     Returns whether epdctl created it. A folder that existed before is used, never marked.
     """
@@ -98,7 +99,7 @@ def claim(path: str, run_token: str) -> bool:
                 handle.write(run_token + "\n")
             created = True
         elif not os.path.isdir(folder):
-            raise EpdctlError(f"ec_transfer.shared_storage_path: {folder} exists and is not a folder")
+            raise EpdctlError(f"shared_storage_path: {folder} exists and is not a folder")
         with _locked(folder, create=True):
             me = psutil.Process()
             lease = json.dumps({"token": run_token, "pid": me.pid, "create_time": me.create_time()})
@@ -107,7 +108,7 @@ def claim(path: str, run_token: str) -> bool:
     except OSError as exc:
         if exc.errno == errno.EEXIST:  # another `up` created it at the same moment: just use it
             return claim(path, run_token)
-        raise EpdctlError(f"ec_transfer.shared_storage_path: cannot use {folder}: {exc.strerror}") from None
+        raise EpdctlError(f"shared_storage_path: cannot use {folder}: {exc.strerror}") from None
     return created
 
 
@@ -139,10 +140,10 @@ def release(path: Optional[str], run_token: Optional[str]) -> Optional[str]:
             users = [e[len(LEASE_PREFIX):] for e in os.listdir(folder)
                      if e.startswith(LEASE_PREFIX) and _lease_holder_alive(e, folder)]
             if users:
-                return f"kept the EC folder {folder}: still used by {', '.join(sorted(users))}"
+                return f"kept the shared folder {folder}: still used by {', '.join(sorted(users))}"
             shutil.rmtree(folder, ignore_errors=True)  # refuses a symlink; never follows one inside
             if os.path.lexists(folder):
-                return f"could not remove all of the EC folder {folder}"
-            return f"removed the EC folder {folder} (created by epdctl)"
+                return f"could not remove all of the shared folder {folder}"
+            return f"removed the shared folder {folder} (created by epdctl)"
     except (OSError, EpdctlError):
         return None

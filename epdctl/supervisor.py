@@ -24,7 +24,7 @@ from urllib.parse import urlparse
 
 import psutil
 
-from epdctl import ec_storage
+from epdctl import storage
 from epdctl.errors import EXIT_RUNTIME, EXIT_USAGE, EpdctlError
 from epdctl.plan import Plan, ProcessSpec
 from epdctl.ports import busy_ports
@@ -229,8 +229,7 @@ class Supervisor:
         self.phase = "starting"
         self.error: Optional[str] = None
         self.failure: Optional[dict[str, Any]] = None  # cause, teardown lines, detail: for `up -d` to show
-        self.ec_created = False
-        self.ec_claimed = False
+        self.claimed: dict[str, bool] = {}  # shared folder -> created by this run
         self.signals: list[int] = []
         self.handed_over = False  # `epdctl down` took over the teardown
 
@@ -244,7 +243,7 @@ class Supervisor:
             "name": self.plan.name, "source": self.source, "run_token": self.run_token, "phase": self.phase,
             "error": self.error, "failure": self.failure, "state_dir": str(self.state_dir.path),
             "supervisor": {"pid": me.pid, "create_time": me.create_time(), "mode": self.mode},
-            "ec_storage": {"path": self.plan.ec_storage_path, "created": self.ec_created},
+            "storage": [{"path": path, "created": created} for path, created in self.claimed.items()],
             "processes": [child.record() for child in self.children],
             "health_timeout_s": self.plan.health_timeout_s,
         }
@@ -288,11 +287,9 @@ class Supervisor:
 
     # ------------------------------------------------------------ start
 
-    def prepare_ec_storage(self) -> None:
-        path = self.plan.ec_storage_path
-        if path:
-            self.ec_created = ec_storage.claim(path, self.run_token)
-            self.ec_claimed = True
+    def claim_storage(self) -> None:
+        for path in self.plan.storage_paths:
+            self.claimed[path] = storage.claim(path, self.run_token)
 
     def spawn_all(self) -> None:
         base_env = {k: v for k, v in os.environ.items() if k != RUN_ENV}
@@ -358,12 +355,12 @@ class Supervisor:
         return "\n".join([header] + [f"{child.spec.name} | {line}" for line in lines])
 
     def start(self, timeout: float, progress_stream=None) -> None:
-        """Ports, EC folder, spawn, health gate. On any failure: tear down, then raise."""
+        """Ports, shared folders, spawn, health gate. On any failure: tear down, then raise."""
         try:
             check_ports(self.plan)  # again: `up` checked before the lock, but a port can go since
-            self.prepare_ec_storage()
+            self.claim_storage()
         except EpdctlError as exc:
-            self.release_ec()
+            self.release_storage()
             self.phase, self.error = "failed", str(exc).splitlines()[0]
             self.failure = {"cause": str(exc), "teardown": [], "detail": ""}
             self.save()  # nothing was started; `down` removes this state (and the lock file)
@@ -465,11 +462,10 @@ class Supervisor:
         self.note(f"{self.plan.name} stopped by `epdctl down`")
         return 0
 
-    def release_ec(self) -> Optional[str]:
-        if not self.ec_claimed:
-            return None
-        self.ec_claimed = False
-        return ec_storage.release(self.plan.ec_storage_path, self.run_token)
+    def release_storage(self) -> list[str]:
+        lines = [storage.release(path, self.run_token) for path in self.claimed]
+        self.claimed = {}
+        return [line for line in lines if line]
 
     def teardown(self, grace: float, remove_state: bool = True, report=None) -> list[str]:
         """Stop everything; print (to `report`, default our output) and return the report lines."""
@@ -491,9 +487,7 @@ class Supervisor:
             self.error = "some processes survived SIGKILL; run `epdctl down` again"
             self.save()
         else:
-            ec_line = self.release_ec()
-            if ec_line:
-                lines.append(ec_line)
+            lines += self.release_storage()
         for line in lines:
             print(f"  {line}", file=report or self.out, flush=True)
         if not stopped.clean:
@@ -771,9 +765,10 @@ def down(target: Optional[str], grace: float = DEFAULT_GRACE_S, out=None) -> int
     _wait_supervisor(supervisor)
     if not report.clean:
         raise EpdctlError(f"{name}: some processes survived SIGKILL; state kept in {state_dir.path}")
-    ec_line = ec_storage.release((state.get("ec_storage") or {}).get("path"), state.get("run_token"))
-    if ec_line:
-        print(f"  {ec_line}", file=out)
+    for folder in state.get("storage") or []:
+        line = storage.release(folder.get("path"), state.get("run_token"))
+        if line:
+            print(f"  {line}", file=out)
     state_dir.remove()
     print(f"epdctl: {name} is down ({time.monotonic() - started:.2f}s)", file=out)
     return 0
@@ -838,7 +833,7 @@ def _down_without_state(state_dir: StateDir, grace: float, out) -> int:
             except psutil.NoSuchProcess:
                 pass
         records = [_record_of(proc) for proc in procs]
-        ec_path = _ec_path_of(procs)  # while they still run: their command lines name it
+        folders = _storage_paths_of(procs)  # while they still run: their command lines name them
         report = stop_processes([r for r in records if r], token, grace)
         for line in report.lines():
             print(f"  {line}", file=out)
@@ -846,9 +841,8 @@ def _down_without_state(state_dir: StateDir, grace: float, out) -> int:
         for supervisor in supervisors:
             _wait_supervisor(supervisor)
         if report.clean:
-            ec_line = ec_storage.release(ec_path, token)
-            if ec_line:
-                print(f"  {ec_line}", file=out)
+            for line in filter(None, (storage.release(path, token) for path in folders)):
+                print(f"  {line}", file=out)
     if not clean:
         raise EpdctlError(f"{name}: some processes survived SIGKILL")
     state_dir.remove()
@@ -869,22 +863,26 @@ def _record_of(proc: psutil.Process) -> Optional[dict[str, Any]]:
         return None
 
 
-def _ec_path_of(procs: list[psutil.Process]) -> Optional[str]:
-    """The EC folder of a run whose state is gone, from an instance's `--ec-transfer-config`."""
+def _storage_paths_of(procs: list[psutil.Process]) -> list[str]:
+    """The shared folders of a run whose state is gone, from its instances' connector configs."""
+    found: dict[str, None] = {}
     for proc in procs:
         try:
             argv = proc.cmdline()
         except psutil.Error:
             continue
         for flag, value in zip(argv, argv[1:]):
-            if flag == "--ec-transfer-config":
-                try:
-                    path = json.loads(value)["ec_connector_extra_config"]["shared_storage_path"]
-                except (ValueError, KeyError, TypeError):
-                    continue
-                if isinstance(path, str):
-                    return path
-    return None
+            extra_key = {"--ec-transfer-config": "ec_connector_extra_config",
+                         "--kv-transfer-config": "kv_connector_extra_config"}.get(flag)
+            if not extra_key:
+                continue
+            try:
+                path = json.loads(value)[extra_key]["shared_storage_path"]
+            except (ValueError, KeyError, TypeError):
+                continue
+            if isinstance(path, str):
+                found[path] = None
+    return list(found)
 
 
 def _supervisors_of(procs: list[psutil.Process]) -> list[psutil.Process]:

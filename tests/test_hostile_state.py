@@ -61,7 +61,7 @@ def test_ec_path_with_dotdot_is_refused_and_the_folder_survives(tmp_path, state_
 
 def test_ec_storage_library_refuses_a_non_normal_path(tmp_path):
     """The second line of defence, for a plan that did not come through `validate`."""
-    from epdctl import ec_storage
+    from epdctl import storage
     from epdctl.errors import EpdctlError
 
     important = tmp_path / "important"
@@ -69,8 +69,8 @@ def test_ec_storage_library_refuses_a_non_normal_path(tmp_path):
     (important / "keep").write_text("x")
     for hostile in (f"{tmp_path}/missing/../important", f"{tmp_path}/./important", "relative/ec", f"{tmp_path}/a\0b"):
         with pytest.raises(EpdctlError, match="normalised absolute path"):
-            ec_storage.claim(hostile, "t-0123456789abcdef")
-        assert ec_storage.release(hostile, "t-0123456789abcdef") is None
+            storage.claim(hostile, "t-0123456789abcdef")
+        assert storage.release(hostile, "t-0123456789abcdef") is None
     assert (important / "keep").exists() and not (tmp_path / "missing").exists()
 
 
@@ -99,28 +99,28 @@ def test_two_topologies_on_one_ec_path_the_folder_goes_with_its_last_user(tmp_pa
         files = sorted(p for p in shared.rglob("encoder_cache.safetensors"))
         assert files
         down_b = epdctl("down", "second", check=0)
-        assert "kept the EC folder" in down_b.stdout and "first-" in down_b.stdout
+        assert "kept the shared folder" in down_b.stdout and "first-" in down_b.stdout
         # A still runs, on its EC folder and files.
         assert all(f.exists() for f in files)
         assert http_post(f"http://127.0.0.1:{a_ports['proxy']}/v1/chat/completions", IMAGE_CHAT)[0] == 200
     finally:
         epdctl("down", "second")
         down_a = epdctl("down", "first", check=0)
-    assert "removed the EC folder" in down_a.stdout
+    assert "removed the shared folder" in down_a.stdout
     assert not shared.exists()  # the last user created it (through A): now it goes
     assert_no_orphans(str(state_dir), list(a_ports.values()) + list(b_ports.values()))
 
 
 def test_a_crashed_users_stale_lease_does_not_keep_the_folder_forever(tmp_path):
-    from epdctl import ec_storage
+    from epdctl import storage
 
     folder = tmp_path / "ec"
-    assert ec_storage.claim(str(folder), "gone-0123456789abcdef") is True
+    assert storage.claim(str(folder), "gone-0123456789abcdef") is True
     # That run's process dies without `down`: forge its lease with a dead pid.
-    lease = folder / (ec_storage.LEASE_PREFIX + "gone-0123456789abcdef")
+    lease = folder / (storage.LEASE_PREFIX + "gone-0123456789abcdef")
     lease.write_text(json.dumps({"token": "gone-0123456789abcdef", "pid": 2 ** 22 + 7, "create_time": 1.0}))
-    assert ec_storage.claim(str(folder), "next-0123456789abcdef") is False
-    assert "removed" in ec_storage.release(str(folder), "next-0123456789abcdef")
+    assert storage.claim(str(folder), "next-0123456789abcdef") is False
+    assert "removed" in storage.release(str(folder), "next-0123456789abcdef")
     assert not folder.exists()
 
 
@@ -226,7 +226,7 @@ def test_down_finds_the_processes_of_a_topology_whose_state_was_deleted(tmp_path
         assert again.returncode == 2 and "whose state is gone" in again.stderr
         down = epdctl("down", "lost", "-t", "2", check=0)
         assert "found 4 process(es) by their EPDCTL_RUN tag" in down.stdout, down.stdout
-        assert "removed the EC folder" in down.stdout
+        assert "removed the shared folder" in down.stdout
         assert bystander.poll() is None
         assert not psutil.pid_exists(supervisor) or psutil.Process(supervisor).status() == psutil.STATUS_ZOMBIE
         assert not (state_dir / "lost").exists()
