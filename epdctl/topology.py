@@ -62,6 +62,52 @@ class KVTransfer(_Model):
     side_channel_port_base: int = Field(DEFAULT_SIDE_CHANNEL_PORT_BASE, ge=1, le=65535)
 
 
+RestartPolicy = Literal["no", "on-failure", "always"]
+
+
+def _restart_shorthand(value: Any) -> Any:
+    """`restart: on-failure` for `{policy: on-failure}`; YAML reads a bare `no` as false."""
+    if value is False:
+        return {"policy": "no"}
+    if isinstance(value, str):
+        return {"policy": value}
+    if isinstance(value, dict) and value.get("policy") is False:
+        return {**value, "policy": "no"}
+    return value
+
+
+class RestartSpec(_Model):
+    """What happens when a process exits after start-up (docker compose's `restart:`)."""
+
+    policy: RestartPolicy = "on-failure"
+    max_restarts: int = Field(5, ge=0, le=10000)
+    window_s: float = Field(600, gt=0, le=10 ** 7)
+    backoff_s: float = Field(2, ge=0, le=3600)
+    backoff_max_s: float = Field(60, ge=0, le=86400)
+
+    _shorthand = field_validator("policy", mode="before")(lambda value: "no" if value is False else value)
+
+
+class RestartOverride(_Model):
+    """Per instance (or proxy): only the keys given replace the top-level `restart`."""
+
+    policy: Optional[RestartPolicy] = None
+    max_restarts: Optional[int] = Field(None, ge=0, le=10000)
+    window_s: Optional[float] = Field(None, gt=0, le=10 ** 7)
+    backoff_s: Optional[float] = Field(None, ge=0, le=3600)
+    backoff_max_s: Optional[float] = Field(None, ge=0, le=86400)
+
+    _shorthand = field_validator("policy", mode="before")(lambda value: "no" if value is False else value)
+
+    def over(self, base: RestartSpec) -> RestartSpec:
+        return base.model_copy(update=self.model_dump(exclude_none=True))
+
+
+class LogsSpec(_Model):
+    max_mb: float = Field(100, gt=0, le=10 ** 6)  # rotate a process's log beyond this size
+    keep: int = Field(3, ge=0, le=100)  # rotated files kept (NAME.log.1 ... NAME.log.KEEP)
+
+
 class InstanceSpec(_Model):
     devices: tuple[int, ...] = ()
     port: int = Field(ge=1, le=65535)
@@ -69,8 +115,10 @@ class InstanceSpec(_Model):
     side_channel_port: Optional[int] = Field(None, ge=1, le=65535)
     args: dict[str, ArgValue] = {}
     env: dict[str, str] = {}
+    restart: Optional[RestartOverride] = None
 
     _coerce_env = field_validator("env", mode="before")(_env_values)
+    _restart = field_validator("restart", mode="before")(_restart_shorthand)
 
 
 class ProxySpec(_Model):
@@ -84,6 +132,9 @@ class ProxySpec(_Model):
     max_body_mb: float = Field(64, ge=1, le=4096)
     # Each media item is one encoder call (and one open connection) per request: bound it.
     max_media_items: int = Field(64, ge=1, le=4096)
+    restart: Optional[RestartOverride] = None
+
+    _restart = field_validator("restart", mode="before")(_restart_shorthand)
 
 
 class HealthSpec(_Model):
@@ -118,6 +169,10 @@ class Topology(_Model):
     proxy: ProxySpec = ProxySpec()
     health: HealthSpec = HealthSpec()
     media: MediaSpec = MediaSpec()
+    restart: RestartSpec = RestartSpec()
+    logs: LogsSpec = LogsSpec()
+
+    _restart = field_validator("restart", mode="before")(_restart_shorthand)
 
     _source: Optional[Path] = PrivateAttr(None)
 
