@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
-from epdctl.topology import Topology
+from epdctl.topology import RestartSpec, Topology
 
 LOOPBACK = "127.0.0.1"
 ENCODER_MIN_BATCHED_TOKENS = 114688  # the seeds' value: a whole multi-image prompt in one step
@@ -23,6 +23,7 @@ class ProcessSpec:
     role: str = "proxy"
     devices: tuple[int, ...] = ()
     side_channel_port: Optional[int] = None
+    restart: RestartSpec = RestartSpec()
 
     @property
     def url(self) -> str:
@@ -51,6 +52,8 @@ class Plan:
     health_interval_s: float
     ec_storage_path: Optional[str] = None
     kv_storage_path: Optional[str] = None  # a storage KV connector's folder (ExampleConnector)
+    log_max_bytes: int = 100 * 1024 * 1024
+    log_keep: int = 3
 
     @property
     def storage_paths(self) -> tuple[str, ...]:
@@ -202,6 +205,7 @@ def build_plan(topology: Topology, python: str = "python") -> Plan:
             ProcessSpec(
                 name=ref.name, role=ref.role, devices=spec.devices, argv=tuple(argv), env=env,
                 host=LOOPBACK, port=spec.port, side_channel_port=side_channel,
+                restart=spec.restart.over(topology.restart) if spec.restart else topology.restart,
             )
         )
     instances_t = tuple(instances)
@@ -213,11 +217,14 @@ def build_plan(topology: Topology, python: str = "python") -> Plan:
         proxy=ProcessSpec(
             name="proxy", argv=tuple(proxy_argv(topology, instances_t, python)), env={},
             host=topology.proxy.host, port=topology.proxy.port,
+            restart=topology.proxy.restart.over(topology.restart) if topology.proxy.restart else topology.restart,
         ),
         health_timeout_s=topology.health.timeout_s,
         health_interval_s=topology.health.interval_s,
         ec_storage_path=topology.ec_transfer.shared_storage_path if topology.ec_transfer and topology.encode else None,
         kv_storage_path=kv_storage_path(topology),
+        log_max_bytes=int(topology.logs.max_mb * 1024 * 1024),
+        log_keep=topology.logs.keep,
     )
 
 
