@@ -26,6 +26,7 @@ from epdctl.errors import EXIT_USAGE, EpdctlError
 STATE_FILE = "state.json"
 LOCK_FILE = "lock"
 RUN_ENV = "EPDCTL_RUN"  # every child gets this tag; the sweep finds strays by it
+INSTANCE_ENV = "EPDCTL_INSTANCE"  # and its instance's name: a restart sweeps what the dead one left
 CREATE_TIME_TOLERANCE_S = 0.05
 MAX_STATE_BYTES = 8 * 1024 * 1024
 
@@ -42,6 +43,7 @@ def state_root() -> Path:
 # `name`, so `epdctl down ../../etc` can never point outside the root.
 _NAME = re.compile(r"[a-z0-9][a-z0-9-]*")
 _warned_roots: set[str] = set()
+_LOG = re.compile(r"[a-z0-9][a-z0-9-]*\.log(\.[0-9]+)?|events\.jsonl(\.[0-9]+)?")
 
 
 def check_name(name: str) -> str:
@@ -189,11 +191,12 @@ class StateDir:
         return False
 
     def remove_logs(self) -> None:
-        self._remove(lambda entry: entry.endswith(".log"), rmdir=False)
+        """A new run's logs and events start empty (rotated copies included)."""
+        self._remove(lambda entry: bool(_LOG.fullmatch(entry)), rmdir=False)
 
     def remove(self) -> None:
-        """Delete only what we create here: state, lock and logs, then the folder if empty."""
-        self._remove(lambda entry: entry in (STATE_FILE, LOCK_FILE) or entry.endswith(".log"), rmdir=True)
+        """Delete only what we create here: state, lock, logs and events, then the folder if empty."""
+        self._remove(lambda entry: entry in (STATE_FILE, LOCK_FILE) or bool(_LOG.fullmatch(entry)), rmdir=True)
 
     def _remove(self, ours, rmdir: bool) -> None:
         try:

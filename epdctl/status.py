@@ -10,6 +10,7 @@ from typing import Any, Optional
 
 from epdctl.errors import EXIT_NOTHING_RUNNING, EXIT_USAGE, EpdctlError
 from epdctl.state import StateDir, list_state_dirs, verified_process
+from epdctl.logfiles import tail_lines
 from epdctl.supervisor import Runtime
 
 
@@ -19,10 +20,15 @@ def live_status(state: dict[str, Any], runtime: Optional[Runtime] = None) -> dic
     records = state.get("processes", [])
     phase = state.get("phase")
 
+    supervised = verified_process((state.get("supervisor") or {}).get("pid"),
+                                  (state.get("supervisor") or {}).get("create_time")) is not None
+
     def one(record: dict[str, Any]) -> dict[str, Any]:
         alive = verified_process(record.get("pid"), record.get("create_time")) is not None
         if not alive:
-            current = "exited"
+            # Only a live supervisor is restarting anything; a dead one's "restarting" is a lie.
+            recorded = record.get("state")
+            current = recorded if recorded == "failed" or recorded == "restarting" and supervised else "exited"
         elif runtime.probe(record["url"], timeout=1.0):
             current = "healthy"
         else:
@@ -30,7 +36,10 @@ def live_status(state: dict[str, Any], runtime: Optional[Runtime] = None) -> dic
         entry = {
             "name": record["name"], "role": record["role"], "pid": record.get("pid"), "port": record["port"],
             "url": record["url"], "state": current, "exit_code": record.get("exit_code") if not alive else None,
+            "restarts": record.get("restarts", 0), "last_exit": record.get("last_exit"), "since": record.get("since"),
         }
+        if current in ("failed", "exited") and record.get("error") and record.get("pid") is not None:
+            entry["error"] = record["error"]
         if not alive and record.get("pid") is None:
             # Never ran: say why instead of a pid of None and a made-up exit code.
             entry["error"] = record.get("error") or ("not started: up failed before it" if phase == "failed" else "not started yet")
@@ -51,7 +60,14 @@ def live_status(state: dict[str, Any], runtime: Optional[Runtime] = None) -> dic
         overall = "degraded"
     else:
         overall = "stopped"
-    return {"name": state["name"], "state": overall, "instances": instances, "proxy": proxy}
+    sup = state.get("supervisor") or {}
+    report = {"name": state["name"], "state": overall, "instances": instances, "proxy": proxy,
+              "supervisor": {"pid": sup.get("pid"), "mode": sup.get("mode"),
+                             "state": "running" if supervised else "gone"}}
+    if not supervised and overall != "stopped" and sup.get("pid"):
+        report["warning"] = (f"the supervisor (pid {sup['pid']}) is gone: nothing restarts or records exits; "
+                             f"`epdctl up {state.get('source') or 'FILE'}` adopts the running processes")
+    return report
 
 
 def show_status(name: Optional[str], as_json: bool, out=None) -> int:
@@ -84,14 +100,22 @@ def _print_table(reports, states, out) -> None:
     for report, state in zip(reports, states):
         table = Table(title=f"{report['name']}: {report['state']}" + (f" ({state.get('error')})" if state.get("error") else ""),
                       title_justify="left")
-        for column in ("name", "role", "pid", "port", "url", "state", "exit code"):
+        for column in ("name", "role", "pid", "port", "url", "state", "restarts", "exit code"):
             table.add_column(column)
         rows = report["instances"] + ([dict(report["proxy"], role="proxy")] if report["proxy"] else [])
         for row in rows:
             code = row.get("error") or ("-" if row["exit_code"] is None else str(row["exit_code"]))
             pid = "-" if row["pid"] is None else str(row["pid"])
-            table.add_row(row["name"], row["role"], pid, str(row["port"]), row["url"], row["state"], code)
+            table.add_row(row["name"], row["role"], pid, str(row["port"]), row["url"], row["state"],
+                          str(row.get("restarts") or 0), code)
         console.print(table)
+        if report.get("warning"):
+            console.print(f"warning: {report['warning']}")
+        for row in rows:
+            if row["state"] == "failed":  # a crash loop that gave up: show why, from its own log
+                console.print(f"last lines of {row['name']} (epdctl logs {report['name']} {row['name']}):")
+                for line in tail_lines(state.get("state_dir", "") + f"/{row['name']}.log", 5):
+                    console.print(f"  {row['name']} | {line}", markup=False, highlight=False)
 
 
 def show_logs(name: str, instance: Optional[str], follow: bool, tail: Optional[int], out=None) -> None:

@@ -16,7 +16,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -24,13 +23,15 @@ from urllib.parse import urlparse
 
 import psutil
 
-from epdctl import storage
+from epdctl import logfiles, storage
+from epdctl.events import EVENTS_FILE, append_event, now_iso
 from epdctl.errors import EXIT_RUNTIME, EXIT_USAGE, EpdctlError
 from epdctl.plan import Plan, ProcessSpec
 from epdctl.ports import busy_ports
+from epdctl.restart import RestartBook
 from epdctl.state import (
-    RUN_ENV, StateDir, check_name, is_alive, new_run_token, processes_of_topology, state_root, verified_process,
-    write_json_atomic,
+    INSTANCE_ENV, RUN_ENV, StateDir, check_name, is_alive, new_run_token, processes_of_topology, state_root,
+    tagged_processes, verified_process, write_json_atomic,
 )
 from epdctl.teardown import stop_processes
 
@@ -81,26 +82,41 @@ class Child:
     popen: Optional[subprocess.Popen] = None
     pid: Optional[int] = None
     create_time: Optional[float] = None
-    state: str = "pending"  # pending | starting | healthy | unhealthy | exited
-    exit_code: Optional[int] = None
+    # pending | starting | healthy | unhealthy | restarting | failed | exited
+    state: str = "pending"
+    running: bool = False  # the current incarnation is alive, as far as we know
+    exit_code: Optional[int] = None  # of the last exit; None while running, or when unknowable
     started_at: float = 0.0
     healthy_after_s: Optional[float] = None
-    error: Optional[str] = None  # why it never ran (e.g. command not found)
+    error: Optional[str] = None  # why it never ran, or why it is not restarted
+    since: str = field(default_factory=now_iso)  # when the current state began
+    last_exit: Optional[dict[str, Any]] = None
+    restart_at: Optional[float] = None
+    next_probe: float = 0.0
+    book: Optional[RestartBook] = None
 
-    def poll(self) -> Optional[int]:
-        """The exit code once the child has exited (reaping it), else None."""
-        if self.exit_code is not None:
-            return self.exit_code
+    def __post_init__(self) -> None:
+        self.book = self.book or RestartBook(self.spec.restart)
+
+    def set_state(self, state: str) -> None:
+        if state != self.state:
+            self.state, self.since = state, now_iso()
+
+    def check_exit(self) -> bool:
+        """Has the current incarnation exited? Reaps it, and keeps its exit code when we can know it."""
+        if not self.running:
+            return self.pid is not None
         if self.popen is not None:
             code = self.popen.poll()
-        elif self.pid is None:
-            return None  # never started: there is no exit code to report
+            if code is None:
+                return False
+        elif verified_process(self.pid, self.create_time) is not None:
+            return False
         else:
-            code = None if verified_process(self.pid, self.create_time) else -1
-        if code is not None:
-            self.exit_code = code
-            self.state = "exited"
-        return code
+            code = None  # adopted from an earlier supervisor: not our child, its exit code is lost
+        self.running, self.exit_code = False, code
+        self.last_exit = {"code": code, "how": describe_exit(code), "at": now_iso()}
+        return True
 
     def record(self) -> dict[str, Any]:
         spec = self.spec
@@ -109,21 +125,18 @@ class Child:
             "port": spec.port, "url": spec.url, "side_channel_port": spec.side_channel_port,
             "pid": self.pid, "pgid": self.pid, "create_time": self.create_time, "log": str(self.log_path),
             "argv": list(spec.argv), "env": dict(spec.env), "state": self.state, "exit_code": self.exit_code,
-            "healthy_after_s": self.healthy_after_s, "error": self.error,
+            "healthy_after_s": self.healthy_after_s, "error": self.error, "restarts": self.book.restarts,
+            "last_exit": self.last_exit, "since": self.since,
         }
 
 
 def tail_lines(path: Path, count: int = LOG_TAIL_LINES) -> list[str]:
-    try:
-        with open(path, "rb") as handle:
-            return [line.decode(errors="replace").rstrip("\n") for line in deque(handle, maxlen=count)]
-    except OSError:
-        return []
+    return logfiles.tail_lines(path, count)
 
 
 def describe_exit(code: Optional[int]) -> str:
     if code is None:
-        return "exited"
+        return "exited (exit code unknown: it was adopted, not started, by this supervisor)"
     if code < 0:
         try:
             return f"was killed by {signal.Signals(-code).name}"
@@ -167,7 +180,8 @@ class Progress:
         for column in ("instance", "role", "devices", "port", "state", "waited"):
             table.add_column(column)
         now = self.runtime.now()
-        colors = {"healthy": "green", "exited": "red", "starting": "yellow", "unhealthy": "red"}
+        colors = {"healthy": "green", "exited": "red", "starting": "yellow", "unhealthy": "red", "failed": "red",
+                  "restarting": "yellow"}
         for child in self.children:
             waited = child.healthy_after_s if child.healthy_after_s is not None else (now - child.started_at if child.started_at else 0)
             table.add_row(
@@ -232,8 +246,9 @@ class Supervisor:
         self.claimed: dict[str, bool] = {}  # shared folder -> created by this run
         self.signals: list[int] = []
         self.handed_over = False  # `epdctl down` took over the teardown
+        self.adopted = False
 
-    # ------------------------------------------------------------ state
+    # ------------------------------------------------------------ state, events, notes
 
     def save(self) -> None:
         if self.handed_over:
@@ -264,7 +279,12 @@ class Supervisor:
     def note(self, message: str, stream=None) -> None:
         """A decision or event, in the supervisor's log (detached) or on the terminal."""
         stamp = f"{_timestamp()} " if self.mode == "detached" else ""
+        if self.mode == "detached" and stream is None and not os.path.isdir(self.state_dir.path):
+            self.save()  # recreates the folder, and our log in it, before we write to it
         print(f"{stamp}epdctl: {message}", file=stream or self.out, flush=True)
+
+    def event(self, child: Child, event: str, **detail: Any) -> None:
+        append_event(self.state_dir.path / EVENTS_FILE, child.spec.name, event, pid=child.pid, **detail)
 
     # ------------------------------------------------------------ signals
 
@@ -291,32 +311,36 @@ class Supervisor:
         for path in self.plan.storage_paths:
             self.claimed[path] = storage.claim(path, self.run_token)
 
-    def spawn_all(self) -> None:
-        base_env = {k: v for k, v in os.environ.items() if k != RUN_ENV}
-        for child in self.children:
-            spec = child.spec
-            env = {**base_env, **spec.env, RUN_ENV: self.run_token}
+    def spawn(self, child: Child, fresh_log: bool) -> None:
+        """Start (or restart) one child: same argv, env, devices and ports every time."""
+        spec = child.spec
+        env = {**{k: v for k, v in os.environ.items() if k not in (RUN_ENV, INSTANCE_ENV)},
+               **spec.env, RUN_ENV: self.run_token, INSTANCE_ENV: spec.name}
+        if fresh_log:
             child.log_path.write_bytes(b"")
-            try:
-                child.popen = self.runtime.spawn(list(spec.argv), env, child.log_path)
-            except FileNotFoundError:
-                child.error = f"cannot start {spec.argv[0]!r}: command not found"
-            except PermissionError:
-                child.error = f"cannot start {spec.argv[0]!r}: permission denied"
-            except OSError as exc:
-                child.error = f"cannot start {spec.argv[0]!r}: {exc.strerror or exc}"
-            if child.error:
-                child.state = "exited"
-                hint = " (is vLLM installed? set vllm_command in the topology)" if "not found" in child.error and spec.role != "proxy" else ""
-                raise StartFailed(f"{spec.name}: {child.error}{hint}")
-            child.pid = child.popen.pid
-            try:
-                child.create_time = psutil.Process(child.pid).create_time()
-            except psutil.NoSuchProcess:
-                child.create_time = None
-            child.started_at = self.runtime.now()
-            child.state = "starting"
-            self.save()  # recorded before anything else can go wrong
+        child.error = None
+        try:
+            child.popen = self.runtime.spawn(list(spec.argv), env, child.log_path)
+        except FileNotFoundError:
+            child.error = f"cannot start {spec.argv[0]!r}: command not found"
+        except PermissionError:
+            child.error = f"cannot start {spec.argv[0]!r}: permission denied"
+        except OSError as exc:
+            child.error = f"cannot start {spec.argv[0]!r}: {exc.strerror or exc}"
+        if child.error:
+            child.set_state("exited")
+            hint = " (is vLLM installed? set vllm_command in the topology)" if "not found" in child.error and spec.role != "proxy" else ""
+            raise StartFailed(f"{spec.name}: {child.error}{hint}")
+        child.pid, child.running, child.exit_code = child.popen.pid, True, None
+        try:
+            child.create_time = psutil.Process(child.pid).create_time()
+        except psutil.NoSuchProcess:
+            child.create_time = None
+        child.started_at = child.next_probe = self.runtime.now()
+        child.healthy_after_s = None
+        child.set_state("starting")
+        self.event(child, "started")
+        self.save()  # recorded before anything else can go wrong
 
     def wait_healthy(self, timeout: float, progress: Progress) -> None:
         """Gate on GET /health of every child; a dead child or the deadline fails at once."""
@@ -329,14 +353,11 @@ class Supervisor:
                 return
             for child in pending:
                 if self.runtime.probe(child.spec.url):
-                    child.state = "healthy"
-                    child.healthy_after_s = self.runtime.now() - child.started_at
-                    if self.mode == "detached":
-                        self.note(f"{child.spec.name} healthy after {child.healthy_after_s:.1f}s")
-                    self.save()
+                    self._became_healthy(child)
                     continue
-                code = child.poll()
-                if code is not None:
+                if child.check_exit():
+                    child.set_state("exited")
+                    self.event(child, "exited", how=child.last_exit["how"], during="start-up")
                     self.save()
                     raise StartFailed(f"{child.spec.name} {describe_exit(child.exit_code)} during start-up",
                                       self._log_tail(child))
@@ -348,6 +369,14 @@ class Supervisor:
                 names = ", ".join(f"{c.spec.name} (no 200 from {c.spec.url}/health)" for c in slow)
                 raise StartFailed(f"not healthy after {timeout:g}s: {names}", self._log_tail(slow[0]))
             self.runtime.sleep(interval)
+
+    def _became_healthy(self, child: Child) -> None:
+        child.set_state("healthy")
+        child.healthy_after_s = self.runtime.now() - child.started_at
+        self.event(child, "healthy", after_s=round(child.healthy_after_s, 3))
+        if self.mode == "detached" or self.phase != "starting":
+            self.note(f"{child.spec.name} healthy after {child.healthy_after_s:.1f}s")
+        self.save()
 
     def _log_tail(self, child: Child) -> str:
         lines = tail_lines(child.log_path)
@@ -369,7 +398,8 @@ class Supervisor:
         progress = Progress(self.children, self.runtime, progress_stream or self.out)
         try:
             with progress:
-                self.spawn_all()
+                for child in self.children:
+                    self.spawn(child, fresh_log=True)
                 progress.update()
                 self.wait_healthy(timeout, progress)
         except BaseException as exc:
@@ -404,11 +434,38 @@ class Supervisor:
         if self.mode == "detached":
             self.note(f"{self.plan.name} is up")
 
-    # ------------------------------------------------------------ after start
+    def adopt(self, state: dict[str, Any]) -> None:
+        """Take over the processes of a run whose supervisor died (pid and create_time checked)."""
+        self.run_token = state["run_token"]
+        self.claimed = {f["path"]: bool(f.get("created")) for f in state.get("storage") or [] if f.get("path")}
+        records = {r["name"]: r for r in state.get("processes", [])}
+        for child in self.children:
+            record = records[child.spec.name]
+            child.pid, child.create_time = record.get("pid"), record.get("create_time")
+            child.exit_code = record.get("exit_code")
+            child.last_exit, child.healthy_after_s = record.get("last_exit"), record.get("healthy_after_s")
+            child.book.restarts = int(record.get("restarts") or 0)
+            child.running = verified_process(child.pid, child.create_time) is not None
+            child.set_state("starting" if child.running else record.get("state") or "exited")
+            if not child.running and child.state in ("starting", "healthy", "unhealthy", "restarting"):
+                child.running = True  # it died while nobody watched: let the loop decide about it
+            self.event(child, "adopted", alive=child.running)
+        self.adopted = True
+        self.phase = "running"
+        self.save()
+        alive = sum(1 for c in self.children if c.state == "starting")
+        self.note(f"adopted {alive} running process(es) of {self.plan.name} (run {self.run_token})")
 
-    def watch(self, stream_logs: bool) -> int:
-        """Foreground: stream logs; stop on a signal, a death, or `epdctl down`. Returns the exit code."""
+    # ------------------------------------------------------------ after start: heal
+
+    def run(self, stream_logs: bool) -> int:
+        """Supervise until a signal, `down`, or (foreground) a role that can never serve again.
+
+        Deaths are handled by each process's restart policy; a restarted process is health-gated
+        again here, without blocking the others. Returns the exit code.
+        """
         tailer = LogTailer(self.children, self.out) if stream_logs else None
+        next_rotation = 0.0
         while True:
             if tailer:
                 tailer.pump()
@@ -416,48 +473,129 @@ class Supervisor:
                 return self._await_handover()
             if self.signals:
                 signum = self.signals[0]
-                print(f"\nepdctl: {signal.Signals(signum).name} received, stopping {self.plan.name}", file=self.out, flush=True)
+                self.note(f"{signal.Signals(signum).name} received, stopping {self.plan.name}")
                 self.teardown(grace=DEFAULT_GRACE_S)
-                return SIGNAL_EXIT[signum]
+                return SIGNAL_EXIT[signum] if self.mode == "foreground" else 0
+            now = self.runtime.now()
+            changed = False
             for child in self.children:
-                if child.exit_code is None and child.poll() is not None:
-                    if tailer:
-                        tailer.pump()
-                    self.phase = "failed"
-                    self.error = f"{child.spec.name} {describe_exit(child.exit_code)}"
-                    self.save()
-                    print(f"epdctl: {self.error}; stopping {self.plan.name}", file=sys.stderr, flush=True)
-                    self.teardown(grace=DEFAULT_GRACE_S, remove_state=False)
-                    return EXIT_RUNTIME
+                changed |= self._tend(child, now)
+            if changed:
+                self.phase = "running" if all(c.state == "healthy" for c in self.children) else "degraded"
+                self.save()
+            hopeless = self._role_that_cannot_serve()
+            if hopeless and self.mode == "foreground":
+                if tailer:
+                    tailer.pump()
+                self.phase, self.error = "failed", f"no {hopeless} instance can serve any more"
+                self.save()
+                self.note(f"{self.error}; stopping {self.plan.name}", sys.stderr)
+                self.teardown(grace=DEFAULT_GRACE_S, remove_state=False)
+                return EXIT_RUNTIME
+            if all(c.state in ("exited", "failed") for c in self.children):
+                self.phase = "stopped"
+                self.save()
+                self.note(f"every process of {self.plan.name} has exited; the supervisor ends")
+                return 0
+            if now >= next_rotation:
+                self._rotate_logs()
+                next_rotation = now + 1.0
             self.runtime.sleep(0.1)
 
-    def watch_detached(self) -> int:
-        """Detached: reap children and record deaths until all are gone or `down` takes over."""
-        while True:
-            if self.handed_over:
-                return self._await_handover()
-            if self.signals:
-                self.note(f"{signal.Signals(self.signals[0]).name} received, stopping {self.plan.name}")
-                self.teardown(grace=DEFAULT_GRACE_S)
-                return 0
-            died = [c for c in self.children if c.exit_code is None and c.poll() is not None]
-            if died:
-                left = sum(1 for c in self.children if c.exit_code is None)
-                self.phase = "degraded" if left else "stopped"
-                self.save()  # first: it may have to recreate the folder our log lives in
-                for child in died:
-                    self.note(f"{child.spec.name} (pid {child.pid}) {describe_exit(child.exit_code)}; "
-                              f"{left} of {len(self.children)} processes still running; not restarting it")
-                if not left:
-                    self.note(f"every process of {self.plan.name} has exited; the supervisor ends")
-            if all(c.exit_code is not None for c in self.children):
-                return 0
-            self.runtime.sleep(0.2)
+    def _tend(self, child: Child, now: float) -> bool:
+        """One look at one child: an exit, a due restart, or a health probe. Returns if it changed."""
+        if child.state in ("starting", "healthy", "unhealthy") and child.check_exit():
+            self._on_exit(child, now)
+            return True
+        if child.state == "restarting" and child.restart_at is not None and now >= child.restart_at:
+            self._restart(child, now)
+            return True
+        if child.state == "starting" and now >= child.next_probe:
+            child.next_probe = now + self.plan.health_interval_s
+            if self.runtime.probe(child.spec.url, timeout=0.5):
+                self._became_healthy(child)
+                return True
+        return False
+
+    def _on_exit(self, child: Child, now: float) -> None:
+        how = describe_exit(child.exit_code)
+        self._kill_leftovers(child)
+        decision = child.book.decide(child.exit_code, now)
+        self.event(child, "exited", how=how, code=child.exit_code)
+        if decision.action == "restart":
+            child.restart_at = now + decision.delay_s
+            child.set_state("restarting")
+            self.event(child, "restarting", in_s=decision.delay_s, reason=decision.reason)
+            self.note(f"{child.spec.name} (pid {child.pid}) {how}; restarting it in {decision.delay_s:g}s "
+                      f"({decision.reason})", sys.stderr if self.mode == "foreground" else None)
+            return
+        child.set_state(decision.action)
+        child.error = f"{how}; not restarted: {decision.reason}"
+        self.event(child, decision.action, reason=decision.reason)
+        left = sum(1 for c in self.children if c.state not in ("exited", "failed"))
+        tail = "\n".join(f"  {child.spec.name} | {line}" for line in tail_lines(child.log_path, 5))
+        self.note(f"{child.spec.name} (pid {child.pid}) {how}; not restarting it: {decision.reason}; "
+                  f"{left} of {len(self.children)} processes still running\n{tail}",
+                  sys.stderr if self.mode == "foreground" else None)
+
+    def _restart(self, child: Child, now: float) -> None:
+        child.book.restarted(now)
+        child.restart_at = None
+        marker = (f"\n----- epdctl: {_timestamp()} restarting {child.spec.name} "
+                  f"(restart {child.book.restarts}; last {describe_exit(child.exit_code)}) -----\n")
+        try:
+            with open(child.log_path, "ab") as log:
+                log.write(marker.encode())
+        except OSError:
+            pass
+        try:
+            self.spawn(child, fresh_log=False)
+        except StartFailed as exc:
+            child.set_state("failed")
+            self.event(child, "failed", reason=str(exc))
+            self.note(f"{exc}; not restarting it again")
+            return
+        self.event(child, "restarted", restarts=child.book.restarts)
+        self.note(f"{child.spec.name} restarted (pid {child.pid}, restart {child.book.restarts})")
+
+    def _kill_leftovers(self, child: Child) -> None:
+        """A dead instance's own children (vLLM's EngineCore, workers) must not outlive it: they
+        hold its device memory and the restarted instance would fail for lack of it."""
+        leftovers = [p for p in tagged_processes(self.run_token) if _instance_of(p) == child.spec.name]
+        if child.pid:
+            try:
+                os.killpg(child.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        for proc in leftovers:
+            try:
+                proc.kill()
+            except psutil.Error:
+                pass
+
+    def _role_that_cannot_serve(self) -> Optional[str]:
+        """A role (or the proxy) whose every instance has exited or failed for good."""
+        roles: dict[str, list[Child]] = {}
+        for child in self.children:
+            roles.setdefault(child.spec.role, []).append(child)
+        for role, members in roles.items():
+            if all(c.state in ("exited", "failed") for c in members):
+                return role
+        return None
+
+    def _rotate_logs(self) -> None:
+        paths = [c.log_path for c in self.children] + [self.state_dir.log_file("supervisor"),
+                                                        self.state_dir.path / EVENTS_FILE]
+        for path in paths:
+            try:
+                logfiles.rotate_if_needed(path, self.plan.log_max_bytes, self.plan.log_keep)
+            except OSError as exc:
+                self.note(f"cannot rotate {path}: {exc.strerror or exc}")
 
     def _await_handover(self) -> int:
         """`epdctl down` is stopping our children; reap them so none lingers as a zombie."""
         deadline = self.runtime.now() + 120
-        while self.runtime.now() < deadline and any(c.poll() is None for c in self.children if c.pid):
+        while self.runtime.now() < deadline and any(c.running and not c.check_exit() for c in self.children):
             self.runtime.sleep(0.05)
         self.note(f"{self.plan.name} stopped by `epdctl down`")
         return 0
@@ -477,11 +615,11 @@ class Supervisor:
         stopped = stop_processes(
             records, self.run_token, grace,
             hurry=lambda: len(self.signals) > count,
-            reap=lambda: [c.poll() for c in self.children],
+            reap=lambda: [c.check_exit() for c in self.children],
         )
         lines = stopped.lines()
         for child in self.children:
-            child.poll()
+            child.check_exit()
         if not stopped.clean:
             self.phase = "stopping"
             self.error = "some processes survived SIGKILL; run `epdctl down` again"
@@ -500,6 +638,13 @@ class Supervisor:
         return lines
 
 
+def _instance_of(proc: psutil.Process) -> Optional[str]:
+    try:
+        return proc.environ().get(INSTANCE_ENV)
+    except psutil.Error:
+        return None
+
+
 def check_ports(plan: Plan) -> None:
     problems = busy_ports(
         (port, spec.name if port == spec.port else f"{spec.name}'s NIXL side channel")
@@ -510,15 +655,14 @@ def check_ports(plan: Plan) -> None:
 
 
 class LogTailer:
-    """Compose-style `name | line` streaming of every child's log file."""
+    """Compose-style `name | line` streaming of every child's log file (rotation included)."""
 
     COLORS = ("36", "33", "35", "32", "34", "31")
 
     def __init__(self, children: list[Child], out):
         self.children = children
         self.out = out
-        self.offsets = {c.spec.name: 0 for c in children}
-        self.partial = {c.spec.name: b"" for c in children}
+        self.followers = {c.spec.name: logfiles.Follower(c.log_path) for c in children}
         width = max(len(c.spec.name) for c in children)
         color = out.isatty() and not os.environ.get("NO_COLOR")
         self.prefix = {}
@@ -527,21 +671,9 @@ class LogTailer:
             self.prefix[child.spec.name] = f"\033[{self.COLORS[i % len(self.COLORS)]}m{label}\033[0m" if color else label
 
     def pump(self) -> None:
-        for child in self.children:
-            name = child.spec.name
-            try:
-                with open(child.log_path, "rb") as handle:
-                    handle.seek(self.offsets[name])
-                    data = handle.read()
-            except OSError:
-                continue
-            if not data:
-                continue
-            self.offsets[name] += len(data)
-            data = self.partial[name] + data
-            *lines, self.partial[name] = data.split(b"\n")
-            for line in lines:
-                self.out.write(self.prefix[name] + line.decode(errors="replace") + "\n")
+        for name, follower in self.followers.items():
+            for line in follower.read_lines():
+                self.out.write(self.prefix[name] + line + "\n")
         self.out.flush()
 
 
@@ -572,42 +704,76 @@ def _refuse_if_running(state_dir: StateDir) -> None:
         )
 
 
+def _adoptable(state_dir: StateDir, plan: Plan) -> Optional[dict[str, Any]]:
+    """The state of a run of this same plan whose supervisor is gone but whose processes live.
+
+    `up` then takes them over instead of refusing (or starting a second copy on busy ports).
+    """
+    if state_dir.is_locked():
+        return None  # its supervisor is alive: `_refuse_if_running` says so
+    state = state_dir.read()
+    if not state or not state.get("run_token"):
+        return None
+    records = {r.get("name"): r for r in state.get("processes", [])}
+    if not any(verified_process(r.get("pid"), r.get("create_time")) for r in records.values()):
+        return None
+    same = set(records) == {s.name for s in plan.processes} and all(
+        records[s.name].get("argv") == list(s.argv) and records[s.name].get("env") == dict(s.env)
+        for s in plan.processes
+    )
+    if not same:
+        raise EpdctlError(
+            f"topology {plan.name!r} is running without its supervisor, from a different plan than this file's; "
+            f"`epdctl down {plan.name}` first", EXIT_USAGE,
+        )
+    return state
+
+
 def up(topology, plan: Plan, *, detach: bool, wait_timeout: Optional[float], source: Path) -> int:
     state_dir = StateDir(plan.name)
-    _refuse_if_running(state_dir)
-    check_ports(plan)  # before the lock: a busy port leaves nothing behind
+    adopt = _adoptable(state_dir, plan)
+    if adopt is None:
+        _refuse_if_running(state_dir)
+        check_ports(plan)  # before the lock: a busy port leaves nothing behind
     lock_fd = state_dir.try_lock()
     if lock_fd is None:
         _refuse_if_running(state_dir)
         raise EpdctlError(f"topology {plan.name!r} is being started by another epdctl", EXIT_USAGE)
-    state_dir.remove_logs()
+    if adopt is None:
+        state_dir.remove_logs()
     timeout = wait_timeout if wait_timeout is not None else plan.health_timeout_s
     if detach:
-        return _up_detached(plan, state_dir, lock_fd, timeout, str(source))
-    return _up_foreground(plan, state_dir, timeout, str(source))
+        return _up_detached(plan, state_dir, lock_fd, timeout, str(source), adopt)
+    return _up_foreground(plan, state_dir, timeout, str(source), adopt)
 
 
-def _up_foreground(plan: Plan, state_dir: StateDir, timeout: float, source: str) -> int:
+def _up_foreground(plan: Plan, state_dir: StateDir, timeout: float, source: str,
+                   adopt: Optional[dict[str, Any]] = None) -> int:
     sup = Supervisor(plan, state_dir, "foreground", source=source)
     sup.install_signals()
-    try:
-        sup.start(timeout)
-    except Stop as stop:
-        return SIGNAL_EXIT.get(stop.signum, 0)
-    except EpdctlError as exc:
-        if not sup.failure or not sup.failure.get("teardown"):
-            raise  # nothing was started: the CLI prints the one-line cause
-        return exc.exit_code  # cause, teardown and log tail are already on stderr
+    if adopt:
+        sup.adopt(adopt)
+    else:
+        try:
+            sup.start(timeout)
+        except Stop as stop:
+            return SIGNAL_EXIT.get(stop.signum, 0)
+        except EpdctlError as exc:
+            if not sup.failure or not sup.failure.get("teardown"):
+                raise  # nothing was started: the CLI prints the one-line cause
+            return exc.exit_code  # cause, teardown and log tail are already on stderr
     print(f"epdctl: {plan.name} is up: proxy at {plan.proxy.url} (Ctrl-C stops it; logs follow)", flush=True)
-    return sup.watch(stream_logs=True)
+    return sup.run(stream_logs=True)
 
 
 # The detached supervisor's exit codes, read by the `up -d` that forked it.
 DAEMON_OK, DAEMON_FAILED, DAEMON_HANDED_OVER = 0, 1, 3
 
 
-def _up_detached(plan: Plan, state_dir: StateDir, lock_fd: int, timeout: float, source: str) -> int:
-    state_dir.state_file.unlink(missing_ok=True)
+def _up_detached(plan: Plan, state_dir: StateDir, lock_fd: int, timeout: float, source: str,
+                 adopt: Optional[dict[str, Any]] = None) -> int:
+    if adopt is None:
+        state_dir.state_file.unlink(missing_ok=True)
     # The supervisor is a fork of this process, not a new interpreter: it starts with the plan
     # and every module already loaded, which saves a Python start-up on every `up -d`.
     sys.stdout.flush()
@@ -618,7 +784,7 @@ def _up_detached(plan: Plan, state_dir: StateDir, lock_fd: int, timeout: float, 
         try:
             os.setsid()
             _redirect_stdio(state_dir.log_file("supervisor"))
-            code = _supervise_detached(plan, state_dir, lock_fd, timeout, source)
+            code = _supervise_detached(plan, state_dir, lock_fd, timeout, source, adopt)
         except BaseException:
             import traceback
 
@@ -710,18 +876,22 @@ def _redirect_stdio(log_path: Path) -> None:
     os.close(log)
 
 
-def _supervise_detached(plan: Plan, state_dir: StateDir, lock_fd: int, timeout: float, source: str) -> int:
-    """The detached supervisor's life: start (or fail and clean up), then reap until the end."""
+def _supervise_detached(plan: Plan, state_dir: StateDir, lock_fd: int, timeout: float, source: str,
+                        adopt: Optional[dict[str, Any]] = None) -> int:
+    """The detached supervisor's life: start (or fail and clean up), then heal until the end."""
     sup = Supervisor(plan, state_dir, "detached", source=source)
     sup.install_signals()
-    sup.note(f"supervising {plan.name} (pid {os.getpid()}, run {sup.run_token})")
-    try:
-        sup.start(timeout, progress_stream=open(os.devnull, "w"))
-    except Stop as stop:
-        return DAEMON_HANDED_OVER if stop.signum == signal.SIGUSR1 else DAEMON_FAILED
-    except EpdctlError:
-        return DAEMON_FAILED  # the cause and the teardown report are in the state and our log
-    code = sup.watch_detached()
+    if adopt:
+        sup.adopt(adopt)
+    else:
+        sup.note(f"supervising {plan.name} (pid {os.getpid()}, run {sup.run_token})")
+        try:
+            sup.start(timeout, progress_stream=open(os.devnull, "w"))
+        except Stop as stop:
+            return DAEMON_HANDED_OVER if stop.signum == signal.SIGUSR1 else DAEMON_FAILED
+        except EpdctlError:
+            return DAEMON_FAILED  # the cause and the teardown report are in the state and our log
+    code = sup.run(stream_logs=False)
     os.close(lock_fd)
     return code
 

@@ -404,7 +404,7 @@ def test_status_says_starting_while_instances_load(tmp_path, state_dir):
 
 
 def test_logs_follow_ends_on_a_failed_topology(tmp_path, state_dir):
-    topology, ports = write_sim_topology(tmp_path, "agg", name="ends",
+    topology, ports = write_sim_topology(tmp_path, "agg", name="ends", extra="restart: no",
                                          instance_args={"pd-0": {"sim-exit-after-s": 1}})
     up = subprocess.run([sys.executable, "-m", "epdctl", "up", str(topology)], capture_output=True, text=True,
                         timeout=60, stdin=subprocess.DEVNULL)
@@ -418,7 +418,7 @@ def test_logs_follow_ends_on_a_failed_topology(tmp_path, state_dir):
 
 
 def test_the_detached_supervisor_logs_deaths_and_decisions(tmp_path, state_dir):
-    topology, ports = write_sim_topology(tmp_path, "1e1pd", name="journal",
+    topology, ports = write_sim_topology(tmp_path, "1e1pd", name="journal", extra="restart: no",
                                          instance_args={"encode-0": {"sim-exit-after-s": 1}})
     epdctl("up", "-d", str(topology), check=0)
     try:

@@ -195,12 +195,13 @@ def test_double_up_is_refused(tmp_path, state_dir):
 
 
 def test_instance_exiting_in_foreground_stops_all_with_exit_1(tmp_path, state_dir):
-    topology, ports = write_sim_topology(tmp_path, "1e1pd", name="crash",
+    topology, ports = write_sim_topology(tmp_path, "1e1pd", name="crash", extra="restart: no",
                                          instance_args={"encode-0": {"sim-exit-after-s": 2}})
     proc = start_foreground(topology)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 1, out
-    assert "encode-0 exited with code 3" in out
+    assert "encode-0 (pid" in out and "exited with code 3; not restarting it: restart policy is no" in out
+    assert "no encode instance can serve any more; stopping crash" in out
     assert_no_orphans(str(state_dir), list(ports.values()))
     status = json.loads(epdctl("status", "crash", "--json").stdout)
     entry = next(i for i in status["instances"] if i["name"] == "encode-0")
@@ -210,7 +211,7 @@ def test_instance_exiting_in_foreground_stops_all_with_exit_1(tmp_path, state_di
 
 
 def test_detached_supervisor_records_a_death(tmp_path, state_dir):
-    topology, ports = write_sim_topology(tmp_path, "1e1pd", name="degrade")
+    topology, ports = write_sim_topology(tmp_path, "1e1pd", name="degrade", extra="restart: no")
     epdctl("up", "-d", str(topology), check=0)
     try:
         state = json.loads((state_dir / "degrade" / "state.json").read_text())
