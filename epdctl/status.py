@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 from epdctl.errors import EXIT_NOTHING_RUNNING, EXIT_USAGE, EpdctlError
 from epdctl.state import StateDir, list_state_dirs, verified_process
-from epdctl.logfiles import tail_lines
+from epdctl.logfiles import Follower, tail_lines
 from epdctl.supervisor import Runtime
 
 
@@ -132,36 +132,27 @@ def show_logs(name: str, instance: Optional[str], follow: bool, tail: Optional[i
     chosen = [instance] if instance else names
     paths = {n: state_dir.log_file(n) for n in chosen}
     width = max(len(n) for n in chosen)
-    offsets: dict[str, int] = {}
+    followers = {}
     for proc_name, path in paths.items():
         try:
-            data = path.read_bytes()
+            size = path.stat().st_size
         except FileNotFoundError:
-            data = b""
-        offsets[proc_name] = len(data)
-        lines = data.decode(errors="replace").splitlines()
+            size = 0
         if tail is not None:
-            lines = lines[-tail:] if tail > 0 else []
+            lines = tail_lines(path, tail) if tail > 0 else []  # from the end: logs can be 100 MB
+        else:
+            lines = path.read_bytes()[:size].decode(errors="replace").splitlines() if size else []
         for line in lines:
             out.write(f"{proc_name:<{width}} | {line}\n")
+        followers[proc_name] = Follower(path, offset=size)
     out.flush()
     if not follow:
         return
     finished = False
     try:
         while True:
-            for proc_name, path in paths.items():
-                try:
-                    with open(path, "rb") as handle:
-                        handle.seek(offsets[proc_name])
-                        data = handle.read()
-                except FileNotFoundError:
-                    continue
-                if b"\n" not in data:
-                    continue
-                complete = data[: data.rfind(b"\n") + 1]
-                offsets[proc_name] += len(complete)
-                for line in complete.decode(errors="replace").splitlines():
+            for proc_name, follower in followers.items():
+                for line in follower.read_lines():
                     out.write(f"{proc_name:<{width}} | {line}\n")
             out.flush()
             if finished:
@@ -193,3 +184,27 @@ def _strays_hint(name: Optional[str]) -> str:
     if not count:
         return ""
     return f", but {count} process(es) carry its {RUN_ENV} tag (its state is gone): `epdctl down {name}` stops them"
+
+
+def show_events(name: str, follow: bool, out=None) -> None:
+    """`epdctl events NAME [-f]`: starts, health changes, exits and restarts, oldest first."""
+    from epdctl.events import EVENTS_FILE, format_event
+    out = out or sys.stdout
+    state_dir = StateDir(name)
+    if state_dir.read() is None:
+        raise EpdctlError(f"no topology named {name!r} (see `epdctl status`)", EXIT_USAGE)
+    follower = Follower(state_dir.path / EVENTS_FILE)
+    finished = False
+    try:
+        while True:
+            for line in follower.read_lines():
+                text = format_event(line)
+                if text:
+                    out.write(text + "\n")
+            out.flush()
+            if not follow or finished:
+                return
+            finished = not state_dir.exists() or not _anything_alive(state_dir)
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        return
