@@ -1,4 +1,4 @@
-"""How fast `epdctl --help` and `epdctl plan` start (target: under 0.25 s wall), and what they import.
+"""How fast `epdctl --help`, `plan`, `validate` and `--version` start (target: under 0.25 s wall), and what they import.
 
     python benchmarks/cli_startup.py [--runs 10]
 
@@ -20,6 +20,7 @@ COMMANDS = {
     "epdctl --help": ["--help"],
     "epdctl plan 1e1p1d.yaml --json": ["plan", str(REPO / "topologies" / "1e1p1d.yaml"), "--json"],
     "epdctl validate sim-1e1pd.yaml": ["validate", str(REPO / "topologies" / "sim-1e1pd.yaml")],
+    "epdctl --version": ["--version"],
 }
 HEAVY = ("aiohttp", "vllm", "torch", "epdctl.proxy", "epdctl.sim", "numpy", "prometheus_client")
 

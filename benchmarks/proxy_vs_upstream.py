@@ -42,9 +42,8 @@ def main() -> int:
         print("the upstream proxy is missing: run `python benchmarks/fetch_upstream_proxy.py` first", file=sys.stderr)
         return 2
     use_uvloop()
-    ec = tempfile.mkdtemp(prefix="epdctl-bench-ec-")
     zero = ["--sim-ttft-ms", "0", "--sim-tpot-ms", "0", "--sim-encode-ms", "0"]
-    with fleet("proxy_vs_upstream") as f:
+    with tempfile.TemporaryDirectory(prefix="epdctl-bench-ec-") as ec, fleet("proxy_vs_upstream") as f:
         encode, _ = f.sim("encode", *zero, "--ec-transfer-config", ec_config("ec_producer", ec))
         pd, _ = f.sim("pd", *zero, "--ec-transfer-config", ec_config("ec_consumer", ec))
         ours_port, theirs_port = free_ports(2)

@@ -33,11 +33,10 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=16)
     args = parser.parse_args()
     use_uvloop()
-    ec = tempfile.mkdtemp(prefix="epdctl-sim-cpu-")
     timing = ["--sim-ttft-ms", "20", "--sim-tpot-ms", "2", "--sim-encode-ms", "10"]
     print(f"32 concurrent non-streamed requests, max_tokens {args.max_tokens}, {args.seconds:g}s each\n")
     print(f"{'sim role':<22}{'request':<14}{'req/s':>8}{'CPU ms/req':>12}")
-    with fleet("sim_cpu") as f:
+    with tempfile.TemporaryDirectory(prefix="epdctl-sim-cpu-") as ec, fleet("sim_cpu") as f:
         cases = [
             ("no EC", [], ("text", "single image")),
             ("ec_producer", ["--ec-transfer-config", ec_config("ec_producer", ec)], ("single image",)),

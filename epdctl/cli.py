@@ -1,42 +1,46 @@
 """The `epdctl` command line. Thin: parse, call one function, print.
 
 Imports of anything heavy (aiohttp, the proxy, vllm, torch) happen inside the commands, so
-`epdctl --help` and `epdctl plan` start fast (DESIGN §7.9).
+`epdctl --help` and `epdctl plan` start fast (DESIGN §7.9). Typer itself costs more to import
+and set up than validating a file, so `validate`, `plan` and `--version` in their plain forms
+are parsed by `_fast_command` without it; everything else (help, errors in the arguments)
+goes to the typer app, which `_typer_app` builds on demand.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import math
+import os
 import sys
-import traceback
 from pathlib import Path
-from typing import Optional
-
-import typer
+from typing import Annotated, Callable, Optional
 
 from epdctl.errors import EXIT_RUNTIME, EXIT_USAGE, EpdctlError
-
-app = typer.Typer(
-    help="Run vLLM's disaggregated Encode / Prefill / Decode serving from one YAML file.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    rich_markup_mode=None,
-)
-
-export_app = typer.Typer(help="Compile a topology for another runtime.", no_args_is_help=True)
-app.add_typer(export_app, name="export")
 
 _verbose = False
 
 
-@app.callback()
 def _global_options(
-    verbose: bool = typer.Option(False, "-v", "--verbose", help="Show tracebacks and debug detail on errors."),
+    verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Show tracebacks and debug detail on errors.")] = False,
+    version: Annotated[bool, typer.Option("--version", is_eager=True, callback=lambda given: _version_option(given),
+                                          help="Print epdctl's version and exit.")] = False,
 ) -> None:
     global _verbose
     _verbose = verbose
+
+
+def _version_option(given: bool) -> None:
+    if given:
+        _print_version()
+
+
+def _print_version() -> None:
+    import epdctl
+
+    print(f"epdctl {epdctl.__version__}")
+    raise SystemExit(0)
 
 
 def _command(fn):
@@ -47,33 +51,37 @@ def _command(fn):
         try:
             return fn(*args, **kwargs)
         except EpdctlError as exc:
-            if _verbose:
-                traceback.print_exc()
+            _traceback_if_verbose()
             print(f"epdctl: {exc.message}" if "\n" not in exc.message else exc.message, file=sys.stderr)
-            raise typer.Exit(exc.exit_code) from None
+            raise SystemExit(exc.exit_code) from None
         except KeyboardInterrupt:
-            raise typer.Exit(130) from None
-        except (typer.Exit, typer.Abort, SystemExit):
-            raise
+            raise SystemExit(130) from None
+        except BrokenPipeError:  # our reader left (`epdctl plan F | head`): nothing more to say
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # or the exit flush fails again
+            raise SystemExit(EXIT_RUNTIME) from None
         except Exception as exc:  # a bug: still one line unless -v
-            if _verbose:
-                traceback.print_exc()
+            _traceback_if_verbose()
             print(f"epdctl: internal error: {type(exc).__name__}: {exc} (run with -v for the traceback)", file=sys.stderr)
-            raise typer.Exit(EXIT_RUNTIME) from None
+            raise SystemExit(EXIT_RUNTIME) from None
 
     return wrapper
 
 
-def _load(file: Path):
-    from epdctl.devices import detect_device_count
-    from epdctl.topology import load_topology, parse_topology
+def _traceback_if_verbose() -> None:
+    if _verbose:
+        import traceback  # only here: it is not free to import
 
-    # Detect devices only for the platform the file names: read it once cheaply first.
-    topology = load_topology(file)
-    count = detect_device_count(topology.platform)
-    if count is not None:
-        topology = parse_topology(file.read_text(encoding="utf-8"), str(file), device_count=count, source=file)
-    return topology
+        traceback.print_exc()
+
+
+def _load(file: Path, on_this_machine: bool = True):
+    """The topology, checked against this machine's devices and folders when it runs here."""
+    from epdctl.devices import detect_device_count
+    from epdctl.topology import load_topology
+
+    if not on_this_machine:
+        return load_topology(file)
+    return load_topology(file, device_count=detect_device_count, check_folders=True)
 
 
 def _plan(file: Path):
@@ -83,54 +91,62 @@ def _plan(file: Path):
     return topology, build_plan(topology, python=sys.executable)
 
 
-FILE_ARG = typer.Argument(..., help="The topology YAML file.", show_default=False)
+# The annotations below are strings until `_typer_app` imports typer and typer reads them.
 
 
-@app.command()
 @_command
-def validate(file: Path = FILE_ARG) -> None:
+def validate(file: Annotated[Path, typer.Argument(help="The topology YAML file.", show_default=False)]) -> None:
     """Check a topology file. Exit 0 when it is valid, 2 with FILE:LINE: errors when not."""
+    from epdctl.yamlmarks import one_line
+
     topology = _load(file)
     roles = ", ".join(f"{len(getattr(topology, r))} {r}" for r in ("encode", "prefill", "decode", "pd") if getattr(topology, r))
-    print(f"{file}: ok: topology {topology.name!r}, engine {topology.engine}, platform {topology.platform}: {roles}; proxy on {topology.proxy.host}:{topology.proxy.port}")
+    print(one_line(f"{file}: ok: topology {topology.name!r}, engine {topology.engine}, platform {topology.platform}: {roles}; proxy on {topology.proxy.host}:{topology.proxy.port}"))
 
 
-@app.command()
+PLAN_FORMATS = ("text", "json", "sh")
+
+
 @_command
 def plan(
-    file: Path = FILE_ARG,
-    as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON (DESIGN §4)."),
-    format: str = typer.Option("text", "--format", help="text, json, or sh (a standalone bash script)."),
+    file: Annotated[Path, typer.Argument(help="The topology YAML file.", show_default=False)],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON (DESIGN §4); the same as --format json.")] = False,
+    format: Annotated[Optional[str], typer.Option("--format", help="text (the default), json, or sh (a standalone bash script).",
+                                                  show_default=False)] = None,
 ) -> None:
     """Print every process epdctl would start: argv, env, port and url."""
+    if format is not None and format not in PLAN_FORMATS:
+        raise EpdctlError(f"--format: unknown format {format!r} (text, json or sh)", EXIT_USAGE)
+    if as_json and format not in (None, "json"):
+        raise EpdctlError(f"--json and --format {format} ask for different outputs: give one of them", EXIT_USAGE)
     topology, the_plan = _plan(file)
-    if as_json:
-        format = "json"
+    format = "json" if as_json else format or "text"
     if format == "json":
         print(json.dumps(the_plan.to_json(), indent=2))
     elif format == "sh":
         from epdctl.shellscript import render_script
 
         print(render_script(the_plan, str(file)), end="")
-    elif format == "text":
-        import shlex
-
-        print(f"# topology {the_plan.name}: engine {the_plan.engine}, platform {the_plan.platform}")
-        for spec in the_plan.processes:
-            where = f"{spec.role}, devices {list(spec.devices)}" if spec.role != "proxy" else "proxy"
-            print(f"\n## {spec.name} ({where}) -> {spec.url}")
-            env = " ".join(shlex.quote(f"{k}={v}") for k, v in spec.env.items())
-            print((env + " " if env else "") + " ".join(shlex.quote(a) for a in spec.argv))
     else:
-        raise EpdctlError(f"--format: unknown format {format!r} (text, json or sh)", EXIT_USAGE)
+        _print_plan_text(the_plan)
 
 
-@app.command()
+def _print_plan_text(the_plan) -> None:
+    import shlex
+
+    print(f"# topology {the_plan.name}: engine {the_plan.engine}, platform {the_plan.platform}")
+    for spec in the_plan.processes:
+        where = f"{spec.role}, devices {list(spec.devices)}" if spec.role != "proxy" else "proxy"
+        print(f"\n## {spec.name} ({where}) -> {spec.url}")
+        env = " ".join(shlex.quote(f"{k}={v}") for k, v in spec.env.items())
+        print((env + " " if env else "") + " ".join(shlex.quote(a) for a in spec.argv))
+
+
 @_command
 def up(
-    file: Path = FILE_ARG,
-    detach: bool = typer.Option(False, "-d", "--detach", help="Return once everything is healthy; a supervisor stays behind."),
-    wait_timeout: Optional[float] = typer.Option(None, "--wait-timeout", help="Seconds to wait for health (default: the topology's health.timeout_s)."),
+    file: Annotated[Path, typer.Argument(help="The topology YAML file.", show_default=False)],
+    detach: Annotated[bool, typer.Option("-d", "--detach", help="Return once everything is healthy; a supervisor stays behind.")] = False,
+    wait_timeout: Annotated[Optional[float], typer.Option("--wait-timeout", help="Seconds to wait for health (default: the topology's health.timeout_s).")] = None,
 ) -> None:
     """Launch the topology: spawn, health-gate, then stream logs (or detach with -d).
 
@@ -139,108 +155,161 @@ def up(
     from epdctl.supervisor import up as run_up
 
     topology, the_plan = _plan(file)
-    code = run_up(topology, the_plan, detach=detach, wait_timeout=wait_timeout, source=file)
-    raise typer.Exit(code)
+    raise SystemExit(run_up(topology, the_plan, detach=detach, wait_timeout=wait_timeout, source=file))
 
 
-@app.command()
 @_command
 def status(
-    name: Optional[str] = typer.Argument(None, help="Topology name (default: all)."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON (DESIGN §4)."),
+    name: Annotated[Optional[str], typer.Argument(help="Topology name (default: all).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON (DESIGN §4).")] = False,
 ) -> None:
     """Show each instance: pid, port, url, state. Exit 3 when nothing is running."""
     from epdctl.status import show_status
 
-    raise typer.Exit(show_status(name, as_json=as_json))
+    raise SystemExit(show_status(name, as_json=as_json))
 
 
-@app.command()
 @_command
 def logs(
-    name: str = typer.Argument(..., help="Topology name."),
-    instance: Optional[str] = typer.Argument(None, help="One instance (e.g. encode-0, proxy); default: all."),
-    follow: bool = typer.Option(False, "-f", "--follow", help="Keep printing new lines."),
-    tail: Optional[int] = typer.Option(None, "--tail", "-n", help="Only the last N lines of each log."),
+    name: Annotated[str, typer.Argument(help="Topology name.")],
+    instance: Annotated[Optional[str], typer.Argument(help="One instance (e.g. encode-0, proxy); default: all.")] = None,
+    follow: Annotated[bool, typer.Option("-f", "--follow", help="Keep printing new lines.")] = False,
+    tail: Annotated[Optional[int], typer.Option("--tail", "-n", help="Only the last N lines of each log.")] = None,
 ) -> None:
     """Print the logs of a topology, prefixed by instance name."""
-    from epdctl.status import show_logs
+    from epdctl.status import show_logs  # which refuses a negative --tail
 
     show_logs(name, instance, follow=follow, tail=tail)
 
 
-@app.command()
 @_command
 def down(
-    target: Optional[str] = typer.Argument(None, help="Topology name or file (default: the only one running)."),
-    grace: float = typer.Option(10.0, "-t", "--timeout", help="Seconds between SIGTERM and SIGKILL."),
+    target: Annotated[Optional[str], typer.Argument(help="Topology name or file (default: the only one running).")] = None,
+    grace: Annotated[float, typer.Option("-t", "--timeout", help="Seconds between SIGTERM and SIGKILL.")] = 10.0,
 ) -> None:
     """Stop a topology: SIGTERM each process group, SIGKILL after GRACE, sweep descendants."""
+    if not (math.isfinite(grace) and grace >= 0):
+        raise EpdctlError(f"-t/--timeout: must be 0 or more seconds (got {grace:g})", EXIT_USAGE)
     from epdctl.supervisor import down as run_down
 
-    raise typer.Exit(run_down(target, grace=grace))
+    raise SystemExit(run_down(target, grace=grace))
 
 
-@app.command(
-    context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
-    add_help_option=False,
-)
 @_command
 def proxy(ctx: typer.Context) -> None:
     """Run the EPD proxy alone (flags of the upstream proxy; see `epdctl proxy --help`)."""
     from epdctl.proxy.__main__ import main as proxy_main
 
-    raise typer.Exit(proxy_main(list(ctx.args)))
+    raise SystemExit(proxy_main(list(ctx.args)))
 
 
-@app.command(
-    context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
-    add_help_option=False,
-)
 @_command
 def bench(ctx: typer.Context) -> None:
     """Load-test a topology through its proxy: TTFT, TPOT, ITL, E2E, throughput (see `epdctl bench --help`)."""
     from epdctl.bench.cli import main as bench_main
 
-    raise typer.Exit(bench_main(list(ctx.args)))
+    raise SystemExit(bench_main(list(ctx.args)))
 
 
-@app.command()
 @_command
 def smoke(
-    file: Path = FILE_ARG,
-    keep_up: bool = typer.Option(False, "--keep-up", help="Leave the topology running afterwards."),
-    junit: Optional[Path] = typer.Option(None, "--junit", help="Write a JUnit XML report here."),
-    wait_timeout: Optional[float] = typer.Option(None, "--wait-timeout", help="Seconds to wait for health."),
+    file: Annotated[Path, typer.Argument(help="The topology YAML file.", show_default=False)],
+    keep_up: Annotated[bool, typer.Option("--keep-up", help="Leave the topology running afterwards.")] = False,
+    junit: Annotated[Optional[Path], typer.Option("--junit", help="Write a JUnit XML report here.")] = None,
+    wait_timeout: Annotated[Optional[float], typer.Option("--wait-timeout", help="Seconds to wait for health.")] = None,
 ) -> None:
     """Bring the topology up, send golden requests, prove each role did its part, bring it down."""
     from epdctl.smoke import run_smoke
 
     topology, the_plan = _plan(file)
-    raise typer.Exit(run_smoke(topology, the_plan, source=file, keep_up=keep_up, junit=junit, wait_timeout=wait_timeout))
+    raise SystemExit(run_smoke(topology, the_plan, source=file, keep_up=keep_up, junit=junit, wait_timeout=wait_timeout))
 
 
-@export_app.command("k8s")
 @_command
 def export_k8s(
-    file: Path = FILE_ARG,
-    output: Path = typer.Option(Path("k8s"), "-o", "--output", help="Folder for the manifests."),
-    namespace: Optional[str] = typer.Option(None, "--namespace", help="Namespace for every object."),
-    image: Optional[str] = typer.Option(None, "--image", help="Container image for the vLLM instances."),
-    proxy_image: Optional[str] = typer.Option(None, "--proxy-image", help="Container image with epdctl for the proxy."),
-    storage_class: Optional[str] = typer.Option(None, "--storage-class", help="StorageClass of the RWX EC volume."),
-    check: bool = typer.Option(False, "--check", help="Validate every manifest against the Kubernetes schema."),
+    file: Annotated[Path, typer.Argument(help="The topology YAML file.", show_default=False)],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Folder for the manifests.")] = Path("k8s"),
+    namespace: Annotated[Optional[str], typer.Option("--namespace", help="Namespace for every object.")] = None,
+    image: Annotated[Optional[str], typer.Option("--image", help="Container image for the vLLM instances.")] = None,
+    proxy_image: Annotated[Optional[str], typer.Option("--proxy-image", help="Container image with epdctl for the proxy.")] = None,
+    storage_class: Annotated[Optional[str], typer.Option("--storage-class", help="StorageClass of the RWX EC volume.")] = None,
+    check: Annotated[bool, typer.Option("--check", help="Validate every manifest against the Kubernetes schema.")] = False,
 ) -> None:
     """Write kubectl-apply-ready manifests (and a kustomization.yaml) for the topology."""
     from epdctl.k8s import export
 
-    topology = _load(file)
+    topology = _load(file, on_this_machine=False)  # its devices and folders are the cluster's
     export(topology, file, output, namespace=namespace, image=image, proxy_image=proxy_image,
            storage_class=storage_class, check=check)
 
 
+def _typer_app():
+    """The full command line, with help and typer's argument errors."""
+    global typer  # the commands' annotations name it: they are evaluated when typer reads them
+    import typer
+
+    app = typer.Typer(
+        help="Run vLLM's disaggregated Encode / Prefill / Decode serving from one YAML file.",
+        no_args_is_help=True,
+        add_completion=False,
+        pretty_exceptions_enable=False,
+        rich_markup_mode=None,
+    )
+    app.callback()(_global_options)
+    for command in (validate, plan, up, status, logs, down):
+        app.command()(command)
+    passthrough = {"context_settings": {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
+                   "add_help_option": False}
+    app.command(**passthrough)(proxy)
+    app.command(**passthrough)(bench)
+    app.command()(smoke)
+    export_app = typer.Typer(help="Compile a topology for another runtime.", no_args_is_help=True)
+    export_app.command("k8s")(export_k8s)
+    app.add_typer(export_app, name="export")
+    return app
+
+
+def _fast_command(args: list[str]) -> Optional[Callable[[], None]]:
+    """The call for `[-v] validate FILE`, `[-v] plan FILE [--json] [--format F]` or `--version`.
+
+    None for anything else, including any form typer would read differently or answer with a
+    usage error (an unknown or repeated option, `--format=F`, a file it cannot read):
+    typer then handles it as usual.
+    """
+    global _verbose
+    verbose = args[:1] in (["-v"], ["--verbose"])
+    args = args[1:] if verbose else args
+    if args == ["--version"]:
+        return _print_version
+    if not args or args[0] not in ("validate", "plan"):
+        return None
+    options: dict[str, object] = {}
+    files: list[str] = []
+    words = iter(args[1:])
+    for word in words:
+        if args[0] == "plan" and word == "--json" and "as_json" not in options:
+            options["as_json"] = True
+        elif args[0] == "plan" and word == "--format" and "format" not in options:
+            options["format"] = next(words, "-")
+            if options["format"].startswith("-"):
+                return None
+        elif word and not word.startswith("-") and not files:
+            files.append(word)
+        else:
+            return None
+    if not files or (os.path.exists(files[0]) and not os.access(files[0], os.R_OK)):
+        return None
+    _verbose = verbose
+    command = validate if args[0] == "validate" else plan
+    return functools.partial(command, Path(files[0]), **options)
+
+
 def main() -> None:
-    app(prog_name="epdctl")
+    fast = _fast_command(sys.argv[1:])
+    if fast is not None:
+        fast()
+    else:
+        _typer_app()(prog_name="epdctl")
 
 
 if __name__ == "__main__":  # pragma: no cover

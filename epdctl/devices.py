@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
-import subprocess
 from typing import Mapping, Optional
+
+from epdctl.errors import EXIT_USAGE, EpdctlError
 
 
 def detect_device_count(platform: str, environ: Optional[Mapping[str, str]] = None) -> Optional[int]:
@@ -17,12 +19,14 @@ def detect_device_count(platform: str, environ: Optional[Mapping[str, str]] = No
     environ = os.environ if environ is None else environ
     override = environ.get("EPDCTL_DEVICE_COUNT")
     if override:
-        try:
-            return int(override)
-        except ValueError:
-            return None
+        # Ignoring a typo would quietly turn the device check off.
+        if not re.fullmatch(r"[0-9]+", override.strip()):
+            raise EpdctlError(f"EPDCTL_DEVICE_COUNT: must be a whole number of devices, 0 or more (got {override!r})", EXIT_USAGE)
+        return int(override)
     if platform != "cuda" or shutil.which("nvidia-smi") is None:
         return None
+    import subprocess  # only here: `validate` and `plan` of a cpu topology start faster without it
+
     try:
         out = subprocess.run(
             ["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10, stdin=subprocess.DEVNULL

@@ -9,17 +9,22 @@ import functools
 import os
 
 from epdctl.atomicfile import write_atomic
+from epdctl.media import check_media_key, is_safe_media_key
 
 EC_FILENAME = "encoder_cache.safetensors"
 EC_TENSOR = "ec_cache"
 
 
 def ec_file(storage_path: str, mm_hash: str) -> str:
-    return os.path.join(storage_path, mm_hash, EC_FILENAME)
+    """The key's EC file. An unsafe key raises MediaError: as a folder name it could point
+    anywhere (`../x`, `/abs`), and callers that forgot to check it must not write or read there."""
+    return os.path.join(storage_path, check_media_key(mm_hash), EC_FILENAME)
 
 
 def ec_exists(storage_path: str, mm_hash: str) -> bool:
-    return os.path.exists(ec_file(storage_path, mm_hash))
+    # No EC file is ever kept under an unsafe key, so there is none to find (and nothing outside the
+    # folder is probed); saving or loading one is what gets refused.
+    return is_safe_media_key(mm_hash) and os.path.exists(ec_file(storage_path, mm_hash))
 
 
 @functools.lru_cache(maxsize=8)
@@ -42,19 +47,19 @@ def save_ec(storage_path: str, mm_hash: str, tokens: int, hidden: int) -> str:
     vLLM's own example connector writes in place, so two encoders producing the same
     mm_hash can leave a torn file for a consumer; a rename is atomic on POSIX.
     """
-    folder = os.path.join(storage_path, mm_hash)
-    os.makedirs(folder, exist_ok=True)
-    final = os.path.join(folder, EC_FILENAME)
+    final = ec_file(storage_path, mm_hash)
+    os.makedirs(os.path.dirname(final), exist_ok=True)
     write_atomic(final, _ec_payload(tokens, hidden))
     return final
 
 
 def load_ec(storage_path: str, mm_hash: str):
-    """The cached tensor, or None when there is no usable file (a miss)."""
+    """The cached tensor, or None when there is no usable file (a miss). An unsafe key raises MediaError."""
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
+    path = ec_file(storage_path, mm_hash)
     try:
-        return load_file(ec_file(storage_path, mm_hash))[EC_TENSOR]
+        return load_file(path)[EC_TENSOR]
     except (FileNotFoundError, KeyError, SafetensorError, OSError):
         return None

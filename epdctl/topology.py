@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import stat
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Iterator, Literal, Mapping, NamedTuple, Optional
+from typing import Annotated, Any, Callable, Iterator, Literal, Mapping, NamedTuple, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from epdctl.errors import EXIT_USAGE, EpdctlError
-from epdctl.yamlmarks import Marks, dotted, load_marked
+from epdctl.yamlmarks import Marks, dotted, error_line, load_marked, one_line
 
 ROLES = ("encode", "prefill", "decode", "pd")
 NAME_PATTERN = r"^[a-z0-9][a-z0-9-]*$"
@@ -20,6 +22,25 @@ DEFAULT_SIDE_CHANNEL_PORT_BASE = 5600
 NIXL_CONNECTORS = ("NixlConnector",)
 
 ArgValue = Any  # bool | int | float | str | list | dict | None (None drops the flag)
+
+MAX_FILE_BYTES = 1024 * 1024
+# Linux refuses to exec an argument or an environment string of 32 pages or more
+# (MAX_ARG_STRLEN, counting its NUL), and a whole argv + environment above ARG_MAX (2 MiB with
+# the usual 8 MiB stack). What epdctl sets must leave room for the inherited environment.
+MAX_ARG_BYTES = 128 * 1024 - 1
+MAX_EXEC_BYTES = 1024 * 1024
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _whole_number(value: Any) -> Any:
+    """YAML reads `true` and `80.5` happily, and pydantic would make them port 1 and port 80."""
+    if isinstance(value, (bool, float)):
+        raise ValueError(f"Input should be a valid integer, not a {'boolean' if isinstance(value, bool) else 'float'}")
+    return value
+
+
+Port = Annotated[int, BeforeValidator(_whole_number), Field(ge=1, le=65535)]
+Device = Annotated[int, BeforeValidator(_whole_number)]
 
 
 class _Model(BaseModel):
@@ -59,7 +80,7 @@ class KVTransfer(_Model):
     connector: str = Field(min_length=1)
     extra_config: dict[str, Any] = {}
     config: dict[str, Any] = {}  # extra top-level KVTransferConfig fields, e.g. kv_buffer_device
-    side_channel_port_base: int = Field(DEFAULT_SIDE_CHANNEL_PORT_BASE, ge=1, le=65535)
+    side_channel_port_base: Port = DEFAULT_SIDE_CHANNEL_PORT_BASE
 
 
 RestartPolicy = Literal["no", "on-failure", "always"]
@@ -109,10 +130,10 @@ class LogsSpec(_Model):
 
 
 class InstanceSpec(_Model):
-    devices: tuple[int, ...] = ()
-    port: int = Field(ge=1, le=65535)
+    devices: tuple[Device, ...] = ()
+    port: Port
     gpu_memory_utilization: Optional[float] = Field(None, gt=0, le=1)
-    side_channel_port: Optional[int] = Field(None, ge=1, le=65535)
+    side_channel_port: Optional[Port] = None
     args: dict[str, ArgValue] = {}
     env: dict[str, str] = {}
     restart: Optional[RestartOverride] = None
@@ -225,24 +246,55 @@ class Topology(_Model):
 # ---------------------------------------------------------------- loading
 
 
+DeviceCount = Union[int, Callable[[str], Optional[int]], None]
+
+
 def load_topology(
     path: str | os.PathLike,
     *,
     environ: Mapping[str, str] | None = None,
-    device_count: int | None = None,
+    device_count: DeviceCount = None,
+    check_folders: bool = False,
 ) -> Topology:
-    """Read, validate and cross-check a topology file. Raises EpdctlError (exit 2)."""
+    """Read, validate and cross-check a topology file. Raises EpdctlError (exit 2).
+
+    `device_count` (a number, or a function of the platform) and `check_folders` check the
+    topology against this machine; leave them out for one that runs elsewhere.
+    """
     path = Path(path)
-    filename = str(path)
+    text = read_topology_file(path)
+    return parse_topology(text, str(path), environ=environ, device_count=device_count, source=path,
+                          check_folders=check_folders)
+
+
+def read_topology_file(path: Path) -> str:
+    """The file's text. Only a regular file is read: a FIFO or a device would block or never end."""
+    where = one_line(str(path))
     try:
-        text = path.read_text(encoding="utf-8")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
-        raise EpdctlError(f"{filename}: no such file", EXIT_USAGE) from None
-    except IsADirectoryError:
-        raise EpdctlError(f"{filename}: is a directory, not a topology file", EXIT_USAGE) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise EpdctlError(f"{filename}: cannot read: {exc}", EXIT_USAGE) from None
-    return parse_topology(text, filename, environ=environ, device_count=device_count, source=path)
+        raise EpdctlError(f"{where}: no such file", EXIT_USAGE) from None
+    except OSError as exc:
+        raise EpdctlError(f"{where}: cannot read: {exc.strerror}", EXIT_USAGE) from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise EpdctlError(f"{where}: is a directory, not a topology file", EXIT_USAGE)
+        if not stat.S_ISREG(mode):
+            raise EpdctlError(f"{where}: is not a regular file (a FIFO, socket or device?)", EXIT_USAGE)
+        handle = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    with handle:
+        data = handle.read(MAX_FILE_BYTES + 1)
+    if len(data) > MAX_FILE_BYTES:
+        raise EpdctlError(f"{where}: is larger than {MAX_FILE_BYTES // 1024} KiB: not a topology file", EXIT_USAGE)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise EpdctlError(error_line(str(path), line, f"cannot read: not UTF-8 text (byte 0x{data[exc.start]:02x})"), EXIT_USAGE) from None
 
 
 def parse_topology(
@@ -250,26 +302,27 @@ def parse_topology(
     filename: str,
     *,
     environ: Mapping[str, str] | None = None,
-    device_count: int | None = None,
+    device_count: DeviceCount = None,
     source: Path | None = None,
+    check_folders: bool = False,
 ) -> Topology:
     if not text.strip():
-        raise EpdctlError(f"{filename}:1: the file is empty", EXIT_USAGE)
+        raise EpdctlError(error_line(filename, 1, "the file is empty"), EXIT_USAGE)
     data, marks = load_marked(text, filename, environ)
-    if data is None:
-        raise EpdctlError(f"{filename}:1: the file is empty", EXIT_USAGE)
     if not isinstance(data, dict):
-        raise EpdctlError(f"{filename}:1: the topology must be a mapping of keys (name, model, ...)", EXIT_USAGE)
+        raise EpdctlError(error_line(filename, 1, "the topology must be a mapping of keys (name, model, ...)"), EXIT_USAGE)
     if "name" not in data:
         data["name"] = _name_from_stem((source or Path(filename)).stem)
     try:
         topology = Topology.model_validate(data)
     except ValidationError as exc:
         raise EpdctlError(_format_validation(exc, filename, marks), EXIT_USAGE) from None
-    problems = cross_check(topology, device_count=device_count)
+    if callable(device_count):
+        device_count = device_count(topology.platform)
+    problems = cross_check(topology, device_count=device_count, check_folders=check_folders)
     if problems:
         lines = [
-            f"{filename}:{marks.line_for(loc, prefer_key=prefer_key)}: {dotted(loc) or '<top>'}: {message}"
+            error_line(filename, marks.line_for(loc, prefer_key=prefer_key), f"{dotted(loc) or '<top>'}: {message}")
             for loc, message, prefer_key in problems
         ]
         raise EpdctlError("\n".join(lines), EXIT_USAGE)
@@ -298,17 +351,24 @@ def _format_validation(exc: ValidationError, filename: str, marks: Marks) -> str
             if message.startswith("Value error, "):
                 message = message[len("Value error, "):]
             if "input" in error and not isinstance(error["input"], (dict, list)):
-                message += f" (got {error['input']!r})"
+                message += f" (got {_shortened(repr(error['input']))})"
             line = marks.line_for(loc)
-        lines.append(f"{filename}:{line}: {dotted(loc) or '<top>'}: {message}")
+        lines.append(error_line(filename, line, f"{dotted(loc) or '<top>'}: {message}"))
     return "\n".join(dict.fromkeys(lines))
+
+
+def _shortened(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 Problem = tuple  # (loc, message, prefer_key_line)
 
 
-def cross_check(topology: Topology, device_count: int | None = None) -> list[Problem]:
-    """The checks that span fields. Each problem is (loc, message, point-at-key-line)."""
+def cross_check(topology: Topology, device_count: int | None = None, check_folders: bool = False) -> list[Problem]:
+    """The checks that span fields. Each problem is (loc, message, point-at-key-line).
+
+    Pure, except that `check_folders` looks at the EC folder on this machine.
+    """
     problems: list[Problem] = []
     has = {role: bool(getattr(topology, role)) for role in ROLES}
 
@@ -327,13 +387,14 @@ def cross_check(topology: Topology, device_count: int | None = None) -> list[Pro
     if has["prefill"] and topology.kv_transfer is None:
         problems.append((("prefill",), "prefill instances need kv_transfer (the KV connector)", True))
     ec = topology.ec_transfer
-    if ec is not None and ec.connector == "ECExampleConnector":
-        if not ec.shared_storage_path:
-            problems.append((("ec_transfer",), "ECExampleConnector needs shared_storage_path", True))
-        elif not os.path.isabs(ec.shared_storage_path):
-            problems.append((("ec_transfer", "shared_storage_path"), "must be an absolute path", False))
-    if topology.media.allowed_local_path and not os.path.isabs(topology.media.allowed_local_path):
-        problems.append((("media", "allowed_local_path"), "must be an absolute path", False))
+    if ec is not None and ec.connector == "ECExampleConnector" and not ec.shared_storage_path:
+        problems.append((("ec_transfer",), "ECExampleConnector needs shared_storage_path", True))
+    problems += _path_problems(topology)
+    if check_folders and not problems and has["encode"] and ec is not None and ec.shared_storage_path:
+        problem = _folder_problem(ec.shared_storage_path)
+        if problem:
+            problems.append((("ec_transfer", "shared_storage_path"), problem, False))
+    problems += _exec_problems(topology)
 
     reserved = {"port": "the instance's port key", "model": "the top-level model key"}
     for loc, args in [(("defaults", "args"), topology.defaults.args)] + [
@@ -347,6 +408,8 @@ def cross_check(topology: Topology, device_count: int | None = None) -> list[Pro
     for index, word in enumerate(topology.vllm_command):
         if not word:
             problems.append((("vllm_command", index), "must not be empty", False))
+    if topology.vllm_command[0].startswith("-"):  # `setsid -x` in `plan --format sh` would read it as an option
+        problems.append((("vllm_command", 0), "must name a program, not an option", False))
 
     # Ports: every instance, the proxy, and every planned side channel must be distinct.
     seen: dict[int, str] = {}
@@ -366,7 +429,10 @@ def cross_check(topology: Topology, device_count: int | None = None) -> list[Pro
                 claim(ref.spec.side_channel_port, (ref.role, ref.index, "side_channel_port"), f"{ref.name}'s side channel")
         explicit = {r.spec.side_channel_port for r in topology.instances() if r.spec.side_channel_port}
         for name, port in topology.side_channel_ports().items():
-            if port not in explicit:
+            if port > 65535:
+                problems.append((("kv_transfer", "side_channel_port_base"),
+                                 f"{name}'s side channel would get port {port}, past 65535: lower side_channel_port_base", False))
+            elif port not in explicit:
                 claim(port, ("kv_transfer", "side_channel_port_base"), f"{name}'s side channel")
 
     # Devices.
@@ -380,7 +446,8 @@ def cross_check(topology: Topology, device_count: int | None = None) -> list[Pro
             if device < 0:
                 problems.append((loc, f"device {device} is negative", False))
             elif device_count is not None and device >= device_count:
-                problems.append((loc, f"device {device} is outside this machine ({device_count} devices: 0..{device_count - 1})", False))
+                machine = f"{device_count} devices: 0..{device_count - 1}" if device_count else "it has no devices"
+                problems.append((loc, f"device {device} is outside this machine ({machine})", False))
         duplicated = sorted({d for d in devices if devices.count(d) > 1})
         if duplicated:
             problems.append((loc, f"device {duplicated[0]} is listed twice", False))
@@ -400,6 +467,120 @@ def cross_check(topology: Topology, device_count: int | None = None) -> list[Pro
                      f"device {device} is shared with a memory budget of {total:g} > 1.0 ({detail})", True)
                 )
     return problems
+
+
+def _path_problems(topology: Topology) -> list[Problem]:
+    """Folders must be absolute and normal: `down` deletes the EC folder it created, and
+    `/data/x/missing/../important` names `important` once `missing` exists."""
+    paths = {("ec_transfer", "shared_storage_path"): topology.ec_transfer and topology.ec_transfer.shared_storage_path,
+             ("media", "allowed_local_path"): topology.media.allowed_local_path}
+    kv_path = topology.kv_transfer.extra_config.get("shared_storage_path") if topology.kv_transfer else None
+    if isinstance(kv_path, str):  # a storage KV connector's folder, which `down` deletes too
+        paths[("kv_transfer", "extra_config", "shared_storage_path")] = kv_path
+    problems: list[Problem] = []
+    for loc, path in paths.items():
+        if not path:
+            continue
+        if "\0" in path:
+            problems.append((loc, "contains a NUL byte", False))
+        elif not os.path.isabs(path):
+            problems.append((loc, "must be an absolute path", False))
+        elif "//" in path or os.path.normpath(path) != (path.rstrip("/") or "/"):
+            normal = "/" + os.path.normpath(path).lstrip("/")
+            problems.append((loc, f"is not in normal form (no '.', '..' or '//'): use the normalised path {normal!r}", False))
+    return problems
+
+
+def _folder_problem(path: str) -> Optional[str]:
+    """Why `up` could not use (or create) the EC folder, or None.
+
+    Without this, `up` succeeds and every request with an image then fails with a 502.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return _creation_problem(path)
+    except OSError as exc:
+        return f"cannot use {path}: {exc.strerror}"
+    if not stat.S_ISDIR(mode):
+        return f"{path} exists and is not a folder"
+    if not os.access(path, os.W_OK | os.X_OK):
+        return f"the folder {path} is not writable by you"
+    return None
+
+
+def _creation_problem(path: str) -> Optional[str]:
+    """Why `up` could not create the missing folder `path`, judged by its nearest existing ancestor."""
+    ancestor = os.path.dirname(path.rstrip("/"))
+    while not os.path.lexists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        return f"cannot be created: {ancestor} is not a folder"
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        return f"cannot be created: {ancestor} is not writable by you"
+    return None
+
+
+def _exec_problems(topology: Topology) -> list[Problem]:
+    """What `exec` would refuse: NUL bytes, unencodable text, env names, and sizes past Linux's limits."""
+    shared = list(_shared_words(topology))
+    problems = [problem for loc, word in shared if (problem := _word_problem(loc, word))]
+    for ref in topology.instances():
+        own = list(_setting_words((ref.role, ref.index), ref.spec.args, ref.spec.env))
+        problems += [problem for loc, word in own if (problem := _word_problem(loc, word))]
+        problems += _env_name_problems((ref.role, ref.index, "env"), ref.spec.env)
+        total = sum(_exec_size(word) for _, word in shared + own)
+        if total > MAX_EXEC_BYTES:
+            problems.append(((ref.role, ref.index), f"its command line and environment would take {total} bytes, "
+                                                    f"more than the {MAX_EXEC_BYTES // 1024} KiB epdctl allows", True))
+    return problems + _env_name_problems(("defaults", "env"), topology.defaults.env)
+
+
+def _shared_words(topology: Topology) -> Iterator[tuple[tuple, str]]:
+    """The words from the file that several processes get, with where they come from."""
+    yield ("model",), topology.model
+    for index, word in enumerate(topology.vllm_command):
+        yield ("vllm_command", index), word
+    yield ("proxy", "host"), topology.proxy.host
+    for key in ("ec_transfer", "kv_transfer"):
+        connector = getattr(topology, key)
+        if connector is not None:  # its JSON argument, a little longer once plan adds the role
+            yield (key,), json.dumps(connector.model_dump()) + " " * 64
+    yield from _setting_words(("defaults",), topology.defaults.args, topology.defaults.env)
+
+
+def _setting_words(loc: tuple, args: Mapping[str, Any], env: Mapping[str, str]) -> Iterator[tuple[tuple, str]]:
+    """The argv words `args` become (as plan.flags_to_argv renders them) and the `NAME=value` strings of `env`."""
+    for key, value in args.items():
+        yield loc + ("args", key), f"--no-{key}" if value is False else f"--{key}"
+        values = value if isinstance(value, (list, tuple)) else [] if isinstance(value, bool) or value is None else [value]
+        for item in values:
+            yield loc + ("args", key), json.dumps(item, separators=(",", ":")) if isinstance(item, (dict, list)) else str(item)
+    for name, value in env.items():
+        yield loc + ("env", name), f"{name}={value}"
+
+
+def _word_problem(loc: tuple, word: str) -> Optional[Problem]:
+    if "\0" in word:
+        return loc, "contains a NUL byte, which no process argument or environment can hold", False
+    try:
+        os.fsencode(word)
+    except UnicodeEncodeError as exc:
+        return loc, f"holds {exc.object[exc.start]!r}, which cannot be passed to a process", False
+    size = _exec_size(word)
+    if size > MAX_ARG_BYTES:
+        return loc, f"is {size} bytes as one argument; Linux takes at most {MAX_ARG_BYTES}", False
+    return None
+
+
+def _exec_size(word: str) -> int:
+    """What the kernel copies, NUL included (an upper bound where the text is not encodable)."""
+    return len(word.encode("utf-8", "surrogatepass")) + 1
+
+
+def _env_name_problems(loc: tuple, env: Mapping[str, str]) -> list[Problem]:
+    return [(loc + (name,), "is not an environment variable name ([A-Za-z_][A-Za-z0-9_]*)", True)
+            for name in env if not ENV_NAME.fullmatch(name)]
 
 
 def _normalized_keys(args: Mapping[str, Any]) -> set[str]:

@@ -84,6 +84,7 @@ def test_smoke_passes_and_leaves_nothing(tmp_path, state_dir, kind):
     junit = tmp_path / "junit.xml"
     result = epdctl("smoke", str(topology), "--junit", str(junit), check=0)
     assert "all" in result.stdout and "checks passed" in result.stdout
+    assert "wired" not in result.stdout  # a hint belongs on failing lines only
     suite = ET.parse(junit).getroot()
     assert suite.get("failures") == "0" and int(suite.get("tests")) >= 6
     assert_no_orphans(str(state_dir), list(ports.values()))
@@ -114,6 +115,26 @@ def test_smoke_fails_a_miswired_topology_clearly(tmp_path, state_dir):
     assert f"encoders wrote 4 to {elsewhere}" in result.stderr
     assert "Traceback" not in result.stderr
     assert ET.parse(junit).getroot().get("failures") == "1"
+    assert_no_orphans(str(state_dir), list(ports.values()))
+
+
+def test_smoke_failure_summary_has_one_line_per_failed_check(tmp_path, state_dir):
+    """EC written elsewhere and a decoder that is no KV consumer: two failures, two lines, each with its hint."""
+    elsewhere = tmp_path / "elsewhere"
+    ec_config = {"ec_connector": "ECExampleConnector", "ec_role": "ec_producer",
+                 "ec_connector_extra_config": {"shared_storage_path": str(elsewhere)}}
+    kv_config = {"kv_connector": "NixlConnector", "kv_role": "kv_producer"}
+    topology, ports = write_sim_topology(tmp_path, "1e1p1d", name="twofail", instance_args={
+        "encode-0": {"ec-transfer-config": ec_config}, "decode-0": {"kv-transfer-config": kv_config}})
+    result = epdctl("smoke", str(topology))
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr[result.stderr.index("epdctl smoke: twofail:"):].strip().splitlines()
+    assert lines[0].startswith("epdctl smoke: twofail: 2 of ") and lines[0].endswith(" checks failed:"), lines
+    assert len(lines) == 3 and all(line.startswith("FAIL  ") for line in lines[1:]), lines
+    assert lines[1].startswith("FAIL  consumers loaded the EC: prefill-0 loaded 0 EC files")
+    assert lines[2] == ("FAIL  decode used the remote prefill: decode-0 served 0 remote prefills of 4 and "
+                        "recomputed 4 (is kv_transfer wired to both?)")
+    assert lines[2] in result.stdout.splitlines()
     assert_no_orphans(str(state_dir), list(ports.values()))
 
 

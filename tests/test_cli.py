@@ -94,3 +94,20 @@ def test_generated_sh_script_runs_and_cleans_up(tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert_no_orphans(marker, list(ports.values()))
+
+
+@pytest.mark.parametrize("fast,full", [
+    (["plan", str(TOPOLOGIES / "1e1pd.yaml"), "--format", "json"], ["plan", str(TOPOLOGIES / "1e1pd.yaml"), "--format=json"]),
+    (["plan", str(TOPOLOGIES / "1e1pd.yaml"), "--format", "yaml"], ["plan", "--format=yaml", str(TOPOLOGIES / "1e1pd.yaml")]),
+    (["validate", str(TOPOLOGIES / "agg.yaml")], ["validate", "--", str(TOPOLOGIES / "agg.yaml")]),
+    (["validate", "nope.yaml"], ["validate", "--", "nope.yaml"]),
+])
+def test_fast_path_answers_as_typer_does(fast, full):
+    """`validate` and `plan` skip typer in their plain forms (start-up time): same output, same exit code."""
+    a, b = epdctl(*fast), epdctl(*full)
+    assert (a.returncode, a.stdout, a.stderr) == (b.returncode, b.stdout, b.stderr)
+
+
+def test_plan_json_and_format_json_agree():
+    assert epdctl("plan", str(TOPOLOGIES / "agg.yaml"), "--json", "--format", "json", check=0).stdout == \
+        epdctl("plan", str(TOPOLOGIES / "agg.yaml"), "--json", check=0).stdout

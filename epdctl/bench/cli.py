@@ -5,10 +5,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import secrets
 import sys
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from epdctl.errors import EXIT_USAGE, EpdctlError
+
+if TYPE_CHECKING:
+    from epdctl.bench.dataset import BenchRequest
 
 
 class _Parser(argparse.ArgumentParser):
@@ -33,7 +37,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     data.add_argument("--dataset", default="synthetic", help="'synthetic' or a JSONL file of OpenAI chat requests.")
     data.add_argument("--images-per-request", type=int, default=1)
     data.add_argument("--image-size", type=int, default=224, help="Synthetic image side in pixels.")
-    data.add_argument("--repeat-ratio", type=float, default=0.0, help="Share of images reusing an earlier one (0..1).")
+    data.add_argument("--repeat-ratio", type=float, default=0.0,
+                      help="Share of images reusing an earlier one of the same run (0..1).")
+    data.add_argument("--reuse-images", action="store_true", help=(
+        "Send the same synthetic images as earlier runs with this --seed, so the EC may already hold them (a warm "
+        "run, on purpose). By default each run's images are new, so identical runs measure the same thing. "
+        "A JSONL dataset's media are always sent as they are."))
     data.add_argument("--prompt-len", type=int, default=32, help="Synthetic prompt length in words.")
     data.add_argument("--max-tokens", type=int, default=64)
     data.add_argument("--seed", type=int, default=0)
@@ -73,24 +82,28 @@ def proxy_url(name: str) -> str:
     return proxy["url"]
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    from epdctl.bench import report as reporting
-
-    if args.compare:
-        reporting.compare(args.compare, sys.stdout)
-        return 0
+def requests_for(args: argparse.Namespace) -> list[BenchRequest]:
+    """The run's requests, warm-up first. Synthetic images are new on every call unless --reuse-images."""
     from epdctl.bench.dataset import from_jsonl, synthetic
+
+    total = args.num_prompts + args.warmup
+    if args.dataset != "synthetic":
+        return from_jsonl(args.dataset, total, None)
+    return synthetic(total, images_per_request=args.images_per_request, image_size=args.image_size,
+                     repeat_ratio=args.repeat_ratio, prompt_len=args.prompt_len, max_tokens=args.max_tokens,
+                     seed=args.seed, nonce=b"" if args.reuse_images else secrets.token_bytes(16))
+
+
+def measure(args: argparse.Namespace, url: str, label: Optional[str] = None) -> dict:
+    """One bench run against `url` with the load and data options of `args`: the full report, samples included.
+
+    `epdctl sweep` calls it once per split; `label` names the target in the report.
+    """
+    from epdctl.bench import report as reporting
+    from epdctl.bench.ec_reuse import workload
     from epdctl.bench.runner import run
 
-    url = (args.url or proxy_url(args.name)).rstrip("/")
-    total = args.num_prompts + args.warmup
-    if args.dataset == "synthetic":
-        requests = synthetic(total, images_per_request=args.images_per_request, image_size=args.image_size,
-                             repeat_ratio=args.repeat_ratio, prompt_len=args.prompt_len, max_tokens=args.max_tokens,
-                             seed=args.seed)
-    else:
-        requests = from_jsonl(args.dataset, total, None)
+    requests = requests_for(args)
     try:
         import uvloop  # type: ignore
 
@@ -100,7 +113,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    progress = Progress(TextColumn("bench"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+    progress = Progress(TextColumn(label or "bench"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         transient=True, disable=args.json or not sys.stderr.isatty())
     with progress:
         task = progress.add_task("requests", total=args.num_prompts)
@@ -108,18 +121,32 @@ def main(argv: Optional[list[str]] = None) -> int:
                                  warmup=args.warmup, seed=args.seed, timeout_s=args.timeout_s,
                                  on_done=lambda r: progress.advance(task)))
     config = {
-        "target": args.name or url, "url": url, "num_prompts": args.num_prompts, "concurrency": args.concurrency,
-        "request_rate": args.request_rate, "dataset": args.dataset, "images_per_request": args.images_per_request,
-        "image_size": args.image_size, "repeat_ratio": args.repeat_ratio, "prompt_len": args.prompt_len,
-        "max_tokens": args.max_tokens, "seed": args.seed, "warmup": args.warmup,
+        "target": label or args.name or url, "url": url, "num_prompts": args.num_prompts,
+        "concurrency": args.concurrency, "request_rate": args.request_rate, "dataset": args.dataset,
+        "images_per_request": args.images_per_request, "image_size": args.image_size,
+        "repeat_ratio": args.repeat_ratio, "prompt_len": args.prompt_len, "max_tokens": args.max_tokens,
+        "seed": args.seed, "warmup": args.warmup, "reuse_images": args.reuse_images,
     }
-    report = reporting.summarize(result, config, args.slo_ttft_ms, args.slo_tpot_ms)
+    return reporting.summarize(result, config, args.slo_ttft_ms, args.slo_tpot_ms, workload(requests, args.warmup))
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    from epdctl.bench import report as reporting
+
+    if args.compare:
+        reporting.compare(args.compare, sys.stdout)
+        return 0
+    url = (args.url or proxy_url(args.name)).rstrip("/")
+    report = measure(args, url)
     if args.save:
         written = reporting.save(report, args.save, args.label or args.name or "bench")
         print("saved " + ", ".join(map(str, written)), file=sys.stderr)
+        if not any(path.suffix == ".png" for path in written):  # save() plots only when matplotlib imports
+            print("epdctl bench: no PNG of the latency CDFs: matplotlib is not installed (pip install 'epdctl[plot]')",
+                  file=sys.stderr)
     if args.json:
         print(json.dumps(reporting.public(report), indent=2))
     else:
         reporting.print_table(report, sys.stdout)
     return 0 if report["completed"] else 1
-

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import random
@@ -22,25 +23,39 @@ class BenchRequest:
     images: int
 
 
-def png_data_url(seed: int, size: int) -> str:
-    """A deterministic PNG: a gradient keyed by `seed`, so equal seeds give equal bytes."""
+def png_data_url(key: int, size: int, nonce: bytes = b"") -> str:
+    """A PNG of a gradient keyed by `key`, whose first bytes of pixels are a digest of `key` and `nonce`.
+
+    The digest is in the pixels, not in PNG metadata, because vLLM keys its caches (the EC
+    included) by a hash of the decoded pixels: distinct keys or nonces never share a cache
+    entry, and equal ones always do.
+    """
+    import numpy as np
     from PIL import Image
 
-    rng = random.Random(seed)
+    rng = random.Random(key)
     base = [rng.randrange(256) for _ in range(3)]
-    img = Image.new("RGB", (size, size))
-    pixels = img.load()
-    for y in range(size):
-        for x in range(size):
-            pixels[x, y] = ((base[0] + x) % 256, (base[1] + y) % 256, (base[2] + x + y) % 256)
+    x = np.arange(size)[None, :]
+    y = np.arange(size)[:, None]
+    pixels = np.empty((size, size, 3), dtype=np.uint8)
+    pixels[..., 0] = (base[0] + x) % 256
+    pixels[..., 1] = (base[1] + y) % 256
+    pixels[..., 2] = (base[2] + x + y) % 256
+    stamp = np.frombuffer(hashlib.sha256(f"{key}|".encode() + nonce).digest(), dtype=np.uint8)
+    flat = pixels.reshape(-1)
+    flat[:len(stamp)] = stamp[:flat.size]
     out = io.BytesIO()
-    img.save(out, format="PNG")
+    Image.fromarray(pixels, "RGB").save(out, format="PNG")
     return "data:image/png;base64," + base64.b64encode(out.getvalue()).decode()
 
 
 def synthetic(num: int, *, images_per_request: int, image_size: int, repeat_ratio: float, prompt_len: int,
-              max_tokens: int, seed: int) -> list[BenchRequest]:
-    """`num` chat requests. A `repeat_ratio` share of the images reuse an earlier one (EC reuse)."""
+              max_tokens: int, seed: int, nonce: bytes = b"") -> list[BenchRequest]:
+    """`num` chat requests. A `repeat_ratio` share of the images reuse an earlier one (EC reuse).
+
+    `seed` fixes the workload's shape: prompts, image sizes, which images repeat. `nonce` only
+    changes the pixels, so a run with a new nonce sends the same workload with images no cache holds.
+    """
     rng = random.Random(seed)
     cache: dict[int, str] = {}
     made: list[int] = []
@@ -56,7 +71,7 @@ def synthetic(num: int, *, images_per_request: int, image_size: int, repeat_rati
                 next_image += 1
                 made.append(key)
             if key not in cache:
-                cache[key] = png_data_url(key, image_size)
+                cache[key] = png_data_url(key, image_size, nonce)
             parts.append({"type": "image_url", "image_url": {"url": cache[key]}})
         text = " ".join(rng.choice(WORDS) for _ in range(max(1, prompt_len)))
         parts.append({"type": "text", "text": text})

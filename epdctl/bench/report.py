@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from epdctl.bench import ec_reuse
 from epdctl.bench.runner import Run
 from epdctl.errors import EXIT_USAGE, EpdctlError
 
@@ -28,7 +29,8 @@ def stats(values_ms: list[float]) -> dict[str, float]:
 
 
 def summarize(run: Run, config: dict[str, Any], slo_ttft_ms: Optional[float] = None,
-              slo_tpot_ms: Optional[float] = None) -> dict[str, Any]:
+              slo_tpot_ms: Optional[float] = None, media: tuple[int, int] = (0, 0)) -> dict[str, Any]:
+    """The report. `media` is ec_reuse.workload() of the requests: items looked up, and repeats within the run."""
     done = [r for r in run.results if r.ok]
     failed = [r for r in run.results if not r.ok]
     ttft = [r.ttft * 1000 for r in done]
@@ -60,6 +62,7 @@ def summarize(run: Run, config: dict[str, Any], slo_ttft_ms: Optional[float] = N
                 good += 1
         report["goodput"] = good / duration
         report["slo"] = {"ttft_ms": slo_ttft_ms, "tpot_ms": slo_tpot_ms, "met": good}
+    report["ec"] = ec_reuse.summarize(run.ec_reused, *media)
     report["errors"] = sorted({r.error for r in failed})[:5]
     report["config"] = {**config, "model": run.model}
     report["samples_ms"] = {"ttft": ttft, "tpot": tpot, "e2e": e2e}
@@ -90,6 +93,9 @@ def print_table(report: dict[str, Any], out) -> None:
         table.add_row(f"{key[:-3].upper()} ms mean / p50 / p90 / p99",
                       f"{s['mean']:.2f} / {s['p50']:.2f} / {s['p90']:.2f} / {s['p99']:.2f}")
     console.print(table)
+    ec_line = ec_reuse.describe(report["ec"], bool(report["config"].get("reuse_images")))
+    if ec_line:
+        console.print(ec_line, markup=False, highlight=False)
     for error in report.get("errors", []):
         console.print(f"[red]error:[/red] {error}", markup=True, highlight=False)
 
@@ -167,4 +173,15 @@ def compare(paths: list[str], out) -> None:
                 cell += f" ({value / base:.2f}x)"
             cells.append(cell)
         table.add_row(f"{key} ({unit}, {'higher' if higher_better else 'lower'} is better)", *cells)
+    # A warm run beside a cold one compares the cache with the encoders: the row makes that visible.
+    table.add_row("EC cache: items reused", *(_ec_cell(report) for report in reports))
     Console(file=out).print(table)
+
+
+def _ec_cell(report: dict[str, Any]) -> str:
+    ec = report.get("ec")
+    if not isinstance(ec, dict):
+        return "not recorded"
+    if ec.get("reused_items") is None:
+        return "unknown"
+    return f"{ec['reused_items']} of {ec.get('media_items', '?')}"

@@ -18,6 +18,7 @@ from typing import Callable, Optional
 import aiohttp
 
 from epdctl.bench.dataset import BenchRequest
+from epdctl.bench.ec_reuse import read_reused
 from epdctl.errors import EpdctlError
 
 
@@ -38,6 +39,7 @@ class Run:
     results: list[Result]
     duration: float
     model: str
+    ec_reused: Optional[float] = None  # EC items the proxy reused during the measured requests; None: unknown
 
 
 async def discover_model(session: aiohttp.ClientSession, url: str) -> str:
@@ -125,6 +127,7 @@ async def run(url: str, requests: list[BenchRequest], *, concurrency: Optional[i
             results.append(result)
             on_done(result)
 
+        reused_before = await read_reused(session, url)
         started = time.perf_counter()
         tasks = []
         for request in requests:
@@ -132,4 +135,9 @@ async def run(url: str, requests: list[BenchRequest], *, concurrency: Optional[i
             if request_rate:
                 await asyncio.sleep(rng.expovariate(request_rate))  # Poisson arrivals
         await asyncio.gather(*tasks)
-        return Run(results, time.perf_counter() - started, model)
+        duration = time.perf_counter() - started
+        reused_after = await read_reused(session, url)
+        reused = None
+        if reused_before is not None and reused_after is not None and reused_after >= reused_before:
+            reused = reused_after - reused_before  # a counter that went down means the proxy restarted: unknown
+        return Run(results, duration, model, reused)

@@ -32,7 +32,10 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--ec-transfer-config", help="vLLM's EC connector JSON (ec_role, shared_storage_path).")
     parser.add_argument("--kv-transfer-config", help="vLLM's KV connector JSON (kv_role).")
     parser.add_argument("--allowed-local-media-path", help="Folder under which file:// media may be read.")
-    parser.add_argument("--max-model-len", type=int, default=32768)
+    parser.add_argument("--max-model-len", type=int, default=32768,
+                        help="Context length: longer prompts, and max_tokens beyond it, get vLLM's 400.")
+    parser.add_argument("--limit-mm-per-prompt", type=_mm_limits, default={}, metavar="JSON",
+                        help='Media items per prompt, as vLLM: \'{"image": 4}\' (default 999 per modality).')
     sim = parser.add_argument_group("simulation")
     sim.add_argument("--sim-ttft-ms", type=float, default=20.0, help="Prefill time per request (ms).")
     sim.add_argument("--sim-tpot-ms", type=float, default=2.0, help="Time per output token after the first (ms).")
@@ -51,6 +54,15 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     if not args.model:
         parser.error("a model is required (positional, or --model)")
     return args, unknown
+
+
+def _mm_limits(raw: str) -> dict[str, int]:
+    """vLLM's JSON form: {"image": 4} or {"image": {"count": 4, ...}}."""
+    try:
+        limits = json.loads(raw)
+        return {str(k): int(v["count"] if isinstance(v, dict) else v) for k, v in limits.items()}
+    except (ValueError, TypeError, KeyError, AttributeError):
+        raise argparse.ArgumentTypeError(f"not a JSON object of counts per modality: {raw!r}") from None
 
 
 def _role(raw: Optional[str], key: str, flag: str) -> tuple[Optional[str], dict]:
@@ -82,6 +94,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         host=args.host, port=args.port, ttft_ms=args.sim_ttft_ms, tpot_ms=args.sim_tpot_ms,
         encode_ms=args.sim_encode_ms, ec_role=ec_role, ec_path=ec_path, kv_role=kv_role,
         allowed_local_media_path=args.allowed_local_media_path, max_model_len=args.max_model_len,
+        limit_mm_per_prompt=args.limit_mm_per_prompt,
     )
     configure_from_env(config)
     if args.sim_ignore_sigterm:

@@ -7,6 +7,7 @@ it is the backend of the proxy and bench benchmarks, so per-request work is kept
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
 import itertools
 import json
@@ -15,14 +16,14 @@ import os
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, disable_created_metrics, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from epdctl.ec import ec_exists, load_ec, save_ec
-from epdctl.media import MediaError, content_hash, iter_media, local_media_path
+from epdctl.media import MediaError, MediaItem, check_media_key, content_hash, iter_media, local_media_path
 
 log = logging.getLogger("epdctl.sim")
 disable_created_metrics()  # `_created` gauges only clutter what smoke and people read
@@ -34,6 +35,9 @@ WORDS = (
 TOKENS_PER_MEDIA_ITEM = 64  # the sim's "encoder output length" per item
 HIDDEN_SIZE = 128
 DEFAULT_MAX_TOKENS = 16
+# vLLM's `--limit-mm-per-prompt` keys, and its default limit per modality.
+MODALITY = {"image_url": "image", "video_url": "video", "audio_url": "audio", "input_audio": "audio"}
+DEFAULT_MM_LIMIT = 999
 
 
 @dataclass
@@ -50,8 +54,27 @@ class SimConfig:
     kv_role: Optional[str] = None  # kv_producer | kv_consumer | kv_both
     allowed_local_media_path: Optional[str] = None
     max_model_len: int = 32768
+    limit_mm_per_prompt: dict[str, int] = field(default_factory=dict)  # modality → items; DEFAULT_MM_LIMIT otherwise
     side_channel_port: int = 5600
     engine_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+
+
+@dataclass
+class Ask:
+    """A request that passed every check, with what the sim derived from it."""
+
+    body: dict
+    model: Optional[str]
+    max_tokens: int
+    stream: bool
+    text: str
+    keys: list[str]  # the media items' mm_hashes
+    prompt_tokens: int
+    kv_in: Optional[dict]
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class BadRequest(Exception):
@@ -90,13 +113,32 @@ class SimEngine:
 
     # ------------------------------------------------------------ request model
 
-    def _media_keys(self, body: dict) -> list[str]:
-        """The mm_hash of each media item: its uuid when given (as vLLM), else a content hash."""
+    def _media_items(self, body: dict) -> list[MediaItem]:
+        """The request's media items, refused above `--limit-mm-per-prompt` as vLLM refuses them."""
+        items: list[MediaItem] = []
+        counts: collections.Counter = collections.Counter()
+        try:
+            for item in iter_media(body):  # counted as they come: a refused request builds no long list
+                modality = MODALITY[item.kind]
+                counts[modality] += 1
+                limit = self.config.limit_mm_per_prompt.get(modality, DEFAULT_MM_LIMIT)
+                if counts[modality] > limit:
+                    raise BadRequest(f"At most {limit} {modality}(s) may be provided in one prompt.")
+                items.append(item)
+        except MediaError as exc:
+            raise BadRequest(str(exc)) from None
+        return items
+
+    def _media_keys(self, items: list[MediaItem]) -> list[str]:
+        """The mm_hash of each media item: its uuid when given (as vLLM), else a content hash.
+
+        A uuid becomes a folder name under the EC path, so one that is not a plain file name is refused.
+        """
         keys = []
         try:
-            for item in iter_media(body):
+            for item in items:
                 if item.uuid:
-                    keys.append(item.uuid)
+                    keys.append(check_media_key(item.uuid))
                     continue
                 path = local_media_path(item.locator, self.config.allowed_local_media_path)
                 if path is not None:
@@ -136,9 +178,10 @@ class SimEngine:
             self.metrics.encoded.inc(to_encode)
         return to_encode
 
-    def _answer_tokens(self, seed_text: str, count: int) -> list[str]:
+    def _answer_tokens(self, seed_text: str, count: int) -> Iterator[str]:
+        """One token at a time: a stream never holds its whole answer in memory."""
         start = int.from_bytes(hashlib.blake2b(seed_text.encode(), digest_size=4).digest(), "little")
-        return [" " + WORDS[(start + i) % len(WORDS)] for i in range(count)]
+        return (" " + WORDS[(start + i) % len(WORDS)] for i in range(count))
 
     def _kv_params_out(self) -> dict[str, Any]:
         """What NixlConnector's producer returns, so the proxy can hand it to a decoder."""
@@ -155,46 +198,69 @@ class SimEngine:
 
     # ------------------------------------------------------------ handlers
 
+    def _read(self, raw: bytes, chat: bool) -> Ask:
+        """The request, checked as vLLM checks it, before the sim allocates anything for it."""
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+            raise BadRequest(f"malformed JSON body: {exc}") from None
+        if not isinstance(body, dict):
+            raise BadRequest("the body must be a JSON object")
+        model = body.get("model")
+        if model is not None and model not in self.config.served_names:
+            raise BadRequest(f"The model `{model}` does not exist.", 404, "NotFoundError")
+        max_tokens = body.get("max_completion_tokens") if chat else None
+        if max_tokens is None:
+            max_tokens = body.get("max_tokens", DEFAULT_MAX_TOKENS)
+        if not _is_int(max_tokens) or max_tokens < 1:
+            raise BadRequest("max_tokens must be a positive integer")
+        n = body.get("n", 1)
+        if n is not None and n != 1:
+            # Each choice would cost a full answer; the sim models one, so it refuses rather than lie.
+            raise BadRequest(f"n must be 1: the simulated engine answers one choice per request (got {repr(n)[:40]})")
+        stream = body.get("stream", False)
+        if not isinstance(stream, bool):
+            raise BadRequest("stream must be a boolean")
+        kv_in = body.get("kv_transfer_params")
+        if kv_in is not None and not isinstance(kv_in, dict):
+            raise BadRequest("kv_transfer_params must be an object")
+        if chat:
+            messages = body.get("messages")
+            if not isinstance(messages, list) or not messages:
+                raise BadRequest("messages must be a non-empty list")
+            text = json.dumps(messages, sort_keys=True)
+            items = self._media_items(body)
+        else:
+            prompt = body.get("prompt")
+            if not isinstance(prompt, (str, list)) or not prompt:
+                raise BadRequest("prompt must be a non-empty string or list")
+            text = json.dumps(prompt)
+            items = []
+        # Media payloads are not prompt text: an image costs TOKENS_PER_MEDIA_ITEM, whatever its bytes.
+        text_chars = len(text) - sum(len(item.locator) for item in items)
+        prompt_tokens = max(1, text_chars // 4) + TOKENS_PER_MEDIA_ITEM * len(items)
+        self._check_context(prompt_tokens, max_tokens)
+        return Ask(body, model, max_tokens, stream, text, self._media_keys(items), prompt_tokens, kv_in)
+
+    def _check_context(self, prompt_tokens: int, max_tokens: int) -> None:
+        """vLLM's own refusals (and wording): a prompt or an answer beyond the context is never started."""
+        limit = self.config.max_model_len
+        if prompt_tokens >= limit:
+            raise BadRequest(f"This model's maximum context length is {limit} tokens. However, your request has "
+                             f"{prompt_tokens} input tokens. Please reduce the length of the input messages.")
+        if prompt_tokens + max_tokens > limit:
+            raise BadRequest(f"'max_tokens' or 'max_completion_tokens' is too large: {max_tokens}. This model's "
+                             f"maximum context length is {limit} tokens and your request has {prompt_tokens} input "
+                             f"tokens ({max_tokens} > {limit} - {prompt_tokens}).")
+
     async def handle(self, request: web.Request, chat: bool) -> web.StreamResponse:
         request_id = request.headers.get("X-Request-Id") or f"sim-{next(self._ids)}"
         headers = {"X-Request-Id": request_id}
         try:
-            raw = await request.read()
-            try:
-                body = json.loads(raw)
-            except (ValueError, UnicodeDecodeError) as exc:
-                raise BadRequest(f"malformed JSON body: {exc}") from None
-            if not isinstance(body, dict):
-                raise BadRequest("the body must be a JSON object")
-            model = body.get("model")
-            if model is not None and model not in self.config.served_names:
-                raise BadRequest(f"The model `{model}` does not exist.", 404, "NotFoundError")
-            max_tokens = body.get("max_completion_tokens") if chat else None
-            if max_tokens is None:
-                max_tokens = body.get("max_tokens", DEFAULT_MAX_TOKENS)
-            if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
-                raise BadRequest("max_tokens must be a positive integer")
-            stream = body.get("stream", False)
-            if not isinstance(stream, bool):
-                raise BadRequest("stream must be a boolean")
-            if chat:
-                messages = body.get("messages")
-                if not isinstance(messages, list) or not messages:
-                    raise BadRequest("messages must be a non-empty list")
-                text = json.dumps(messages, sort_keys=True)
-                keys = self._media_keys(body)
-            else:
-                prompt = body.get("prompt")
-                if not isinstance(prompt, (str, list)) or not prompt:
-                    raise BadRequest("prompt must be a non-empty string or list")
-                text = json.dumps(prompt)
-                keys = []
-            kv_in = body.get("kv_transfer_params")
-            if kv_in is not None and not isinstance(kv_in, dict):
-                raise BadRequest("kv_transfer_params must be an object")
+            ask = self._read(await request.read(), chat)
         except BadRequest as exc:
             return error_response(str(exc), exc.status, exc.kind)
-
+        body, model, max_tokens, keys, kv_in = ask.body, ask.model, ask.max_tokens, ask.keys, ask.kv_in
         cfg = self.config
         self.metrics.requests.inc()
         remote_prefill = bool(
@@ -212,8 +278,8 @@ class SimEngine:
         ttft_s = ((0.0 if remote_prefill else cfg.ttft_ms) + cfg.encode_ms * encoded_here) / 1000.0
         tpot_s = cfg.tpot_ms / 1000.0
         # The answer depends on the prompt and the media keys only, so EPD and aggregated agree.
-        tokens = self._answer_tokens(text + "|".join(keys), max_tokens)
-        prompt_tokens = max(1, len(text) // 4) + TOKENS_PER_MEDIA_ITEM * len(keys)
+        tokens = self._answer_tokens(ask.text + "|".join(keys), max_tokens)
+        prompt_tokens = ask.prompt_tokens
         usage = {
             "prompt_tokens": prompt_tokens,
             "completion_tokens": max_tokens,
@@ -221,7 +287,7 @@ class SimEngine:
         }
         ident = f"{'chatcmpl' if chat else 'cmpl'}-{request_id}"
         created = int(time.time())
-        if not stream:
+        if not ask.stream:
             await asyncio.sleep(ttft_s + tpot_s * (max_tokens - 1))
             content = "".join(tokens)
             if chat:
@@ -251,7 +317,7 @@ class SimEngine:
         for i, token in enumerate(tokens):
             if i:
                 await asyncio.sleep(tpot_s)
-            last = i == len(tokens) - 1
+            last = i == max_tokens - 1
             finish = "length" if last else None
             if chat:
                 choice = {"index": 0, "delta": {"content": token}, "logprobs": None, "finish_reason": finish}
