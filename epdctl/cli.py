@@ -196,6 +196,17 @@ def down(
 
 
 @_command
+def events(
+    name: Annotated[str, typer.Argument(help="Topology name.")],
+    follow: Annotated[bool, typer.Option("-f", "--follow", help="Keep printing new events.")] = False,
+) -> None:
+    """Starts, health changes, exits and restarts of every process (events.jsonl)."""
+    from epdctl.status import show_events
+
+    show_events(name, follow=follow)
+
+
+@_command
 def proxy(ctx: typer.Context) -> None:
     """Run the EPD proxy alone (flags of the upstream proxy; see `epdctl proxy --help`)."""
     from epdctl.proxy.__main__ import main as proxy_main
@@ -209,6 +220,14 @@ def bench(ctx: typer.Context) -> None:
     from epdctl.bench.cli import main as bench_main
 
     raise SystemExit(bench_main(list(ctx.args)))
+
+
+@_command
+def sweep(ctx: typer.Context) -> None:
+    """Bring each split (1e1pd, 2e1pd, 1e1p1d, ...) up, bench it, bring it down; rank by goodput (see `epdctl sweep --help`)."""
+    from epdctl.sweep import main as sweep_main
+
+    raise SystemExit(sweep_main(list(ctx.args)))
 
 
 @_command
@@ -256,12 +275,13 @@ def _typer_app():
         rich_markup_mode=None,
     )
     app.callback()(_global_options)
-    for command in (validate, plan, up, status, logs, down):
+    for command in (validate, plan, up, status, logs, events, down):
         app.command()(command)
     passthrough = {"context_settings": {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
                    "add_help_option": False}
     app.command(**passthrough)(proxy)
     app.command(**passthrough)(bench)
+    app.command(**passthrough)(sweep)
     app.command()(smoke)
     export_app = typer.Typer(help="Compile a topology for another runtime.", no_args_is_help=True)
     export_app.command("k8s")(export_k8s)

@@ -1,0 +1,164 @@
+"""`epdctl sweep`: split parsing and layout (pure), then real sweeps over sim topologies."""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import PORT_RANGE, assert_no_orphans, epdctl
+
+from epdctl.errors import EpdctlError
+from epdctl.sweep import NoFit, derive, layout, parse_split
+from epdctl.topology import parse_topology
+
+
+def _block(count: int) -> int:
+    """The first of `count` consecutive free ports (sweeps lay splits out on consecutive ports)."""
+    from epdctl.ports import port_is_free
+
+    while True:
+        start = random.randrange(PORT_RANGE[0], PORT_RANGE[1] - count)
+        if all(port_is_free(p) for p in range(start, start + count)):
+            return start
+
+
+def base_file(tmp: Path, *, encode_ms: int = 60, budget: float = 0.45, extra: str = "") -> tuple[Path, int]:
+    start = _block(12)
+    text = f"""name: base
+model: sim-model
+engine: sim
+platform: cuda
+defaults: {{args: {{sim-ttft-ms: 5, sim-tpot-ms: 1, sim-encode-ms: {encode_ms}}}}}
+ec_transfer: {{connector: ECExampleConnector, shared_storage_path: {tmp / 'ec'}}}
+kv_transfer: {{connector: NixlConnector, side_channel_port_base: {start + 20}}}
+encode: [{{devices: [0], port: {start}, gpu_memory_utilization: {budget}}}]
+pd: [{{devices: [1], port: {start + 1}}}]
+proxy: {{port: {start + 10}}}
+health: {{timeout_s: 30, interval_s: 0.05}}
+{extra}"""
+    path = tmp / "base.yaml"
+    path.write_text(text)
+    return path, start
+
+
+# ------------------------------------------------------------ pure
+
+
+def test_parse_split_accepts_the_notations_and_refuses_the_rest():
+    assert parse_split("2e1p1d") == {"encode": 2, "prefill": 1, "decode": 1}
+    assert parse_split("1e2pd") == {"encode": 1, "pd": 2}
+    assert parse_split("1p1d") == {"prefill": 1, "decode": 1}
+    assert parse_split("pd") == {"pd": 1}
+    for bad in ("", "2e", "0e1pd", "1e0pd", "1e1p0d", "e1pd", "1x1pd", "1e1pd;rm"):
+        with pytest.raises(EpdctlError):
+            parse_split(bad)
+
+
+def test_layout_gives_each_instance_its_devices_and_shares_encoders_only_within_budget(tmp_path):
+    path, start = base_file(tmp_path, budget=0.45)
+    base = parse_topology(path.read_text(), str(path))
+    two = layout(base, parse_split("2e1pd"), [0, 1, 2, 3])
+    assert [i["devices"] for i in two["pd"]] == [[0]]
+    assert [i["devices"] for i in two["encode"]] == [[1], [2]]  # spread while devices are free
+    # 4 encoders + P + D on 4 devices: two devices left, two encoders of 0.45 on each.
+    packed = layout(base, parse_split("4e1p1d"), [0, 1, 2, 3])
+    assert [i["devices"] for i in packed["encode"]] == [[2], [2], [3], [3]]
+    ports = [i["port"] for role in packed.values() for i in role]
+    assert len(set(ports)) == len(ports) and start + 10 not in ports  # never the proxy's
+    with pytest.raises(NoFit, match="do not fit"):
+        layout(base, parse_split("5e1p1d"), [0, 1, 2, 3])
+    with pytest.raises(NoFit, match="needs more than"):
+        layout(base, parse_split("1e2p3d"), [0, 1, 2, 3])
+    data = derive(base, "2e1pd", [0, 1, 2, 3])
+    assert data["name"] == "base-2e1pd" and data["engine"] == "sim" and data["ec_transfer"]
+    # Each derived split is a valid topology of its own.
+    import yaml
+
+    parse_topology(yaml.safe_dump(data), "derived.yaml")
+
+
+# ------------------------------------------------------------ real sweeps
+
+
+def test_sweep_ranks_more_encoders_first_when_encoding_is_the_bottleneck(tmp_path, state_dir):
+    path, start = base_file(tmp_path, encode_ms=60)
+    result = epdctl("sweep", str(path), "--splits", "1e1pd,2e1pd,pd", "--devices", "0,1,2,3",
+                    "--num-prompts", "24", "--concurrency", "8", "--images-per-request", "2", "--max-tokens", "4",
+                    "--json", timeout=240)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    order = [s["split"] for s in summary["splits"]]
+    assert all(s["status"] == "ok" for s in summary["splits"]), summary
+    assert order.index("2e1pd") < order.index("1e1pd"), order
+    assert summary["best"] in ("2e1pd", "pd")
+    goodput = {s["split"]: s["goodput"] for s in summary["splits"]}
+    assert goodput["2e1pd"] > 1.3 * goodput["1e1pd"], goodput
+    for entry in summary["splits"]:
+        assert entry["report"]["completed"] == 24 and entry["report"]["ttft_ms"]["p50"] > 0
+    assert_no_orphans(str(state_dir), list(range(start, start + 12)))
+
+
+def test_sweep_skips_what_does_not_fit_saves_and_writes_a_ready_best_yaml(tmp_path, state_dir):
+    path, start = base_file(tmp_path, encode_ms=5, budget=0.9)
+    out = tmp_path / "results"
+    result = epdctl("sweep", str(path), "--splits", "1e1pd,3e1p1d", "--devices", "0,1,2,3", "--num-prompts", "6",
+                    "--concurrency", "2", "--max-tokens", "3", "--slo-ttft-ms", "5000", "--save", str(out),
+                    timeout=180)
+    assert result.returncode == 0, result.stderr
+    assert "3e1p1d" in result.stdout and "skipped" in result.stdout and "do not fit" in result.stdout
+    assert "best: 1e1pd" in result.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    skipped = next(s for s in summary["splits"] if s["split"] == "3e1p1d")
+    assert skipped["status"] == "skipped" and "memory budget of 0.9" in skipped["reason"]
+    assert summary["best"] == "1e1pd" and summary["splits"][0]["report"]["slo"]["ttft_ms"] == 5000
+    assert list(out.glob("1e1pd-*.json"))
+    assert (out / "sweep.png").stat().st_size > 0
+    best = out / "best.yaml"
+    assert epdctl("validate", str(best)).returncode == 0
+    assert_no_orphans(str(state_dir), list(range(start, start + 12)))
+
+
+def test_a_failed_split_is_recorded_and_the_sweep_goes_on(tmp_path, state_dir):
+    path, start = base_file(tmp_path, encode_ms=5,
+                            extra="restart: no\n")
+    text = path.read_text().replace("pd: [{devices: [1]", "pd: [{devices: [1], args: {sim-exit-after-s: 0}")
+    path.write_text(text)
+    result = epdctl("sweep", str(path), "--splits", "1e1pd,1p1d", "--devices", "0,1,2,3", "--num-prompts", "4",
+                    "--max-tokens", "2", "--json", timeout=180)
+    summary = json.loads(result.stdout)
+    assert result.returncode == 1  # no split could be measured
+    assert [s["status"] for s in summary["splits"]] == ["failed", "failed"]
+    assert "during start-up" in summary["splits"][0]["reason"] or "exited" in summary["splits"][0]["reason"]
+    assert summary["best"] is None
+    assert_no_orphans(str(state_dir), list(range(start, start + 12)))
+
+
+def test_ctrl_c_mid_sweep_stops_the_current_split_and_leaves_nothing(tmp_path, state_dir):
+    path, start = base_file(tmp_path, encode_ms=5)
+    proc = subprocess.Popen([sys.executable, "-m", "epdctl", "sweep", str(path), "--splits", "1e1pd,2e1pd",
+                             "--devices", "0,1,2,3", "--num-prompts", "100000", "--concurrency", "2",
+                             "--max-tokens", "2"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (state_dir / "base-1e1pd" / "state.json").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(2)  # into the bench
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert "sweep interrupted by SIGINT" in err
+    assert "Traceback" not in err
+    assert not (state_dir / "base-1e1pd").exists()
+    assert_no_orphans(str(state_dir), list(range(start, start + 12)))
