@@ -165,6 +165,7 @@ def _proxy_deployment(topology: Topology, works: list[Workload], image: str, ec_
         "--decode-servers-urls", urls("decode", "pd"), "--policy", proxy.policy,
         "--encode-timeout-s", f"{proxy.encode_timeout_s:g}", "--prefill-timeout-s", f"{proxy.prefill_timeout_s:g}",
         "--decode-timeout-s", f"{proxy.decode_timeout_s:g}", "--max-body-mb", f"{proxy.max_body_mb:g}",
+        "--max-media-items", str(proxy.max_media_items),
     ]
     if topology.media.allowed_local_path:
         command += ["--allowed-local-media-path", topology.media.allowed_local_path]

@@ -92,11 +92,19 @@ def local_media_path(url: str, allowed_root: Optional[str]) -> Optional[str]:
 
     Returns None for URLs that are not file://.
     """
-    if not url.startswith("file:"):
+    # URL schemes are case-insensitive and clients (and vLLM) forgive surrounding space, so
+    # ` FILE:///etc/passwd` is a file URL too.
+    if url.strip()[:5].lower() != "file:":
         return None
     if not allowed_root:
         raise MediaError("file:// media is refused: no allowed local media path is configured")
-    path = os.path.realpath(unquote(urlparse(url).path))
+    try:
+        path = unquote(urlparse(url.strip()).path)
+        if "\0" in path:
+            raise ValueError("a NUL byte in the path")
+        path = os.path.realpath(path)
+    except ValueError as exc:
+        raise MediaError(f"malformed file:// URL: {exc}") from None
     root = os.path.realpath(allowed_root)
     if os.path.commonpath([path, root]) != root:
         raise MediaError(f"file:// media outside the allowed local media path {root}")

@@ -253,7 +253,13 @@ def proxy_argv(topology: Topology, instances: tuple[ProcessSpec, ...], python: s
         "--prefill-timeout-s", f"{proxy.prefill_timeout_s:g}",
         "--decode-timeout-s", f"{proxy.decode_timeout_s:g}",
         "--max-body-mb", f"{proxy.max_body_mb:g}",
+        "--max-media-items", str(proxy.max_media_items),
     ]
+    for flag, roles in (("--encode-servers-names", ("encode",)), ("--prefill-servers-names", ("prefill",)),
+                        ("--decode-servers-names", ("decode", "pd"))):
+        names = [spec.name for spec in instances if spec.role in roles]
+        if names:
+            argv += [flag, ",".join(names)]
     ec = topology.ec_transfer
     if topology.encode and ec is not None and ec.connector == "ECExampleConnector" and ec.shared_storage_path:
         argv += ["--ec-shared-storage-path", ec.shared_storage_path]

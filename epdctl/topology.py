@@ -143,8 +143,8 @@ class InstanceSpec(_Model):
 
 
 class ProxySpec(_Model):
-    host: str = Field("127.0.0.1", min_length=1)
-    port: int = Field(10001, ge=1, le=65535)
+    host: str = Field("127.0.0.1", min_length=1, max_length=253)
+    port: Port = 10001
     policy: Literal["least-loaded", "round-robin"] = "least-loaded"
     encode_timeout_s: float = Field(300, gt=0)
     prefill_timeout_s: float = Field(600, gt=0)
@@ -154,6 +154,14 @@ class ProxySpec(_Model):
     # Each media item is one encoder call (and one open connection) per request: bound it.
     max_media_items: int = Field(64, ge=1, le=4096)
     restart: Optional[RestartOverride] = None
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        # A bind address or host name only: it reaches argv, scripts and URLs.
+        if "\0" not in value and not re.fullmatch(r"[A-Za-z0-9_.:\[\]-]+", value):
+            raise ValueError("must be a host name or an IP address")
+        return value
 
     _restart = field_validator("restart", mode="before")(_restart_shorthand)
 

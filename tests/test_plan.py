@@ -53,7 +53,9 @@ def test_1e1p1d_gets_exactly_the_seeds_flags():
         "--encode-servers-urls", "http://127.0.0.1:19534", "--prefill-servers-urls", "http://127.0.0.1:19535",
         "--decode-servers-urls", "http://127.0.0.1:19536", "--policy", "least-loaded",
         "--encode-timeout-s", "300", "--prefill-timeout-s", "600", "--decode-timeout-s", "600",
-        "--max-body-mb", "64", "--ec-shared-storage-path", "/tmp/ec_cache",
+        "--max-body-mb", "64", "--max-media-items", "64", "--encode-servers-names", "encode-0",
+        "--prefill-servers-names", "prefill-0", "--decode-servers-names", "decode-0",
+        "--ec-shared-storage-path", "/tmp/ec_cache",
     ]
 
 

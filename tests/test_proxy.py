@@ -232,7 +232,7 @@ def test_bad_input_gets_400_and_413(procs, tmp_path):
     media.mkdir()
     (media / "ok.png").write_bytes(b"pixels")
     decode = procs.sim(free_ports(1)[0], "--allowed-local-media-path", str(media))
-    proxy = start_proxy(procs, decode=[decode], extra=["--max-body-mb", "0.01", "--allowed-local-media-path", str(media)],
+    proxy = start_proxy(procs, decode=[decode], extra=["--max-body-mb", "1", "--allowed-local-media-path", str(media)],
                         cli=True)
     url = proxy + "/v1/chat/completions"
     assert http_post(url, None, raw=b"{oops")[0] == 400
@@ -240,7 +240,7 @@ def test_bad_input_gets_400_and_413(procs, tmp_path):
     status, body = http_post(url, {"messages": messages("file:///etc/passwd")})
     assert status == 400 and "outside the allowed local media path" in json.loads(body)["error"]["message"]
     assert http_post(url, {"messages": messages(f"file://{media}/ok.png"), "max_tokens": 1})[0] == 200
-    status, body = http_post(url, {"messages": [{"role": "user", "content": "x" * 20000}]})
+    status, body = http_post(url, {"messages": [{"role": "user", "content": "x" * (1024 * 1024 + 1)}]})
     assert status == 413 and json.loads(body)["error"]["code"] == 413
     # The backend's own 4xx is passed on as it is.
     status, body = http_post(url, {"messages": [{"role": "user", "content": "x"}], "max_tokens": -1})

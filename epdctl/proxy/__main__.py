@@ -40,7 +40,12 @@ def parse_args(argv: list[str]):
     parser.add_argument("--prefill-timeout-s", type=float, default=600.0, help="Whole prefill call.")
     parser.add_argument("--decode-timeout-s", type=float, default=600.0,
                         help="Decode: the longest wait for the next byte (a stream may run longer in all).")
-    parser.add_argument("--max-body-mb", type=float, default=64.0, help="Larger request bodies get 413.")
+    parser.add_argument("--max-body-mb", type=float, default=64.0, help="Larger request bodies get 413 (at least 1).")
+    parser.add_argument("--max-media-items", type=int, default=64,
+                        help="Requests with more images/audio/video items get 413 (default 64).")
+    for role in ("encode", "prefill", "decode"):
+        parser.add_argument(f"--{role}-servers-names", help=f"Comma-separated names of the {role} URLs, for logs "
+                                                             f"and metrics (default: {role}-0, {role}-1, ...).")
     parser.add_argument("--ec-shared-storage-path",
                         help="ECExampleConnector's folder, if the proxy can see it: items already cached skip the encoder.")
     parser.add_argument("--allowed-local-media-path", help="file:// media is allowed only under this folder.")
@@ -52,6 +57,19 @@ def parse_args(argv: list[str]):
     args.decode_urls = _urls(args.decode_servers_urls, "--decode-servers-urls", parser)
     if not args.decode_urls:
         parser.error("--decode-servers-urls: at least one decode (or PD) URL is required")
+    # Below 1 MB the byte limit can round to 0, which aiohttp reads as "no limit at all".
+    if not 1 <= args.max_body_mb <= 4096:
+        parser.error("--max-body-mb: must be between 1 and 4096")
+    if not 1 <= args.max_media_items <= 4096:
+        parser.error("--max-media-items: must be between 1 and 4096")
+    for role in ("encode", "prefill", "decode"):
+        names = getattr(args, f"{role}_servers_names")
+        urls = getattr(args, f"{role}_urls")
+        if names is not None:
+            names = [n.strip() for n in names.split(",") if n.strip()]
+            if len(names) != len(urls):
+                parser.error(f"--{role}-servers-names: {len(names)} name(s) for {len(urls)} URL(s)")
+        setattr(args, f"{role}_names", names)
     return args
 
 
@@ -78,7 +96,8 @@ async def _serve(args) -> int:
         policy=args.policy, encode_timeout_s=args.encode_timeout_s, prefill_timeout_s=args.prefill_timeout_s,
         decode_timeout_s=args.decode_timeout_s, max_body_bytes=int(args.max_body_mb * 1024 * 1024),
         ec_storage_path=args.ec_shared_storage_path, allowed_local_media_path=args.allowed_local_media_path,
-        probe_interval_s=args.probe_interval_s,
+        probe_interval_s=args.probe_interval_s, max_media_items=args.max_media_items,
+        encode_names=args.encode_names, prefill_names=args.prefill_names, decode_names=args.decode_names,
     )
     proxy = Proxy(config)
     # handler_cancellation: a client that disconnects cancels its handler, and with it the

@@ -24,7 +24,7 @@ class NoBackend(Exception):
 
 
 class Backend:
-    __slots__ = ("url", "role", "name", "in_flight", "load", "healthy", "ejected_at", "failures", "gauge")
+    __slots__ = ("url", "role", "name", "in_flight", "load", "healthy", "was_healthy", "ejected_at", "failures", "gauge")
 
     def __init__(self, url: str, role: str, name: str):
         self.url = url.rstrip("/")
@@ -33,6 +33,7 @@ class Backend:
         self.in_flight = 0
         self.load = 0.0
         self.healthy: Optional[bool] = None  # None: not probed yet (routable, optimistically)
+        self.was_healthy = False  # ever healthy: only then is a failed probe news worth a warning
         self.ejected_at = 0.0
         self.failures = 0
         self.gauge = None  # the in-flight gauge child, set by the server
@@ -63,9 +64,11 @@ class Backend:
 
 
 class Pool:
-    def __init__(self, role: str, urls: Iterable[str], policy: str):
+    def __init__(self, role: str, urls: Iterable[str], policy: str, names: Optional[list[str]] = None):
         self.role = role
-        self.backends = [Backend(url, role, f"{role}-{i}") for i, url in enumerate(urls)]
+        urls = list(urls)
+        names = names or [f"{role}-{i}" for i in range(len(urls))]
+        self.backends = [Backend(url, role, name) for url, name in zip(urls, names)]
         self.policy = policy
         self._rr = itertools.count()
         self._affinity: OrderedDict[str, Backend] = OrderedDict()

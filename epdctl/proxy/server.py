@@ -28,7 +28,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disa
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from epdctl.ec import ec_exists
-from epdctl.media import MediaError, content_hash, iter_media, local_media_path, strip_text
+from epdctl.media import MediaError, check_media_key, content_hash, iter_media, local_media_path, strip_text
 from epdctl.proxy.pool import Backend, NoBackend, Pool
 
 log = logging.getLogger("epdctl.proxy")
@@ -37,6 +37,13 @@ disable_created_metrics()
 CHAT_PATH = "/v1/chat/completions"
 COMPLETIONS_PATH = "/v1/completions"
 PROBE_TIMEOUT_S = 2.0
+# While some backend is not known healthy (start-up, a restart), probe this often, so `/health`
+# can answer from known state at once without making `up` wait a whole probe period.
+FAST_PROBE_INTERVAL_S = 0.25
+# Encoder calls in flight: per request (one request with many images must not take every
+# connection) and in all (file descriptors are finite).
+ENCODE_CALLS_PER_REQUEST = 16
+ENCODE_CALLS_TOTAL = 512
 CONNECT_TIMEOUT_S = 10.0
 # NixlConnector's request shape for "prefill here, decode elsewhere" (as vLLM's own proxies send it).
 PREFILL_KV_PARAMS = {
@@ -60,6 +67,10 @@ class ProxyConfig:
     ec_storage_path: Optional[str] = None
     allowed_local_media_path: Optional[str] = None
     probe_interval_s: float = 2.0
+    max_media_items: int = 64
+    encode_names: Optional[list[str]] = None  # instance names from the plan, for logs and metrics
+    prefill_names: Optional[list[str]] = None
+    decode_names: Optional[list[str]] = None
 
 
 class StageError(Exception):
@@ -138,9 +149,10 @@ class Proxy:
     def __init__(self, config: ProxyConfig) -> None:
         self.config = config
         self.metrics = Metrics()
-        self.encode = Pool("encode", config.encode_urls, config.policy)
-        self.prefill = Pool("prefill", config.prefill_urls, config.policy)
-        self.decode = Pool("decode", config.decode_urls, config.policy)
+        self.encode = Pool("encode", config.encode_urls, config.policy, config.encode_names)
+        self.prefill = Pool("prefill", config.prefill_urls, config.policy, config.prefill_names)
+        self.decode = Pool("decode", config.decode_urls, config.policy, config.decode_names)
+        self.encode_slots = asyncio.Semaphore(ENCODE_CALLS_TOTAL)
         self.pools = [p for p in (self.encode, self.prefill, self.decode) if p]
         for pool in self.pools:
             for backend in pool.backends:
@@ -196,11 +208,16 @@ class Proxy:
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
             ok = False
         if ok and backend.healthy is not True:
-            if backend.healthy is False:
+            if backend.healthy is False and backend.was_healthy:
                 log.info("%s (%s) is healthy again", backend.name, backend.url)
-            backend.healthy = True
+            else:
+                log.info("%s (%s) is ready", backend.name, backend.url)
+            backend.healthy = backend.was_healthy = True
         elif not ok and backend.healthy is not False:
-            log.warning("%s (%s) failed its health probe; out of rotation until it recovers", backend.name, backend.url)
+            if backend.was_healthy:
+                log.warning("%s (%s) failed its health probe; out of rotation until it recovers", backend.name, backend.url)
+            else:  # still starting: not news
+                log.info("%s (%s) is not ready yet", backend.name, backend.url)
             self._eject(backend)
         return ok
 
@@ -208,17 +225,17 @@ class Proxy:
         backends = [b for pool in self.pools for b in pool.backends]
         while True:
             await asyncio.gather(*(self._probe(b) for b in backends), return_exceptions=True)
-            await asyncio.sleep(self.config.probe_interval_s)
+            settled = all(b.healthy for b in backends)
+            await asyncio.sleep(self.config.probe_interval_s if settled else min(FAST_PROBE_INTERVAL_S,
+                                                                                   self.config.probe_interval_s))
 
     def _eject(self, backend: Backend) -> None:
         backend.eject()
         self.metrics.ejections.labels(backend.role).inc()
 
     async def health(self, request: web.Request) -> web.Response:
-        # Probe now whatever is not known healthy, so `up` sees the truth without waiting a period.
-        stale = [b for pool in self.pools for b in pool.backends if b.healthy is not True]
-        if stale:
-            await asyncio.gather(*(self._probe(b) for b in stale), return_exceptions=True)
+        # From known state only: a stopped backend must not make the proxy's own health slow.
+        # The probe loop runs fast while anything is not known healthy, so this is fresh.
         roles = {}
         for pool in self.pools:
             roles[pool.role] = [
@@ -265,6 +282,8 @@ class Proxy:
                 body = json.loads(raw)
             except (ValueError, UnicodeDecodeError) as exc:
                 raise StageError(400, f"malformed JSON body: {exc}") from None
+            except RecursionError:
+                raise StageError(400, "malformed JSON body: nested too deeply") from None
             if not isinstance(body, dict):
                 raise StageError(400, "the body must be a JSON object")
             stream = body.get("stream") is True
@@ -296,8 +315,17 @@ class Proxy:
     def _media_items(self, body: dict) -> list:
         try:
             items = list(iter_media(body))
+            if len(items) > self.config.max_media_items:
+                raise StageError(413, f"{len(items)} media items in one request; at most "
+                                      f"{self.config.max_media_items} (the proxy's max_media_items)")
             for item in items:
                 local_media_path(item.locator, self.config.allowed_local_media_path)
+                given = item.part.get("uuid")
+                if given is not None:
+                    # vLLM's ECExampleConnector makes the key a folder name: only plain names pass.
+                    if not isinstance(given, str):
+                        raise MediaError(f"media uuid must be a string (got {type(given).__name__})")
+                    check_media_key(given)
                 if self.encode and not item.uuid:
                     # vLLM keys its caches (and the EC file) by a given uuid, so encoder and
                     # decoder agree on the mm_hash without hashing the pixels twice.
@@ -306,8 +334,14 @@ class Proxy:
             raise StageError(400, str(exc)) from None
         return items
 
+    async def _bounded_encode(self, payload: bytes, request_id: str, headers: dict, key: str,
+                              per_request: asyncio.Semaphore) -> None:
+        async with per_request, self.encode_slots:
+            await self._call(self.encode, CHAT_PATH, payload, request_id, headers, weight=1.0, affinity=key)
+
     async def _encode_all(self, body: dict, items: list, request_id: str, headers: dict) -> None:
         started = time.perf_counter()
+        per_request = asyncio.Semaphore(ENCODE_CALLS_PER_REQUEST)
         calls = []
         seen = set()
         ec_path = self.config.ec_storage_path
@@ -320,8 +354,7 @@ class Proxy:
                 self.metrics.ec_reused.inc()
                 continue
             payload = json.dumps(strip_text(body, item), separators=(",", ":")).encode()
-            calls.append(self._call(self.encode, CHAT_PATH, payload, f"{request_id}-encode-{index}", headers,
-                                    weight=1.0, affinity=key))
+            calls.append(self._bounded_encode(payload, f"{request_id}-encode-{index}", headers, key, per_request))
         if not calls:
             return
         results = await asyncio.gather(*calls, return_exceptions=True)
@@ -361,6 +394,7 @@ class Proxy:
                 self.metrics.retries.labels(pool.role).inc()
             tried.append(backend)
             backend.acquire(weight)
+            sent = time.perf_counter()
             try:
                 async with session.post(backend.url + path, data=payload,
                                         headers={**headers, "X-Request-Id": request_id}, timeout=timeout) as resp:
@@ -382,8 +416,8 @@ class Proxy:
                         continue
             except asyncio.TimeoutError:
                 self._eject(backend)
-                error = StageError(504, f"{pool.role} {backend.name} ({backend.url}) timed out "
-                                        f"after {timeout.total:g}s")
+                error = StageError(504, f"{pool.role} {backend.name} ({backend.url}) timed out after "
+                                        f"{time.perf_counter() - sent:.1f}s (limit {timeout.total:g}s)")
             except aiohttp.ClientError as exc:
                 self._eject(backend)
                 error = StageError(502, f"{pool.role} {backend.name} ({backend.url}): {_describe(exc)}")
