@@ -167,6 +167,9 @@ def _proxy_deployment(topology: Topology, works: list[Workload], image: str, ec_
         "--decode-timeout-s", f"{proxy.decode_timeout_s:g}", "--max-body-mb", f"{proxy.max_body_mb:g}",
         "--max-media-items", str(proxy.max_media_items),
     ]
+    kv = topology.kv_transfer
+    if topology.prefill and kv is not None and kv.connector != "NixlConnector":
+        command += ["--kv-connector", kv.connector]  # as `plan` passes it: the proxy's warnings know it
     if topology.media.allowed_local_path:
         command += ["--allowed-local-media-path", topology.media.allowed_local_path]
     container: dict[str, Any] = {

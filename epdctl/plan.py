@@ -260,6 +260,11 @@ def proxy_argv(topology: Topology, instances: tuple[ProcessSpec, ...], python: s
         names = [spec.name for spec in instances if spec.role in roles]
         if names:
             argv += [flag, ",".join(names)]
+    kv = topology.kv_transfer
+    if topology.prefill and kv is not None and kv.connector != "NixlConnector":
+        # The proxy assumes NixlConnector (vLLM's reference) unless told: then it knows whether P's
+        # answer must carry kv_transfer_params (a storage connector's never does).
+        argv += ["--kv-connector", kv.connector]
     ec = topology.ec_transfer
     if topology.encode and ec is not None and ec.connector == "ECExampleConnector" and ec.shared_storage_path:
         argv += ["--ec-shared-storage-path", ec.shared_storage_path]

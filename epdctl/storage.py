@@ -135,10 +135,14 @@ def release(path: Optional[str], run_token: Optional[str]) -> Optional[str]:
                 os.unlink(os.path.join(folder, LEASE_PREFIX + run_token))
             except FileNotFoundError:
                 pass
-            if not _is_our_marker(folder):
-                return None
             users = [e[len(LEASE_PREFIX):] for e in os.listdir(folder)
                      if e.startswith(LEASE_PREFIX) and _lease_holder_alive(e, folder)]
+            if not _is_our_marker(folder):
+                if not any(e.startswith(LEASE_PREFIX) for e in os.listdir(folder)):
+                    # The user's own folder: take our lock file away with us. A claim waiting on
+                    # it sees it unlinked (st_nlink 0) and starts over.
+                    os.unlink(os.path.join(folder, LOCK))
+                return None
             if users:
                 return f"kept the shared folder {folder}: still used by {', '.join(sorted(users))}"
             shutil.rmtree(folder, ignore_errors=True)  # refuses a symlink; never follows one inside

@@ -63,8 +63,11 @@ def build(out: Path, seed: int = 0) -> Path:
                                         unk_token=None, model_max_length=4096)
     tokenizer.chat_template = CHAT_TEMPLATE
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL_TOKENS}
-    vocab = VOCAB_SIZE  # the embedding is at least as large as the tokenizer
-    assert len(tokenizer) <= vocab, len(tokenizer)
+    # The embedding is exactly as large as the tokenizer: every id the model can emit decodes to
+    # text, so an answer is never "" made of ids past the vocabulary (the BPE trainer learns fewer
+    # than VOCAB_SIZE tokens from this corpus).
+    vocab = len(tokenizer)
+    assert vocab <= VOCAB_SIZE, vocab
 
     config = Qwen2_5_VLConfig(
         text_config={

@@ -85,6 +85,7 @@ def test_a_folder_that_existed_before_up_is_never_removed(tmp_path, state_dir):
     finally:
         epdctl("down", "existing", check=0)
     assert (ec / "notes.txt").read_text() == "mine"
+    assert not [p.name for p in ec.iterdir() if p.name.startswith(".epdctl")]  # no lock, lease or marker left
     assert_no_orphans(str(state_dir), list(ports.values()))
 
 

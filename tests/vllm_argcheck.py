@@ -2,12 +2,33 @@
 
 Reads [{"name", "argv"}] as JSON on stdin; prints {name: "ok" | error} as JSON. For each argv it
 strips the command prefix, parses the rest with vLLM's `vllm serve` parser, runs vLLM's own
-pre-load checks, builds the engine arguments, and builds the EC/KV transfer configs from our
-JSON. (Building the whole engine config would load the model's config from the hub.)
+pre-load checks, builds the engine arguments, builds the EC/KV transfer configs from our JSON, and
+loads the connector classes they name. (Building the whole engine config would load the model's
+config from the hub.)
 """
 
 import json
 import sys
+
+
+def connector_class(config) -> type:
+    """The connector class vLLM would instantiate for this EC/KV transfer config (a typo'd name
+    fails here, where the config classes alone accept any string)."""
+    from vllm.config import ECTransferConfig
+    from vllm.distributed.ec_transfer.ec_connector.factory import ECConnectorFactory
+    from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
+
+    if isinstance(config, ECTransferConfig):
+        factory, name, module_path = ECConnectorFactory, config.ec_connector, config.ec_connector_module_path
+    else:
+        factory, name, module_path = KVConnectorFactory, config.kv_connector, config.kv_connector_module_path
+    if module_path:
+        import importlib
+
+        return getattr(importlib.import_module(module_path), name)
+    if name not in factory._registry:
+        raise ValueError(f"unknown connector {name!r}; vLLM has {sorted(factory._registry)}")
+    return factory._registry[name]()
 
 
 def check(argv: list[str]) -> str:
@@ -36,7 +57,8 @@ def check(argv: list[str]) -> str:
         engine_args = AsyncEngineArgs.from_cli_args(args)
         for flag, cls in (("--ec-transfer-config", ECTransferConfig), ("--kv-transfer-config", KVTransferConfig)):
             if flag in rest:
-                cls(**json.loads(rest[rest.index(flag) + 1]))
+                config = cls(**json.loads(rest[rest.index(flag) + 1]))
+                connector_class(config)
         if engine_args.model != args.model:
             return f"model {engine_args.model!r} is not the planned {args.model!r}"
     except Exception as exc:

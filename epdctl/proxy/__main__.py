@@ -49,6 +49,10 @@ def parse_args(argv: list[str]):
     parser.add_argument("--ec-shared-storage-path",
                         help="ECExampleConnector's folder, if the proxy can see it: items already cached skip the encoder.")
     parser.add_argument("--allowed-local-media-path", help="file:// media is allowed only under this folder.")
+    parser.add_argument("--kv-connector", default="NixlConnector",
+                        help="The P->D KV connector (default NixlConnector). With a storage connector such as "
+                             "ExampleConnector, P answers without kv_transfer_params by design, so the proxy "
+                             "does not warn that decode will recompute.")
     parser.add_argument("--probe-interval-s", type=float, default=2.0, help="Background /health probe period.")
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
@@ -96,7 +100,7 @@ async def _serve(args) -> int:
         policy=args.policy, encode_timeout_s=args.encode_timeout_s, prefill_timeout_s=args.prefill_timeout_s,
         decode_timeout_s=args.decode_timeout_s, max_body_bytes=int(args.max_body_mb * 1024 * 1024),
         ec_storage_path=args.ec_shared_storage_path, allowed_local_media_path=args.allowed_local_media_path,
-        probe_interval_s=args.probe_interval_s, max_media_items=args.max_media_items,
+        probe_interval_s=args.probe_interval_s, max_media_items=args.max_media_items, kv_connector=args.kv_connector,
         encode_names=args.encode_names, prefill_names=args.prefill_names, decode_names=args.decode_names,
     )
     proxy = Proxy(config)

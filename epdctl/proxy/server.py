@@ -50,8 +50,16 @@ PREFILL_KV_PARAMS = {
     "do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None,
     "remote_block_ids": None, "remote_host": None, "remote_port": None,
 }
+# KV connectors whose prefill answer carries the kv_transfer_params the decoder needs (P2P hand-off).
+# Storage-based ones (ExampleConnector, LMCache, offloading, ...) return none: the decoder finds the
+# KV by the prompt itself. MultiConnector may wrap either kind.
+HANDOFF_KV_CONNECTORS = frozenset({
+    "NixlConnector", "NixlPullConnector", "NixlPushConnector", "MooncakeConnector", "MoRIIOConnector",
+    "P2pNcclConnector", "MultiConnector",
+})
 STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 FORWARDED_HEADERS = ("Authorization",)
+SSE_DONE = b"data: [DONE]\n\n"
 
 
 @dataclass
@@ -67,6 +75,7 @@ class ProxyConfig:
     ec_storage_path: Optional[str] = None
     allowed_local_media_path: Optional[str] = None
     probe_interval_s: float = 2.0
+    kv_connector: str = "NixlConnector"  # the P->D KV connector (kv_connector of --kv-transfer-config)
     max_media_items: int = 64
     encode_names: Optional[list[str]] = None  # instance names from the plan, for logs and metrics
     prefill_names: Optional[list[str]] = None
@@ -372,7 +381,7 @@ class Proxy:
         answer = await self._call(self.prefill, path, json.dumps(request, separators=(",", ":")).encode(),
                                   f"{request_id}-prefill", headers, weight=weight, parse=True)
         kv = answer.get("kv_transfer_params") if isinstance(answer, dict) else None
-        if not kv and not self._warned_no_kv:
+        if not kv and not self._warned_no_kv and self.config.kv_connector in HANDOFF_KV_CONNECTORS:
             self._warned_no_kv = True
             log.warning("prefill answered without kv_transfer_params: decode will recompute the prefill "
                         "(is its --kv-transfer-config kv_role kv_producer?)")
@@ -487,9 +496,15 @@ class Proxy:
         await out.prepare(request)
         try:
             if first:
+                # Once [DONE] is relayed the client has all it asked for, and may hang up (which
+                # cancels us) before the backend's end of stream arrives: that is a success.
                 await out.write(first)
+                if first.endswith(SSE_DONE):
+                    outcome.value = "ok"
                 async for chunk in resp.content.iter_any():
                     await out.write(chunk)
+                    if chunk.endswith(SSE_DONE):
+                        outcome.value = "ok"
             outcome.value = "ok"
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             outcome.value = "stream_error"
