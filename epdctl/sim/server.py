@@ -110,6 +110,9 @@ class SimEngine:
         self.metrics = Metrics()
         self._block_ids = itertools.count()
         self._ids = itertools.count()
+        # One vision encoder per instance: items are encoded one after another, so encode time
+        # adds up under load (what makes a second encoder worth having), as on a real instance.
+        self._encoder = asyncio.Lock()
 
     # ------------------------------------------------------------ request model
 
@@ -275,8 +278,13 @@ class SimEngine:
         if kv_in and kv_in.get("do_remote_decode") and cfg.kv_role in ("kv_producer", "kv_both"):
             kv_out = self._kv_params_out()
 
-        ttft_s = ((0.0 if remote_prefill else cfg.ttft_ms) + cfg.encode_ms * encoded_here) / 1000.0
+        # An ec_producer runs the encoder only (vLLM resolves it to mm_encoder_only): no prefill.
+        encoder_only = cfg.ec_role == "ec_producer"
+        ttft_s = (0.0 if remote_prefill or encoder_only else cfg.ttft_ms) / 1000.0
         tpot_s = cfg.tpot_ms / 1000.0
+        if encoded_here and cfg.encode_ms > 0:
+            async with self._encoder:
+                await asyncio.sleep(cfg.encode_ms * encoded_here / 1000.0)
         # The answer depends on the prompt and the media keys only, so EPD and aggregated agree.
         tokens = self._answer_tokens(ask.text + "|".join(keys), max_tokens)
         prompt_tokens = ask.prompt_tokens
