@@ -561,12 +561,9 @@ class Supervisor:
     def _kill_leftovers(self, child: Child) -> None:
         """A dead instance's own children (vLLM's EngineCore, workers) must not outlive it: they
         hold its device memory and the restarted instance would fail for lack of it."""
+        # Found by their tags (ours: this run, this instance, our uid), not by the dead leader's
+        # process group, whose id could already belong to someone else.
         leftovers = [p for p in tagged_processes(self.run_token) if _instance_of(p) == child.spec.name]
-        if child.pid:
-            try:
-                os.killpg(child.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
         for proc in leftovers:
             try:
                 proc.kill()

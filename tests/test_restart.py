@@ -312,3 +312,33 @@ def test_logs_rotate_at_their_cap_and_keep_n_copies(tmp_path, state_dir):
         epdctl("down", "rotate", check=0)
     assert not folder.exists()
     assert_no_orphans(str(state_dir), [pd, proxy_port])
+
+
+def test_a_restart_first_kills_what_the_dead_instance_left_behind(tmp_path, state_dir):
+    """vLLM's EngineCore outlives a killed API server and holds its device memory: it must go."""
+    topology, ports = write_sim_topology(tmp_path, "agg", name="leftover", extra=FAST,
+                                         instance_args={"pd-0": {"sim-spawn-child": "session"}})
+    epdctl("up", "-d", str(topology), check=0)
+    try:
+        def pd_processes() -> list[psutil.Process]:
+            found = []
+            for proc in psutil.process_iter():
+                try:
+                    env = proc.environ()
+                    if env.get("EPDCTL_INSTANCE") == "pd-0" and env.get("EPDCTL_RUN", "").startswith("leftover-") \
+                            and proc.status() != psutil.STATUS_ZOMBIE:
+                        found.append(proc)
+                except psutil.Error:
+                    pass
+            return found
+
+        _wait_for(lambda: len(pd_processes()) == 2, 10, "pd-0 and its child")
+        old = {p.pid for p in pd_processes()}
+        os.kill(_entry(_status("leftover"), "pd-0")["pid"], signal.SIGKILL)  # its child stays, in its own session
+        _wait_for(lambda: _entry(_status("leftover"), "pd-0")["state"] == "healthy"
+                  and _entry(_status("leftover"), "pd-0")["restarts"] == 1, 20, "pd-0 back")
+        now = _wait_for(lambda: (lambda ps: ps if len(ps) == 2 else None)(pd_processes()), 10, "two pd-0 processes")
+        assert not old & {p.pid for p in now}, "the dead instance's child survived its restart"
+    finally:
+        epdctl("down", "leftover", check=0)
+    assert_no_orphans(str(state_dir), list(ports.values()))
