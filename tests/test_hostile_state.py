@@ -286,7 +286,7 @@ def test_up_detached_failure_puts_the_cause_first_with_the_right_url(tmp_path, s
     lines = result.stderr.splitlines()
     assert lines[0].startswith("epdctl: not healthy after 2s: "), result.stderr
     assert f"encode-0 (no 200 from http://127.0.0.1:{ports['encode-0']}/health)" in lines[0]
-    assert f"pd-0 (no 200" not in lines[0]  # pd-0 was healthy
+    assert "pd-0 (no 200" not in lines[0]  # pd-0 was healthy
     assert lines[0].endswith("stopped late")
     assert lines[1].startswith("  encode-0 (pid") and "SIGTERM" in lines[1]
     assert any(line.startswith("--- last") for line in lines[2:])

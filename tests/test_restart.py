@@ -12,12 +12,11 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import psutil
 import pytest
 
-from conftest import assert_no_orphans, epdctl, http_get, http_post, wait_healthy, write_sim_topology
+from conftest import assert_no_orphans, epdctl, http_post, wait_healthy, write_sim_topology
 
 from epdctl.restart import RestartBook
 from epdctl.topology import RestartSpec
