@@ -1,8 +1,9 @@
-"""Spawn, health gate, fail fast, watch, tear down (DESIGN §4, §7).
+"""Spawn, health gate, fail fast, heal, tear down (DESIGN §4, §7).
 
 One `Supervisor` runs a plan. In the foreground it lives in the `epdctl up` process; with
 `-d` it lives in a detached fork of `epdctl up` (its own session) that owns (and reaps) the
-children while the CLI only watches `state.json` until everything is healthy.
+children while the CLI only watches `state.json` until everything is healthy. After start-up
+it restarts what exits by each process's restart policy (the decisions are `restart.py`'s).
 Every child is recorded in `state.json` (pid + create_time + pgid) the moment it exists, so
 SIGKILL of any epdctl process still leaves everything within reach of `epdctl down`.
 """
