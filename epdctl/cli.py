@@ -231,6 +231,14 @@ def sweep(ctx: typer.Context) -> None:
 
 
 @_command
+def calibrate(ctx: typer.Context) -> None:
+    """Probe a running topology's instances and fit the simulated engine's costs: a sim profile (see `epdctl calibrate --help`)."""
+    from epdctl.calibrate import main as calibrate_main
+
+    raise SystemExit(calibrate_main(list(ctx.args)))
+
+
+@_command
 def smoke(
     file: Annotated[Path, typer.Argument(help="The topology YAML file.", show_default=False)],
     keep_up: Annotated[bool, typer.Option("--keep-up", help="Leave the topology running afterwards.")] = False,
@@ -282,6 +290,7 @@ def _typer_app():
     app.command(**passthrough)(proxy)
     app.command(**passthrough)(bench)
     app.command(**passthrough)(sweep)
+    app.command(**passthrough)(calibrate)
     app.command()(smoke)
     export_app = typer.Typer(help="Compile a topology for another runtime.", no_args_is_help=True)
     export_app.command("k8s")(export_k8s)

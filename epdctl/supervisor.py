@@ -740,9 +740,10 @@ def up(topology, plan: Plan, *, detach: bool, wait_timeout: Optional[float], sou
     if adopt is None:
         state_dir.remove_logs()
     timeout = wait_timeout if wait_timeout is not None else plan.health_timeout_s
+    source_path = os.path.abspath(source)  # read later from other folders (`calibrate --twin`)
     if detach:
-        return _up_detached(plan, state_dir, lock_fd, timeout, str(source), adopt)
-    return _up_foreground(plan, state_dir, timeout, str(source), adopt)
+        return _up_detached(plan, state_dir, lock_fd, timeout, source_path, adopt)
+    return _up_foreground(plan, state_dir, timeout, source_path, adopt)
 
 
 def _up_foreground(plan: Plan, state_dir: StateDir, timeout: float, source: str,

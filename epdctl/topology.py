@@ -200,10 +200,13 @@ class Topology(_Model):
     media: MediaSpec = MediaSpec()
     restart: RestartSpec = RestartSpec()
     logs: LogsSpec = LogsSpec()
+    # A cost profile from `epdctl calibrate` (engine: sim only); relative to the topology's folder.
+    sim_profile: Optional[str] = Field(None, min_length=1, max_length=4096)
 
     _restart = field_validator("restart", mode="before")(_restart_shorthand)
 
     _source: Optional[Path] = PrivateAttr(None)
+    _sim_costs: dict[str, float] = PrivateAttr(default_factory=dict)
 
     @field_validator("model")
     @classmethod
@@ -215,6 +218,11 @@ class Topology(_Model):
     @property
     def source(self) -> Optional[Path]:
         return self._source
+
+    @property
+    def sim_costs(self) -> dict[str, float]:
+        """The sim flags of `sim_profile` (the lowest level of every sim instance's flags)."""
+        return self._sim_costs
 
     def instances(self) -> Iterator[InstanceRef]:
         for role in ROLES:
@@ -275,7 +283,7 @@ def load_topology(
                           check_folders=check_folders)
 
 
-def read_topology_file(path: Path) -> str:
+def read_topology_file(path: Path, what: str = "topology file") -> str:
     """The file's text. Only a regular file is read: a FIFO or a device would block or never end."""
     where = one_line(str(path))
     try:
@@ -287,7 +295,7 @@ def read_topology_file(path: Path) -> str:
     try:
         mode = os.fstat(fd).st_mode
         if stat.S_ISDIR(mode):
-            raise EpdctlError(f"{where}: is a directory, not a topology file", EXIT_USAGE)
+            raise EpdctlError(f"{where}: is a directory, not a {what}", EXIT_USAGE)
         if not stat.S_ISREG(mode):
             raise EpdctlError(f"{where}: is not a regular file (a FIFO, socket or device?)", EXIT_USAGE)
         handle = os.fdopen(fd, "rb")
@@ -297,7 +305,7 @@ def read_topology_file(path: Path) -> str:
     with handle:
         data = handle.read(MAX_FILE_BYTES + 1)
     if len(data) > MAX_FILE_BYTES:
-        raise EpdctlError(f"{where}: is larger than {MAX_FILE_BYTES // 1024} KiB: not a topology file", EXIT_USAGE)
+        raise EpdctlError(f"{where}: is larger than {MAX_FILE_BYTES // 1024} KiB: not a {what}", EXIT_USAGE)
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -334,8 +342,36 @@ def parse_topology(
             for loc, message, prefer_key in problems
         ]
         raise EpdctlError("\n".join(lines), EXIT_USAGE)
+    if topology.sim_profile:
+        topology = _with_sim_profile(topology, filename, marks, source)
     topology._source = source
     return topology
+
+
+def _with_sim_profile(topology: Topology, filename: str, marks: Marks, source: Path | None) -> Topology:
+    """Resolve `sim_profile` against the topology's folder and read it (its errors name both files)."""
+    from epdctl.simprofile import load_profile
+
+    line = marks.line_for(("sim_profile",), prefer_key=True)
+    raw = topology.sim_profile or ""
+    if topology.engine != "sim":
+        raise EpdctlError(error_line(filename, line, "sim_profile: only for engine: sim (the twin of a real "
+                                     "topology is a copy with engine: sim)"), EXIT_USAGE)
+    if "\0" in raw:
+        raise EpdctlError(error_line(filename, line, "sim_profile: must not contain a NUL byte"), EXIT_USAGE)
+    path = Path(raw).expanduser()
+    if not path.is_absolute():
+        path = (source.parent if source is not None else Path.cwd()) / path
+    path = Path(os.path.abspath(path))
+    try:
+        profile = load_profile(path)
+    except EpdctlError as exc:
+        first = exc.message.splitlines()[0]
+        raise EpdctlError(error_line(filename, line, f"sim_profile: {first}"), EXIT_USAGE) from None
+    # Absolute from here on: `sweep` re-reads the topology as data, from no folder.
+    resolved = topology.model_copy(update={"sim_profile": str(path)})
+    resolved._sim_costs = profile.cost.flags()
+    return resolved
 
 
 def _name_from_stem(stem: str) -> str:

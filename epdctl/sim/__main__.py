@@ -19,6 +19,8 @@ sleeps, while keeping vLLM's encoder-cache (ECExampleConnector) and KV (NixlConn
 contracts so a disaggregated topology can run and be proven on a machine with no GPU.
 Flags of `vllm serve` that it does not model are accepted and ignored."""
 
+from epdctl.sim.costmodel import DEFAULT_MAX_NUM_BATCHED_TOKENS, DEFAULT_MAX_NUM_SEQS
+
 _IDLE_CHILD = "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nwhile True: time.sleep(1)\n"
 
 
@@ -37,9 +39,26 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--limit-mm-per-prompt", type=_mm_limits, default={}, metavar="JSON",
                         help='Media items per prompt, as vLLM: \'{"image": 4}\' (default 999 per modality).')
     sim = parser.add_argument_group("simulation")
-    sim.add_argument("--sim-ttft-ms", type=float, default=20.0, help="Prefill time per request (ms).")
+    sim.add_argument("--sim-ttft-ms", type=float, default=20.0,
+                     help="Time of a step that prefills (ms): a request alone gets its first token after it; "
+                          "prompts prefilled together share it.")
     sim.add_argument("--sim-tpot-ms", type=float, default=2.0, help="Time per output token after the first (ms).")
-    sim.add_argument("--sim-encode-ms", type=float, default=10.0, help="Encode time per media item not loaded from the EC (ms).")
+    sim.add_argument("--sim-encode-ms", type=float, default=10.0,
+                     help="Encode time per media item not loaded from the EC (ms); items in one step add up.")
+    sim.add_argument("--sim-prefill-request-ms", type=float, default=0.0,
+                     help="Added to a prefill step per request it prefills (ms, default 0).")
+    sim.add_argument("--sim-encode-base-ms", type=float, default=0.0,
+                     help="Added once to a step that encodes anything (ms, default 0): batching's saving.")
+    sim.add_argument("--sim-step-per-seq-ms", type=float, default=0.0,
+                     help="Added to each step per running request (ms): what batching costs (default 0).")
+    sim.add_argument("--sim-prefill-token-ms", type=float, default=0.0,
+                     help="Added to a step per prompt token it prefills (ms, default 0).")
+    parser.add_argument("--max-num-seqs", type=int, default=DEFAULT_MAX_NUM_SEQS,
+                        help=f"Requests running at once, as vLLM's flag; the rest wait, first come first served "
+                             f"(default {DEFAULT_MAX_NUM_SEQS}, vLLM's for a GPU server).")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=DEFAULT_MAX_NUM_BATCHED_TOKENS,
+                        help=f"Tokens per step, as vLLM's flag: longer prompts are prefilled in chunks "
+                             f"(default {DEFAULT_MAX_NUM_BATCHED_TOKENS}).")
     testing = parser.add_argument_group("testing the supervisor")
     testing.add_argument("--sim-startup-ms", type=float, default=0.0, help="Wait before listening (a slow start).")
     testing.add_argument("--sim-exit-after-s", type=float, help="Exit with code 3 after this many seconds (a crash).")
@@ -53,6 +72,13 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     args.model = args.model or model
     if not args.model:
         parser.error("a model is required (positional, or --model)")
+    for flag in ("max_num_seqs", "max_num_batched_tokens"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1")
+    for flag in ("sim_ttft_ms", "sim_tpot_ms", "sim_encode_ms", "sim_encode_base_ms", "sim_step_per_seq_ms",
+                 "sim_prefill_token_ms", "sim_prefill_request_ms"):
+        if not getattr(args, flag) >= 0:  # also refuses nan
+            parser.error(f"--{flag.replace('_', '-')} must be a number >= 0")
     return args, unknown
 
 
@@ -94,7 +120,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         host=args.host, port=args.port, ttft_ms=args.sim_ttft_ms, tpot_ms=args.sim_tpot_ms,
         encode_ms=args.sim_encode_ms, ec_role=ec_role, ec_path=ec_path, kv_role=kv_role,
         allowed_local_media_path=args.allowed_local_media_path, max_model_len=args.max_model_len,
-        limit_mm_per_prompt=args.limit_mm_per_prompt,
+        limit_mm_per_prompt=args.limit_mm_per_prompt, step_per_seq_ms=args.sim_step_per_seq_ms,
+        prefill_token_ms=args.sim_prefill_token_ms, encode_base_ms=args.sim_encode_base_ms,
+        prefill_request_ms=args.sim_prefill_request_ms,
+        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
     )
     configure_from_env(config)
     if args.sim_ignore_sigterm:

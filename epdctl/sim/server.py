@@ -1,7 +1,8 @@
 """The simulated engine's HTTP server: OpenAI chat/completions with vLLM's EC and KV contracts.
 
-Every wait is an `asyncio.sleep`, so one sim serves many concurrent requests on little CPU:
-it is the backend of the proxy and bench benchmarks, so per-request work is kept small.
+Time passes in one asyncio step loop per instance (costmodel.Scheduler: vLLM's scheduler in
+miniature), so one sim serves many concurrent requests on little CPU: it is the backend of the
+proxy and bench benchmarks, so per-request work is kept small.
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, disable_created_metrics, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from epdctl.ec import ec_exists, load_ec, save_ec
 from epdctl.media import MediaError, MediaItem, check_media_key, content_hash, iter_media, local_media_path
+from epdctl.sim.costmodel import DEFAULT_MAX_NUM_BATCHED_TOKENS, DEFAULT_MAX_NUM_SEQS, CostModel, Scheduler, Seq
 
 log = logging.getLogger("epdctl.sim")
 disable_created_metrics()  # `_created` gauges only clutter what smoke and people read
@@ -32,6 +34,11 @@ WORDS = (
     "the quick brown fox jumps over a lazy dog while seven bright encoders hum and "
     "prefill waits for decode to stream tokens across the disaggregated cluster"
 ).split()
+# vLLM's histogram buckets (vllm/v1/metrics/loggers.py).
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                20.0, 40.0, 80.0)
 TOKENS_PER_MEDIA_ITEM = 64  # the sim's "encoder output length" per item
 HIDDEN_SIZE = 128
 DEFAULT_MAX_TOKENS = 16
@@ -49,6 +56,12 @@ class SimConfig:
     ttft_ms: float = 20.0
     tpot_ms: float = 2.0
     encode_ms: float = 10.0
+    step_per_seq_ms: float = 0.0  # added to every step per running request (batching's cost)
+    prefill_token_ms: float = 0.0  # added per prompt token prefilled
+    encode_base_ms: float = 0.0  # added once to a step that encodes anything
+    prefill_request_ms: float = 0.0  # added to a prefill step per request it prefills
+    max_num_seqs: int = DEFAULT_MAX_NUM_SEQS
+    max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS
     ec_role: Optional[str] = None  # ec_producer | ec_consumer | ec_both
     ec_path: Optional[str] = None
     kv_role: Optional[str] = None  # kv_producer | kv_consumer | kv_both
@@ -102,6 +115,17 @@ class Metrics:
         self.ec_missed = counter("epdctl_sim_ec_missed", "Media items a consumer found no encoder-cache file for.")
         self.prefills = counter("epdctl_sim_prefills", "Prefills computed here.")
         self.remote_prefills = counter("epdctl_sim_remote_prefills", "Decodes that used KV from a prefill instance.")
+        # vLLM's own names and buckets, timed on the step loop's clock: what the engine saw, without
+        # HTTP or proxy, so a client's figures can be checked against the server's.
+        label = ["model_name"]
+        self.ttft = Histogram("vllm:time_to_first_token_seconds", "Time to first token.", label,
+                              registry=self.registry, buckets=TTFT_BUCKETS)
+        self.tpot = Histogram("vllm:request_time_per_output_token_seconds", "Time per output token, per request.",
+                              label, registry=self.registry, buckets=TPOT_BUCKETS)
+        self.e2e = Histogram("vllm:e2e_request_latency_seconds", "Queued to last token.", label,
+                             registry=self.registry, buckets=TTFT_BUCKETS)
+        self.running = Gauge("vllm:num_requests_running", "Requests in the step loop.", label, registry=self.registry)
+        self.waiting = Gauge("vllm:num_requests_waiting", "Requests waiting for a slot.", label, registry=self.registry)
 
 
 class SimEngine:
@@ -110,9 +134,27 @@ class SimEngine:
         self.metrics = Metrics()
         self._block_ids = itertools.count()
         self._ids = itertools.count()
-        # One vision encoder per instance: items are encoded one after another, so encode time
-        # adds up under load (what makes a second encoder worth having), as on a real instance.
-        self._encoder = asyncio.Lock()
+        # One step loop per instance (vLLM's scheduler in miniature): at most max_num_seqs run,
+        # the rest wait, and encode time adds up within a step (one encoder, items one after another).
+        self.scheduler = Scheduler(CostModel(prefill_ms=config.ttft_ms, decode_ms=config.tpot_ms,
+                                             encode_ms=config.encode_ms, per_seq_ms=config.step_per_seq_ms,
+                                             prefill_token_ms=config.prefill_token_ms,
+                                             encode_base_ms=config.encode_base_ms,
+                                             prefill_request_ms=config.prefill_request_ms),
+                                   config.max_num_seqs, config.max_num_batched_tokens, on_finish=self._timed)
+        name = config.served_names[0]
+        self._ttft, self._tpot, self._e2e = (h.labels(model_name=name) for h in
+                                             (self.metrics.ttft, self.metrics.tpot, self.metrics.e2e))
+        self.metrics.running.labels(model_name=name).set_function(lambda: self.scheduler.running)
+        self.metrics.waiting.labels(model_name=name).set_function(lambda: len(self.scheduler.waiting))
+
+    def _timed(self, seq: Seq) -> None:
+        self._e2e.observe(seq.done_at - seq.arrived)
+        if not seq.decode:
+            return  # an encoder-only request has no tokens to time
+        self._ttft.observe(seq.first_at - seq.arrived)
+        if seq.output > 1:
+            self._tpot.observe((seq.done_at - seq.first_at) / (seq.output - 1))
 
     # ------------------------------------------------------------ request model
 
@@ -257,6 +299,7 @@ class SimEngine:
                              f"tokens ({max_tokens} > {limit} - {prompt_tokens}).")
 
     async def handle(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        arrived = asyncio.get_running_loop().time()  # vLLM times a request from its arrival, EC I/O included
         request_id = request.headers.get("X-Request-Id") or f"sim-{next(self._ids)}"
         headers = {"X-Request-Id": request_id}
         try:
@@ -278,13 +321,11 @@ class SimEngine:
         if kv_in and kv_in.get("do_remote_decode") and cfg.kv_role in ("kv_producer", "kv_both"):
             kv_out = self._kv_params_out()
 
-        # An ec_producer runs the encoder only (vLLM resolves it to mm_encoder_only): no prefill.
+        # An ec_producer runs the encoder only (vLLM resolves it to mm_encoder_only): it costs its
+        # items' encode time, no prefill and no decode, and finishes once the prompt is consumed.
         encoder_only = cfg.ec_role == "ec_producer"
-        ttft_s = (0.0 if remote_prefill or encoder_only else cfg.ttft_ms) / 1000.0
-        tpot_s = cfg.tpot_ms / 1000.0
-        if encoded_here and cfg.encode_ms > 0:
-            async with self._encoder:
-                await asyncio.sleep(cfg.encode_ms * encoded_here / 1000.0)
+        seq = Seq(output=max_tokens, prefill=not (remote_prefill or encoder_only), prefill_tokens=ask.prompt_tokens,
+                  items=encoded_here, decode=not encoder_only, stream=ask.stream, arrived=arrived)
         # The answer depends on the prompt and the media keys only, so EPD and aggregated agree.
         tokens = self._answer_tokens(ask.text + "|".join(keys), max_tokens)
         prompt_tokens = ask.prompt_tokens
@@ -296,7 +337,7 @@ class SimEngine:
         ident = f"{'chatcmpl' if chat else 'cmpl'}-{request_id}"
         created = int(time.time())
         if not ask.stream:
-            await asyncio.sleep(ttft_s + tpot_s * (max_tokens - 1))
+            await self.scheduler.run(seq)
             content = "".join(tokens)
             if chat:
                 choice = {"index": 0, "message": {"role": "assistant", "content": content},
@@ -319,12 +360,28 @@ class SimEngine:
         def event(choices: list, **extra: Any) -> bytes:
             return b"data: " + json.dumps({**base, "choices": choices, **extra}, separators=(",", ":")).encode() + b"\n\n"
 
-        await asyncio.sleep(ttft_s)
-        if chat:
-            await response.write(event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]))
+        self.scheduler.submit(seq)
+        try:
+            while not seq.produced:
+                seq.event.clear()
+                await seq.event.wait()
+            if chat:
+                await response.write(event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]))
+            await self._stream_tokens(response, seq, tokens, kv_out, chat, event)
+        finally:
+            self.scheduler.abort(seq)  # a client gone mid-answer frees its slot; a finished one is a no-op
+        if include_usage:
+            await response.write(event([], usage=usage))
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    async def _stream_tokens(self, response, seq: Seq, tokens: Iterator[str], kv_out, chat: bool, event) -> None:
+        max_tokens = seq.output
         for i, token in enumerate(tokens):
-            if i:
-                await asyncio.sleep(tpot_s)
+            while seq.produced <= i:
+                seq.event.clear()
+                await seq.event.wait()
             last = i == max_tokens - 1
             finish = "length" if last else None
             if chat:
@@ -333,11 +390,6 @@ class SimEngine:
                 choice = {"index": 0, "text": token, "logprobs": None, "finish_reason": finish}
             extra = {"kv_transfer_params": kv_out} if last and kv_out else {}
             await response.write(event([choice], **extra))
-        if include_usage:
-            await response.write(event([], usage=usage))
-        await response.write(b"data: [DONE]\n\n")
-        await response.write_eof()
-        return response
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         return await self.handle(request, chat=True)

@@ -1,0 +1,102 @@
+"""A sim profile: the simulated engine's cost model, fitted to a real topology by `epdctl calibrate`.
+
+A topology's `sim_profile: FILE` turns the profile's costs into the sim's `--sim-*` flags at
+plan time, below every `args:` level: `plan` shows the numbers each instance runs with, a
+restart runs with the same ones even if the file changes, and an explicit `args:` still wins.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from epdctl.errors import EXIT_USAGE, EpdctlError
+
+KIND = "epdctl-sim-profile"
+VERSION = 1
+# Profile field -> the sim's flag (epdctl/sim/__main__.py; the cost model in epdctl/sim/costmodel.py).
+COST_FLAGS = {
+    "prefill_ms": "sim-ttft-ms",
+    "prefill_request_ms": "sim-prefill-request-ms",
+    "prefill_token_ms": "sim-prefill-token-ms",
+    "encode_base_ms": "sim-encode-base-ms",
+    "encode_ms": "sim-encode-ms",
+    "decode_ms": "sim-tpot-ms",
+    "per_seq_ms": "sim-step-per-seq-ms",
+}
+MAX_PROBES = 10_000
+
+Ms = Annotated[float, Field(ge=0, le=3_600_000, allow_inf_nan=False)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Costs(_Model):
+    """Milliseconds. See epdctl/sim/costmodel.py for how a step adds them up."""
+
+    prefill_ms: Ms = 0.0  # per step that prefills anything (a lone short prompt's TTFT)
+    prefill_request_ms: Ms = 0.0  # per request prefilled in the step
+    prefill_token_ms: Ms = 0.0  # per prompt token prefilled
+    encode_base_ms: Ms = 0.0  # per step that encodes anything
+    encode_ms: Ms = 0.0  # per media item encoded
+    decode_ms: Ms = 0.0  # per decode step (TPOT with one request running, less per_seq_ms)
+    per_seq_ms: Ms = 0.0  # per request running in a step
+
+    def flags(self) -> dict[str, float]:
+        return {flag: getattr(self, key) for key, flag in COST_FLAGS.items()}
+
+
+class Fit(_Model):
+    """One role's least-squares fit: which instance was probed, the coefficients, the error, the data."""
+
+    instance: str = Field(max_length=200)
+    model: str = Field(max_length=500)  # the equation fitted, in words
+    coefficients: dict[str, float] = Field(max_length=16)
+    rmse_ms: float = Field(ge=0, allow_inf_nan=False)
+    r2: Optional[float] = Field(None, allow_inf_nan=False)
+    note: str = Field("", max_length=2000)
+    probes: list[dict[str, float]] = Field([], max_length=MAX_PROBES)
+
+
+class SimProfile(_Model):
+    kind: Literal["epdctl-sim-profile"] = KIND
+    version: Literal[1] = VERSION
+    model: str = Field(min_length=1, max_length=4096)
+    source: dict[str, str] = Field({}, max_length=32)
+    cost: Costs
+    fits: dict[Literal["encode", "prefill", "decode"], Fit] = {}
+
+
+def load_profile(path: Path) -> SimProfile:
+    """Read and check a profile. Errors are one line each, `FILE:LINE: field: message` (exit 2)."""
+    from epdctl.topology import _format_validation, read_topology_file
+    from epdctl.yamlmarks import error_line, load_marked
+
+    text = read_topology_file(path, "sim profile")  # a bounded read of a regular file (no FIFO, no device)
+    if not text.strip():
+        raise EpdctlError(error_line(str(path), 1, "the profile is empty"), EXIT_USAGE)
+    data, marks = load_marked(text, str(path), environ={})  # a profile has no ${VARS}: they stay as written
+    if not isinstance(data, dict):
+        raise EpdctlError(error_line(str(path), 1, "a sim profile is a mapping (kind, model, cost, ...)"), EXIT_USAGE)
+    try:
+        return SimProfile.model_validate(data)
+    except ValidationError as exc:
+        raise EpdctlError(_format_validation(exc, str(path), marks), EXIT_USAGE) from None
+
+
+def dump_profile(profile: SimProfile) -> str:
+    import yaml
+
+    header = ("# epdctl sim profile: the simulated engine's costs (ms), fitted by `epdctl calibrate`.\n"
+              "# Use it with `engine: sim` and `sim_profile: THIS_FILE` in a topology.\n")
+    return header + yaml.safe_dump(profile.model_dump(mode="json"), sort_keys=False, width=120)
+
+
+def rounded(value: float, digits: int = 4) -> float:
+    """Figures for a file people read: microsecond precision is more than a fit is worth."""
+    return 0.0 if not math.isfinite(value) else round(value, digits)
