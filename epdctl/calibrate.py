@@ -127,7 +127,7 @@ def pick_targets(state: dict[str, Any]) -> dict[str, Target]:
 class Answer:
     ms: float
     prompt_tokens: Optional[int] = None
-    tpot_ms: Optional[float] = None  # streams only: (last token - first token) / (tokens - 1)
+    tpot_ms: Optional[float] = None  # streams only: (end - first token) / (tokens - 1), as `epdctl bench`
 
 
 class Prober:
@@ -150,7 +150,7 @@ class Prober:
         if stream:
             body["stream_options"] = {"include_usage": True}
         started = time.perf_counter()
-        stamps: list[float] = []
+        first: Optional[float] = None
         usage: dict[str, Any] = {}
         timeout = aiohttp.ClientTimeout(total=self.args.timeout_s)
         try:
@@ -167,14 +167,19 @@ class Prober:
                         event = json.loads(line[6:])
                         if event.get("usage"):
                             usage = event["usage"]
-                        if any((c.get("delta") or {}).get("content") for c in event.get("choices") or ()):
-                            stamps.append(time.perf_counter())
+                        if first is None and any((c.get("delta") or {}).get("content")
+                                                 for c in event.get("choices") or ()):
+                            first = time.perf_counter()
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             raise EpdctlError(f"calibrate: {url}: {type(exc).__name__}: {exc}", EXIT_RUNTIME) from None
+        end = time.perf_counter()
         self.tick()
-        answer = Answer((time.perf_counter() - started) * 1000, usage.get("prompt_tokens"))
-        if len(stamps) >= 3:
-            answer.tpot_ms = (stamps[-1] - stamps[0]) * 1000 / (len(stamps) - 1)
+        answer = Answer((end - started) * 1000, usage.get("prompt_tokens"))
+        # Counted in tokens, not chunks: a token that decodes to no text (a partial UTF-8 sequence,
+        # common with random weights) has no chunk of its own.
+        tokens = usage.get("completion_tokens")
+        if first is not None and isinstance(tokens, int) and tokens >= 3:
+            answer.tpot_ms = (end - first) * 1000 / (tokens - 1)
         return answer
 
     def _text(self, words: int) -> str:
@@ -196,6 +201,17 @@ class Prober:
                 started = time.perf_counter()
                 await asyncio.gather(*(self.ask(target.url, [self._image()], 1) for _ in range(batch)))
                 probes.append({"items": batch, "requests": batch, "ms": (time.perf_counter() - started) * 1000})
+        return probes
+
+    async def consumer(self, encoder: Target, target: Target, items: list[int]) -> list[dict[str, float]]:
+        """What a consumer spends on items already in the EC: images to the encoder first, then to it."""
+        probes = []
+        for k in items:
+            for _ in range(self.args.repeats):
+                images = [self._image() for _ in range(k)]
+                await self.ask(encoder.url, images, 1)
+                answer = await self.ask(target.url, images + [{"type": "text", "text": self._text(2)}], 1)
+                probes.append({"items": k, "prompt_tokens": answer.prompt_tokens or 0, "ms": answer.ms})
         return probes
 
     async def prefill(self, target: Target, lengths: list[int]) -> list[dict[str, float]]:
@@ -234,7 +250,7 @@ def _median_by(probes: list[dict[str, float]], key: Callable[[dict], tuple], val
 
 
 def fit_profile(model: str, targets: dict[str, Target], encode: list[dict], prefill: list[dict],
-                decode: list[dict], source: dict[str, str]):
+                decode: list[dict], source: dict[str, str], consumer: Optional[list[dict]] = None):
     """The profile from probe data: decode first (its per_seq_ms enters the others), then prefill, then encode."""
     from epdctl.costfit import fit_nonnegative
     from epdctl.simprofile import Costs, Fit, SimProfile, rounded
@@ -261,6 +277,15 @@ def fit_profile(model: str, targets: dict[str, Target], encode: list[dict], pref
     efit = fit_nonnegative([[1.0, k[0]] for k, _ in points], ys)
     encode_base_ms, encode_ms = efit.coefficients
 
+    # A consumer's items from the EC: its time less its prefill, per item (image preprocessing and
+    # the load happen on the consumer too).
+    cfit = None
+    if consumer:
+        points = _median_by(consumer, lambda p: (p["items"], p["prompt_tokens"]), "ms")
+        cfit = fit_nonnegative([[k[0]] for k, _ in points],
+                               [y - pfit.predict([1.0, k[1]]) - per_seq_ms for k, y in points])
+    ec_load_ms = cfit.coefficients[0] if cfit else 0.0
+
     def fit(role: str, equation: str, coefficients: dict[str, float], result, probes: list[dict], extra: str = ""):
         return Fit(instance=targets[role].name, model=equation,
                    coefficients={k: rounded(v) for k, v in coefficients.items()}, rmse_ms=rounded(result.rmse),
@@ -271,7 +296,7 @@ def fit_profile(model: str, targets: dict[str, Target], encode: list[dict], pref
         model=model, source=source,
         cost=Costs(prefill_ms=rounded(prefill_ms),
                    prefill_token_ms=rounded(prefill_token_ms, 6),
-                   encode_base_ms=rounded(encode_base_ms), encode_ms=rounded(encode_ms),
+                   encode_base_ms=rounded(encode_base_ms), encode_ms=rounded(encode_ms), ec_load_ms=rounded(ec_load_ms),
                    decode_ms=rounded(decode_ms), per_seq_ms=rounded(per_seq_ms)),
         fits={
             "encode": fit("encode", "ms = encode_base_ms + encode_ms * items",
@@ -281,6 +306,8 @@ def fit_profile(model: str, targets: dict[str, Target], encode: list[dict], pref
                            "prefill_request_ms is not fitted (prompts sent together start in different steps)"),
             "decode": fit("decode", "tpot_ms = decode_ms + per_seq_ms * batch",
                           {"decode_ms": decode_ms, "per_seq_ms": per_seq_ms}, dfit, decode),
+            **({"consumer": fit("prefill", "ms - prefill(prompt_tokens) - per_seq_ms = ec_load_ms * items",
+                                {"ec_load_ms": ec_load_ms}, cfit, consumer or [])} if cfit else {}),
         },
     )
 
@@ -304,7 +331,7 @@ async def _probe(targets: dict[str, Target], args: argparse.Namespace, say: Call
     batches = [b for b in BATCHES if b <= min(args.max_batch, max_seqs)] or [1]
     encode_batches = [b for b in BATCHES[1:] if b <= min(args.max_batch, encode_max_seqs)]
     items = list(ENCODE_ITEMS)
-    total = args.repeats * (sum(batches) + len(lengths) + len(items)
+    total = args.repeats * (sum(batches) + len(lengths) + len(items) * (3 if encode_target.role == "encode" else 1)
                             + (sum(encode_batches) if encode_target.role == "encode" else 0))
     progress = Progress(TextColumn("calibrate {task.description}"), BarColumn(), MofNCompleteColumn(),
                         TimeElapsedColumn(), transient=True, disable=args.json or not sys.stderr.isatty())
@@ -329,8 +356,13 @@ async def _probe(targets: dict[str, Target], args: argparse.Namespace, say: Call
             progress.update(task, description=f"{encode_target.name}: encode")
             encode = await prober.encode(encode_target, items, encode_batches)
             say(f"encode: {encode_target.name}, {len(encode)} probes ({args.image_size}px images)")
+            consumer: list[dict] = []
+            if encode_target.role == "encode":
+                progress.update(task, description=f"{prefill_target.name}: items from the EC")
+                consumer = await prober.consumer(encode_target, prefill_target, items)
+                say(f"consumer: {prefill_target.name}, {len(consumer)} probes (items from the EC)")
         version = await _vllm_version(session, decode_target)
-    return model, encode, prefill, decode, version
+    return model, encode, prefill, decode, consumer, version
 
 
 async def _served_model(session, target: Target) -> str:
@@ -362,13 +394,13 @@ def calibrate(name: str, args: argparse.Namespace, say: Callable[[str], None]):
         raise EpdctlError(f"calibrate: topology {name!r} is {state.get('phase')}, not running", EXIT_USAGE)
     targets = pick_targets(state)
     engine = "sim" if any("epdctl.sim" in t.argv for t in targets.values()) else "vllm"
-    model, encode, prefill, decode, version = asyncio.run(_probe(targets, args, say))
+    model, encode, prefill, decode, consumer, version = asyncio.run(_probe(targets, args, say))
     source = {"topology": name, "engine": engine, "file": str(state.get("source") or ""),
               "probed_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "image_size": str(args.image_size)}
     if version:
         source["vllm_version"] = version
-    return fit_profile(model, targets, encode, prefill, decode, source), state
+    return fit_profile(model, targets, encode, prefill, decode, source, consumer), state
 
 
 def write_twin(state: dict[str, Any], profile_path: Path, twin_path: Path) -> None:
@@ -430,6 +462,8 @@ def print_summary(profile, out) -> None:
          profile.fits["prefill"]),
         ("decode", f"{cost.decode_ms:.2f} ms + {cost.per_seq_ms:.3f} ms/running request", profile.fits["decode"]),
     ]
+    if "consumer" in profile.fits:
+        rows.append(("consumer", f"{cost.ec_load_ms:.2f} ms/item loaded from the EC", profile.fits["consumer"]))
     print(f"{'role':<8} {'instance':<12} {'cost':<50} {'rmse':>9} {'r2':>6}", file=out)
     for role, text, fit in rows:
         r2 = "-" if fit.r2 is None else f"{fit.r2:.3f}"

@@ -24,6 +24,7 @@ COST_FLAGS = {
     "prefill_token_ms": "sim-prefill-token-ms",
     "encode_base_ms": "sim-encode-base-ms",
     "encode_ms": "sim-encode-ms",
+    "ec_load_ms": "sim-ec-load-ms",
     "decode_ms": "sim-tpot-ms",
     "per_seq_ms": "sim-step-per-seq-ms",
 }
@@ -44,6 +45,7 @@ class Costs(_Model):
     prefill_token_ms: Ms = 0.0  # per prompt token prefilled
     encode_base_ms: Ms = 0.0  # per step that encodes anything
     encode_ms: Ms = 0.0  # per media item encoded
+    ec_load_ms: Ms = 0.0  # per media item a consumer loads from the EC (its preprocessing and the load)
     decode_ms: Ms = 0.0  # per decode step (TPOT with one request running, less per_seq_ms)
     per_seq_ms: Ms = 0.0  # per request running in a step
 
@@ -69,7 +71,7 @@ class SimProfile(_Model):
     model: str = Field(min_length=1, max_length=4096)
     source: dict[str, str] = Field({}, max_length=32)
     cost: Costs
-    fits: dict[Literal["encode", "prefill", "decode"], Fit] = {}
+    fits: dict[Literal["encode", "prefill", "decode", "consumer"], Fit] = {}
 
 
 def load_profile(path: Path) -> SimProfile:

@@ -15,7 +15,7 @@ from epdctl.costfit import fit_nonnegative
 from epdctl.errors import EpdctlError
 from epdctl.topology import load_topology
 
-TRUE = {"prefill_ms": 40.0, "prefill_token_ms": 0.03, "encode_base_ms": 6.0, "encode_ms": 22.0,
+TRUE = {"ec_load_ms": 2.5, "prefill_ms": 40.0, "prefill_token_ms": 0.03, "encode_base_ms": 6.0, "encode_ms": 22.0,
         "decode_ms": 3.0, "per_seq_ms": 0.4}
 
 
@@ -30,7 +30,10 @@ def synthetic_probes(rng: random.Random, noise_ms: float):
                for t in (20, 140, 530, 1040) for _ in range(3)]
     decode = [{"batch": b, "tpot_ms": TRUE["decode_ms"] + TRUE["per_seq_ms"] * b + jitter() / 10}
               for b in (1, 2, 4, 8) for _ in range(3)]
-    return encode, prefill, decode
+    consumer = [{"items": k, "prompt_tokens": 70 * k, "ms": TRUE["prefill_ms"] + TRUE["per_seq_ms"]
+                 + TRUE["prefill_token_ms"] * 70 * k + TRUE["ec_load_ms"] * k + jitter() / 5}
+                for k in (1, 2, 4) for _ in range(3)]
+    return encode, prefill, decode, consumer
 
 
 TARGETS = {"encode": Target("encode-0", "encode", "http://e", ()),
@@ -38,8 +41,8 @@ TARGETS = {"encode": Target("encode-0", "encode", "http://e", ()),
 
 
 def test_the_fit_recovers_known_coefficients_from_synthetic_probes():
-    encode, prefill, decode = synthetic_probes(random.Random(7), noise_ms=0.5)
-    profile = fit_profile("m", TARGETS, encode, prefill, decode, {})
+    encode, prefill, decode, consumer = synthetic_probes(random.Random(7), noise_ms=0.5)
+    profile = fit_profile("m", TARGETS, encode, prefill, decode, {}, consumer)
     cost = profile.cost.model_dump()
     for key, truth in TRUE.items():
         assert cost[key] == pytest.approx(truth, rel=0.15, abs=0.6), (key, cost[key], truth)
@@ -48,7 +51,7 @@ def test_the_fit_recovers_known_coefficients_from_synthetic_probes():
 
 
 def test_exact_data_is_fitted_exactly_and_a_pd_without_encoder_has_its_prefill_subtracted():
-    encode, prefill, decode = synthetic_probes(random.Random(1), noise_ms=0.0)
+    encode, prefill, decode, _ = synthetic_probes(random.Random(1), noise_ms=0.0)
     # No encoder: the PD's image requests cost its prefill too; the fit removes it.
     pd_encode = [{"items": k, "requests": 1, "prompt_tokens": 300,
                   "ms": TRUE["encode_base_ms"] + TRUE["encode_ms"] * k
@@ -56,7 +59,8 @@ def test_exact_data_is_fitted_exactly_and_a_pd_without_encoder_has_its_prefill_s
     targets = {**TARGETS, "encode": TARGETS["prefill"]}
     profile = fit_profile("m", targets, pd_encode, prefill, decode, {})
     for key, truth in TRUE.items():
-        assert profile.cost.model_dump()[key] == pytest.approx(truth, abs=1e-3), key
+        expected = 0.0 if key == "ec_load_ms" else truth  # no encoder, no items loaded from the EC
+        assert profile.cost.model_dump()[key] == pytest.approx(expected, abs=1e-3), key
     assert "no encoder" in profile.fits["encode"].note
 
 
@@ -69,7 +73,7 @@ def test_nonnegative_least_squares_never_returns_a_negative_cost():
 
 
 def test_calibrate_a_running_topology_writes_a_profile_and_a_twin_that_runs_on_it(tmp_path, state_dir):
-    timings = ("sim-ttft-ms: 40, sim-tpot-ms: 4, sim-encode-ms: 30, sim-encode-base-ms: 5, "
+    timings = ("sim-ttft-ms: 40, sim-tpot-ms: 4, sim-encode-ms: 30, sim-encode-base-ms: 5, sim-ec-load-ms: 6, "
                "sim-step-per-seq-ms: 0.5, sim-prefill-token-ms: 0.02, max-num-seqs: 16")
     topology, ports = write_sim_topology(tmp_path, "1e1pd", name="cal", timings=timings)
     profile_path, twin_path = tmp_path / "out" / "profile.yaml", tmp_path / "out" / "twin.yaml"
@@ -94,6 +98,7 @@ def test_calibrate_a_running_topology_writes_a_profile_and_a_twin_that_runs_on_i
     assert cost["encode_ms"] == pytest.approx(30, rel=0.25), cost
     assert cost["decode_ms"] == pytest.approx(4, rel=0.3), cost
     assert cost["per_seq_ms"] < 2, cost
+    assert cost["ec_load_ms"] == pytest.approx(6, abs=3), cost
     assert {p["batch"] for p in profile["fits"]["decode"]["probes"]} == {1, 2, 4, 8}
     assert profile["fits"]["prefill"]["instance"] == "pd-0" and profile["fits"]["encode"]["instance"] == "encode-0"
 

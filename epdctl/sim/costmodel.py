@@ -11,6 +11,7 @@ several steps). The step then costs (CostModel.step_s):
   + prefill_token_ms x prompt tokens prefilled in the step    (--sim-prefill-token-ms, default 0)
   + encode_base_ms if it encodes anything                     (--sim-encode-base-ms, default 0)
   + encode_ms x media items encoded in the step               (--sim-encode-ms: one encoder, items add up)
+  + ec_load_ms x media items a consumer loaded from the EC    (--sim-ec-load-ms, default 0)
   + per_seq_ms x running requests                             (--sim-step-per-seq-ms, default 0)
   + decode_ms when the step decodes anything                  (--sim-tpot-ms: a decode step's base)
 
@@ -45,12 +46,13 @@ class CostModel:
     prefill_token_ms: float = 0.0
     encode_base_ms: float = 0.0
     prefill_request_ms: float = 0.0
+    ec_load_ms: float = 0.0
 
     def step_s(self, prefills: int = 0, prefill_tokens: int = 0, items: int = 0, decodes: int = 0,
-               running: int = 0) -> float:
+               running: int = 0, loaded: int = 0) -> float:
         ms = ((self.prefill_ms if prefills or prefill_tokens else 0.0) + self.prefill_request_ms * prefills
               + self.prefill_token_ms * prefill_tokens
-              + (self.encode_base_ms + self.encode_ms * items if items else 0.0)
+              + (self.encode_base_ms + self.encode_ms * items if items else 0.0) + self.ec_load_ms * loaded
               + self.per_seq_ms * running + (self.decode_ms if decodes else 0.0))
         return max(0.0, ms) / 1000.0
 
@@ -63,6 +65,7 @@ class Seq:
     prefill: bool = True  # charged a prefill (False: KV came from a P, or an encoder-only instance)
     prefill_tokens: int = 0
     items: int = 0  # media items encoded in its first step
+    loaded: int = 0  # media items loaded from the EC in its first step (a consumer's)
     decode: bool = True  # False: encoder-only, finishes with its first step
     stream: bool = False
     produced: int = 0
@@ -177,7 +180,8 @@ class Scheduler:
     def _cost(self, plan: _Step) -> float:
         return self.cost.step_s(prefills=sum(1 for s in plan.new if s.prefill_left),
                                 prefill_tokens=sum(take for _, take in plan.chunks),
-                                items=sum(s.items for s in plan.new), decodes=plan.decodes, running=self.running)
+                                items=sum(s.items for s in plan.new), decodes=plan.decodes, running=self.running,
+                                loaded=sum(s.loaded for s in plan.new))
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()

@@ -60,6 +60,7 @@ class SimConfig:
     prefill_token_ms: float = 0.0  # added per prompt token prefilled
     encode_base_ms: float = 0.0  # added once to a step that encodes anything
     prefill_request_ms: float = 0.0  # added to a prefill step per request it prefills
+    ec_load_ms: float = 0.0  # added per media item a consumer loads from the EC
     max_num_seqs: int = DEFAULT_MAX_NUM_SEQS
     max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS
     ec_role: Optional[str] = None  # ec_producer | ec_consumer | ec_both
@@ -140,7 +141,8 @@ class SimEngine:
                                              encode_ms=config.encode_ms, per_seq_ms=config.step_per_seq_ms,
                                              prefill_token_ms=config.prefill_token_ms,
                                              encode_base_ms=config.encode_base_ms,
-                                             prefill_request_ms=config.prefill_request_ms),
+                                             prefill_request_ms=config.prefill_request_ms,
+                                             ec_load_ms=config.ec_load_ms),
                                    config.max_num_seqs, config.max_num_batched_tokens, on_finish=self._timed)
         name = config.served_names[0]
         self._ttft, self._tpot, self._e2e = (h.labels(model_name=name) for h in
@@ -198,12 +200,12 @@ class SimEngine:
             raise BadRequest(str(exc)) from None
         return keys
 
-    def _encode_items(self, keys: list[str], remote_prefill: bool) -> int:
-        """Apply the EC contract; return how many items this instance must encode itself."""
+    def _encode_items(self, keys: list[str], remote_prefill: bool) -> tuple[int, int]:
+        """Apply the EC contract; return how many items this instance must encode itself, and how many it loaded."""
         cfg = self.config
         if remote_prefill:
-            return 0  # encoder outputs only feed the prefill, which ran elsewhere
-        to_encode = 0
+            return 0, 0  # encoder outputs only feed the prefill, which ran elsewhere
+        to_encode = loaded = 0
         for key in keys:
             if cfg.ec_role in ("ec_producer", "ec_both") and cfg.ec_path:
                 if ec_exists(cfg.ec_path, key):
@@ -213,6 +215,7 @@ class SimEngine:
             elif cfg.ec_role == "ec_consumer" and cfg.ec_path:
                 if load_ec(cfg.ec_path, key) is not None:
                     self.metrics.ec_loaded.inc()
+                    loaded += 1
                     continue
                 self.metrics.ec_missed.inc()
                 log.info("EC miss for mm_hash %s: encoding locally", key)
@@ -221,7 +224,7 @@ class SimEngine:
                 to_encode += 1
         if to_encode:
             self.metrics.encoded.inc(to_encode)
-        return to_encode
+        return to_encode, loaded
 
     def _answer_tokens(self, seed_text: str, count: int) -> Iterator[str]:
         """One token at a time: a stream never holds its whole answer in memory."""
@@ -312,7 +315,7 @@ class SimEngine:
         remote_prefill = bool(
             kv_in and kv_in.get("do_remote_prefill") and cfg.kv_role in ("kv_consumer", "kv_both")
         )
-        encoded_here = self._encode_items(keys, remote_prefill)
+        encoded_here, loaded_here = self._encode_items(keys, remote_prefill)
         if remote_prefill:
             self.metrics.remote_prefills.inc()
         else:
@@ -325,7 +328,8 @@ class SimEngine:
         # items' encode time, no prefill and no decode, and finishes once the prompt is consumed.
         encoder_only = cfg.ec_role == "ec_producer"
         seq = Seq(output=max_tokens, prefill=not (remote_prefill or encoder_only), prefill_tokens=ask.prompt_tokens,
-                  items=encoded_here, decode=not encoder_only, stream=ask.stream, arrived=arrived)
+                  items=encoded_here, loaded=loaded_here, decode=not encoder_only, stream=ask.stream,
+                  arrived=arrived)
         # The answer depends on the prompt and the media keys only, so EPD and aggregated agree.
         tokens = self._answer_tokens(ask.text + "|".join(keys), max_tokens)
         prompt_tokens = ask.prompt_tokens
