@@ -221,7 +221,7 @@ class Prober:
                 answer = await self.ask(target.url, self._text(words), 1)
                 if answer.prompt_tokens is None:
                     raise EpdctlError(f"calibrate: {target.name} reported no usage.prompt_tokens", EXIT_RUNTIME)
-                probes.append({"prompt_tokens": answer.prompt_tokens, "ms": answer.ms})
+                probes.append({"words": words, "prompt_tokens": answer.prompt_tokens, "ms": answer.ms})
         return probes
 
     async def decode(self, target: Target, batches: list[int], tokens: int) -> list[dict[str, float]]:
@@ -260,22 +260,33 @@ def fit_profile(model: str, targets: dict[str, Target], encode: list[dict], pref
     decode_ms, per_seq_ms = dfit.coefficients
 
     # The sim's prefill step of one request also charges per_seq_ms (known from decode): taken off first.
-    points = _median_by(prefill, lambda p: (p["prompt_tokens"],), "ms")
+    # One point per prompt length asked for (its token count may differ by one between repeats).
+    def asked(probe: dict) -> float:
+        return probe.get("words", probe["prompt_tokens"])
+
+    tokens_of = {w: statistics.median(p["prompt_tokens"] for p in prefill if asked(p) == w) for w in map(asked, prefill)}
+    points = [((tokens_of[w],), y) for (w,), y in _median_by(prefill, lambda p: (asked(p),), "ms")]
     pfit = fit_nonnegative([[1.0, t] for (t,), _ in points], [y - per_seq_ms for _, y in points])
     prefill_ms, prefill_token_ms = pfit.coefficients
 
     encoder = targets["encode"].role == "encode"
     note = ""
+    encode_request_ms = 0.0
     if encoder:
+        # One request with k items against k requests with one: what a request costs the API
+        # server (one at a time) apart from what an item costs the encoder.
         points = _median_by(encode, lambda p: (p["items"], p["requests"]), "ms")
-        ys = [y for _, y in points]
+        efit = fit_nonnegative([[1.0, k[0], k[1]] for k, _ in points], [y for _, y in points])
+        encode_base_ms, encode_ms, encode_request_ms = efit.coefficients
+        # A lone request pays its request cost before its step: the step's base is what is left.
+        encode_base_ms = max(0.0, encode_base_ms)
     else:
         # No encoder: the PD's own time, less what the prefill fit says its prompt cost.
         points = _median_by(encode, lambda p: (p["items"], p["requests"], p["prompt_tokens"]), "ms")
         ys = [y - pfit.predict([1.0, k[2]]) - per_seq_ms for k, y in points]
         note = f"no encoder: probed on {targets['encode'].name}, its prefill (the prefill fit) subtracted"
-    efit = fit_nonnegative([[1.0, k[0]] for k, _ in points], ys)
-    encode_base_ms, encode_ms = efit.coefficients
+        efit = fit_nonnegative([[1.0, k[0]] for k, _ in points], ys)
+        encode_base_ms, encode_ms = efit.coefficients
 
     # A consumer's items from the EC: its time less its prefill, per item (image preprocessing and
     # the load happen on the consumer too).
@@ -297,10 +308,13 @@ def fit_profile(model: str, targets: dict[str, Target], encode: list[dict], pref
         cost=Costs(prefill_ms=rounded(prefill_ms),
                    prefill_token_ms=rounded(prefill_token_ms, 6),
                    encode_base_ms=rounded(encode_base_ms), encode_ms=rounded(encode_ms), ec_load_ms=rounded(ec_load_ms),
+                   encode_request_ms=rounded(encode_request_ms),
                    decode_ms=rounded(decode_ms), per_seq_ms=rounded(per_seq_ms)),
         fits={
-            "encode": fit("encode", "ms = encode_base_ms + encode_ms * items",
-                          {"encode_base_ms": encode_base_ms, "encode_ms": encode_ms}, efit, encode, note),
+            "encode": fit("encode", "ms = encode_base_ms + encode_ms * items + encode_request_ms * requests"
+                          if encoder else "ms - prefill = encode_base_ms + encode_ms * items",
+                          {"encode_base_ms": encode_base_ms, "encode_ms": encode_ms,
+                           **({"encode_request_ms": encode_request_ms} if encoder else {})}, efit, encode, note),
             "prefill": fit("prefill", "ms - per_seq_ms = prefill_ms + prefill_token_ms * prompt_tokens",
                            {"prefill_ms": prefill_ms, "prefill_token_ms": prefill_token_ms}, pfit, prefill,
                            "prefill_request_ms is not fitted (prompts sent together start in different steps)"),
@@ -457,7 +471,8 @@ def main(argv: list[str]) -> int:
 def print_summary(profile, out) -> None:
     cost = profile.cost
     rows = [
-        ("encode", f"{cost.encode_base_ms:.2f} ms + {cost.encode_ms:.2f} ms/item", profile.fits["encode"]),
+        ("encode", f"{cost.encode_base_ms:.2f} ms + {cost.encode_ms:.2f} ms/item + "
+                   f"{cost.encode_request_ms:.2f} ms/request", profile.fits["encode"]),
         ("prefill", f"{cost.prefill_ms:.2f} ms + {cost.prefill_token_ms * 1000:.2f} us/token",
          profile.fits["prefill"]),
         ("decode", f"{cost.decode_ms:.2f} ms + {cost.per_seq_ms:.3f} ms/running request", profile.fits["decode"]),

@@ -190,8 +190,8 @@ def build_plan(topology: Topology, python: str = "python") -> Plan:
             instance_flags["gpu-memory-utilization"] = spec.gpu_memory_utilization
         instance_flags.update(spec.args)
         # A sim profile's costs are the lowest level: any `args:` still overrides them.
-        flags = merge_flags(topology.sim_costs, topology.defaults.args, role_flags(topology, ref.role, spec.devices),
-                            instance_flags)
+        flags = merge_flags(topology.sim_costs(ref.role), topology.defaults.args,
+                            role_flags(topology, ref.role, spec.devices), instance_flags)
         model_argv = [topology.model] if positional_model else ["--model", topology.model]
         argv = prefix + model_argv + ["--port", str(spec.port)] + flags_to_argv(flags)
 

@@ -48,9 +48,14 @@ class Costs(_Model):
     ec_load_ms: Ms = 0.0  # per media item a consumer loads from the EC (its preprocessing and the load)
     decode_ms: Ms = 0.0  # per decode step (TPOT with one request running, less per_seq_ms)
     per_seq_ms: Ms = 0.0  # per request running in a step
+    encode_request_ms: Ms = 0.0  # an encoder's API server, per request, one at a time (--sim-request-ms there)
 
-    def flags(self) -> dict[str, float]:
-        return {flag: getattr(self, key) for key, flag in COST_FLAGS.items()}
+    def flags(self, role: str) -> dict[str, float]:
+        """The sim flags of an instance of `role` (encode, prefill, decode, pd)."""
+        flags = {flag: getattr(self, key) for key, flag in COST_FLAGS.items()}
+        if role == "encode":
+            flags["sim-request-ms"] = self.encode_request_ms
+        return flags
 
 
 class Fit(_Model):

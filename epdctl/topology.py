@@ -206,7 +206,7 @@ class Topology(_Model):
     _restart = field_validator("restart", mode="before")(_restart_shorthand)
 
     _source: Optional[Path] = PrivateAttr(None)
-    _sim_costs: dict[str, float] = PrivateAttr(default_factory=dict)
+    _sim_costs: dict[str, dict[str, float]] = PrivateAttr(default_factory=dict)  # role -> sim flags
 
     @field_validator("model")
     @classmethod
@@ -219,10 +219,9 @@ class Topology(_Model):
     def source(self) -> Optional[Path]:
         return self._source
 
-    @property
-    def sim_costs(self) -> dict[str, float]:
-        """The sim flags of `sim_profile` (the lowest level of every sim instance's flags)."""
-        return self._sim_costs
+    def sim_costs(self, role: str) -> dict[str, float]:
+        """The sim flags of `sim_profile` for a role (the lowest level of a sim instance's flags)."""
+        return self._sim_costs.get(role, {})
 
     def instances(self) -> Iterator[InstanceRef]:
         for role in ROLES:
@@ -370,7 +369,7 @@ def _with_sim_profile(topology: Topology, filename: str, marks: Marks, source: P
         raise EpdctlError(error_line(filename, line, f"sim_profile: {first}"), EXIT_USAGE) from None
     # Absolute from here on: `sweep` re-reads the topology as data, from no folder.
     resolved = topology.model_copy(update={"sim_profile": str(path)})
-    resolved._sim_costs = profile.cost.flags()
+    resolved._sim_costs = {role: profile.cost.flags(role) for role in ROLES}
     return resolved
 
 

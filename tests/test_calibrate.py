@@ -15,7 +15,7 @@ from epdctl.costfit import fit_nonnegative
 from epdctl.errors import EpdctlError
 from epdctl.topology import load_topology
 
-TRUE = {"ec_load_ms": 2.5, "prefill_ms": 40.0, "prefill_token_ms": 0.03, "encode_base_ms": 6.0, "encode_ms": 22.0,
+TRUE = {"encode_request_ms": 4.0, "ec_load_ms": 2.5, "prefill_ms": 40.0, "prefill_token_ms": 0.03, "encode_base_ms": 6.0, "encode_ms": 22.0,
         "decode_ms": 3.0, "per_seq_ms": 0.4}
 
 
@@ -24,7 +24,8 @@ def synthetic_probes(rng: random.Random, noise_ms: float):
     def jitter() -> float:
         return rng.gauss(0, noise_ms)
 
-    encode = [{"items": k, "requests": r, "ms": TRUE["encode_base_ms"] + TRUE["encode_ms"] * k + jitter()}
+    encode = [{"items": k, "requests": r,
+               "ms": TRUE["encode_base_ms"] + TRUE["encode_ms"] * k + TRUE["encode_request_ms"] * r + jitter()}
               for k, r in ((1, 1), (2, 1), (4, 1), (2, 2), (4, 4), (8, 8)) for _ in range(3)]
     prefill = [{"prompt_tokens": t, "ms": TRUE["prefill_ms"] + TRUE["per_seq_ms"] + TRUE["prefill_token_ms"] * t + jitter()}
                for t in (20, 140, 530, 1040) for _ in range(3)]
@@ -59,7 +60,8 @@ def test_exact_data_is_fitted_exactly_and_a_pd_without_encoder_has_its_prefill_s
     targets = {**TARGETS, "encode": TARGETS["prefill"]}
     profile = fit_profile("m", targets, pd_encode, prefill, decode, {})
     for key, truth in TRUE.items():
-        expected = 0.0 if key == "ec_load_ms" else truth  # no encoder, no items loaded from the EC
+        # No encoder: no items loaded from the EC, and the PD's request cost is in its prefill.
+        expected = 0.0 if key in ("ec_load_ms", "encode_request_ms") else truth
         assert profile.cost.model_dump()[key] == pytest.approx(expected, abs=1e-3), key
     assert "no encoder" in profile.fits["encode"].note
 
@@ -206,6 +208,6 @@ def test_the_profile_loader_resolves_against_the_topology_folder_not_the_cwd(tmp
     monkeypatch.chdir("/")
     topology = load_topology(path)
     assert topology.sim_profile == str(tmp_path / "p.yaml")
-    assert topology.sim_costs["sim-step-per-seq-ms"] == 0.1
+    assert topology.sim_costs("pd")["sim-step-per-seq-ms"] == 0.1
     with pytest.raises(EpdctlError):
         load_topology(_topology(tmp_path, "sim_profile: \"a\\0b\""))

@@ -287,3 +287,14 @@ def test_encode_base_is_paid_once_per_step():
     assert cost.step_s(items=1) == pytest.approx(0.016)
     assert cost.step_s(items=4) == pytest.approx(0.046)  # four items batched: one base
     assert cost.step_s(decodes=1, running=1) == 0.0  # no encode, no base
+
+
+def test_the_api_servers_request_cost_is_paid_one_request_at_a_time(procs):
+    url = procs.sim(free_ports(1)[0], "--sim-request-ms", "100", "--sim-ttft-ms", "0", "--sim-tpot-ms", "0",
+                    "--sim-encode-ms", "0")
+    started = time.monotonic()
+    with ThreadPoolExecutor(4) as pool:
+        statuses = list(pool.map(lambda _: chat(url, max_tokens=1)[0], range(4)))
+    wall = time.monotonic() - started
+    assert statuses == [200] * 4
+    assert wall >= 0.38, f"4 requests of 100 ms API-server work took {wall:.3f}s: they overlapped"

@@ -51,6 +51,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                      help="Added once to a step that encodes anything (ms, default 0): batching's saving.")
     sim.add_argument("--sim-ec-load-ms", type=float, default=0.0,
                      help="Added to a step per media item a consumer loads from the EC (ms, default 0).")
+    sim.add_argument("--sim-request-ms", type=float, default=0.0,
+                     help="The API server's work per request, one request at a time, before the step loop (ms, default 0).")
     sim.add_argument("--sim-step-per-seq-ms", type=float, default=0.0,
                      help="Added to each step per running request (ms): what batching costs (default 0).")
     sim.add_argument("--sim-prefill-token-ms", type=float, default=0.0,
@@ -78,7 +80,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
     for flag in ("sim_ttft_ms", "sim_tpot_ms", "sim_encode_ms", "sim_encode_base_ms", "sim_step_per_seq_ms",
-                 "sim_prefill_token_ms", "sim_prefill_request_ms", "sim_ec_load_ms"):
+                 "sim_prefill_token_ms", "sim_prefill_request_ms", "sim_ec_load_ms", "sim_request_ms"):
         if not getattr(args, flag) >= 0:  # also refuses nan
             parser.error(f"--{flag.replace('_', '-')} must be a number >= 0")
     return args, unknown
@@ -125,6 +127,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         limit_mm_per_prompt=args.limit_mm_per_prompt, step_per_seq_ms=args.sim_step_per_seq_ms,
         prefill_token_ms=args.sim_prefill_token_ms, encode_base_ms=args.sim_encode_base_ms,
         prefill_request_ms=args.sim_prefill_request_ms, ec_load_ms=args.sim_ec_load_ms,
+        request_ms=args.sim_request_ms,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
     )
     configure_from_env(config)

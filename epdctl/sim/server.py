@@ -61,6 +61,7 @@ class SimConfig:
     encode_base_ms: float = 0.0  # added once to a step that encodes anything
     prefill_request_ms: float = 0.0  # added to a prefill step per request it prefills
     ec_load_ms: float = 0.0  # added per media item a consumer loads from the EC
+    request_ms: float = 0.0  # the API server's work per request, one request at a time (before the loop)
     max_num_seqs: int = DEFAULT_MAX_NUM_SEQS
     max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS
     ec_role: Optional[str] = None  # ec_producer | ec_consumer | ec_both
@@ -137,6 +138,7 @@ class SimEngine:
         self._ids = itertools.count()
         # One step loop per instance (vLLM's scheduler in miniature): at most max_num_seqs run,
         # the rest wait, and encode time adds up within a step (one encoder, items one after another).
+        self._api_server = asyncio.Lock()
         self.scheduler = Scheduler(CostModel(prefill_ms=config.ttft_ms, decode_ms=config.tpot_ms,
                                              encode_ms=config.encode_ms, per_seq_ms=config.step_per_seq_ms,
                                              prefill_token_ms=config.prefill_token_ms,
@@ -327,6 +329,11 @@ class SimEngine:
         # An ec_producer runs the encoder only (vLLM resolves it to mm_encoder_only): it costs its
         # items' encode time, no prefill and no decode, and finishes once the prompt is consumed.
         encoder_only = cfg.ec_role == "ec_producer"
+        if cfg.request_ms > 0:
+            # vLLM's API server is one process: its per-request work (templating, tokenising, image
+            # preprocessing) is done one request at a time, before the engine sees the request.
+            async with self._api_server:
+                await asyncio.sleep(cfg.request_ms / 1000)
         seq = Seq(output=max_tokens, prefill=not (remote_prefill or encoder_only), prefill_tokens=ask.prompt_tokens,
                   items=encoded_here, loaded=loaded_here, decode=not encoder_only, stream=ask.stream,
                   arrived=arrived)
