@@ -352,11 +352,14 @@ class Supervisor:
             pending = [c for c in self.children if c.state != "healthy"]
             if not pending:
                 return
-            for child in pending:
-                if self.runtime.probe(child.spec.url):
+            # One that was healthy and died while others start fails the start too (not the
+            # deadline of whoever waits on it, e.g. the proxy for a dead PD).
+            dead = [c for c in self.children if c.state == "healthy" and c.check_exit()]
+            for child in dead + pending:
+                if child.state != "healthy" and self.runtime.probe(child.spec.url):
                     self._became_healthy(child)
                     continue
-                if child.check_exit():
+                if child in dead or child.check_exit():
                     child.set_state("exited")
                     self.event(child, "exited", how=child.last_exit["how"], during="start-up")
                     self.save()

@@ -123,6 +123,21 @@ def test_child_dying_at_startup_fails_fast_and_leaves_nothing(tmp_path, state_di
     assert_no_orphans(str(state_dir), list(ports.values()))
 
 
+def test_child_dying_after_it_was_healthy_while_others_start_fails_fast(tmp_path, state_dir):
+    # pd-0 is healthy at once and dies at 1 s; encode-0 takes 4 s to listen. The start must fail
+    # on pd-0's death, not wait out the deadline of the proxy that waits on it.
+    topology, ports = write_sim_topology(tmp_path, "1e1pd", name="dies-later", health_timeout=60,
+                                         instance_args={"pd-0": {"sim-exit-after-s": 1},
+                                                        "encode-0": {"sim-startup-ms": 4000}},
+                                         extra="restart: no")
+    started = time.monotonic()
+    result = epdctl("up", "-d", str(topology))
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert time.monotonic() - started < 20
+    assert "pd-0 exited with code 3 during start-up" in result.stderr, result.stderr
+    assert_no_orphans(str(state_dir), list(ports.values()))
+
+
 def test_instance_port_taken_after_the_check_fails_fast(tmp_path, state_dir):
     """A child that cannot bind dies during start-up; `up` names it and cleans up."""
     topology, ports = write_sim_topology(tmp_path, "1e1pd", name="raced",
