@@ -34,6 +34,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from epdctl.cliparse import CommandParser
 from epdctl.errors import EXIT_RUNTIME, EXIT_USAGE, EpdctlError
 
 ENCODE_ITEMS = (1, 2, 4)
@@ -42,13 +43,8 @@ PROMPT_WORDS = (16, 128, 512, 1024)
 WORD = " the"  # one token in the tokenizers vLLM serves, and 4 characters (one sim token)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line and exit 2, as every epdctl usage error
-        raise EpdctlError(f"calibrate: {message}", EXIT_USAGE)
-
-
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = _Parser(prog="epdctl calibrate", description=(
+    parser = CommandParser(prog="epdctl calibrate", description=(
         "Probe each role of a running topology (straight to its instances), fit the simulated engine's cost "
         "model, and write a sim profile. A topology with `engine: sim` and `sim_profile: FILE` then runs as "
         "the twin of the probed one."))

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from epdctl.cliparse import CommandParser
 from epdctl.errors import EXIT_USAGE, EpdctlError
 from epdctl.topology import ROLES, Topology, effective_memory_fraction
 
@@ -230,15 +231,10 @@ def rank(outcomes: list[Outcome]) -> list[Outcome]:
     return sorted(outcomes, key=lambda o: (order[o.status], -(o.goodput or 0.0)))
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line and exit 2, as every epdctl usage error
-        raise EpdctlError(f"sweep: {message}", EXIT_USAGE)
-
-
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, argparse.Namespace]:
     from epdctl.bench.cli import parse_args as parse_bench
 
-    parser = _Parser(prog="epdctl sweep", add_help=True, description=(
+    parser = CommandParser(prog="epdctl sweep", add_help=True, description=(
         "Bring each split of a base topology up, bench it with one workload, bring it down, and rank the "
         "splits by goodput. Every `epdctl bench` load/data option is accepted (--num-prompts, --concurrency, "
         "--request-rate, --images-per-request, --max-tokens, --dataset, --slo-ttft-ms, --slo-tpot-ms, ...)."))

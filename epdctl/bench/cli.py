@@ -9,19 +9,15 @@ import secrets
 import sys
 from typing import TYPE_CHECKING, Optional
 
+from epdctl.cliparse import CommandParser
 from epdctl.errors import EXIT_USAGE, EpdctlError
 
 if TYPE_CHECKING:
     from epdctl.bench.dataset import BenchRequest
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line and exit 2, as every epdctl usage error
-        raise EpdctlError(f"bench: {message}", EXIT_USAGE)
-
-
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = _Parser(prog="epdctl bench", description=(
+    parser = CommandParser(prog="epdctl bench", description=(
         "Load-test a topology through its proxy (or any OpenAI-compatible URL) with streamed chat requests, "
         "and report what `vllm bench serve` reports: throughput, TTFT, TPOT, ITL and E2E latency."))
     parser.add_argument("name", nargs="?", help="A running topology's name (its proxy is the target).")

@@ -21,6 +21,19 @@ Flags of `vllm serve` that it does not model are accepted and ignored."""
 
 from epdctl.sim.costmodel import DEFAULT_MAX_NUM_BATCHED_TOKENS, DEFAULT_MAX_NUM_SEQS
 
+# The cost model's flags (ms): (flag, default, what it costs).
+COST_FLAGS = (
+    ("--sim-ttft-ms", 20.0, "Time of a step that prefills: a request alone gets its first token after it; "
+                            "prompts prefilled together share it"),
+    ("--sim-prefill-request-ms", 0.0, "Added to a prefill step per request it prefills"),
+    ("--sim-prefill-token-ms", 0.0, "Added to a step per prompt token it prefills"),
+    ("--sim-encode-ms", 10.0, "Encode time per media item not loaded from the EC; items in one step add up"),
+    ("--sim-encode-base-ms", 0.0, "Added once to a step that encodes anything"),
+    ("--sim-ec-load-ms", 0.0, "Added to a step per media item a consumer loads from the EC"),
+    ("--sim-tpot-ms", 2.0, "Time of a step that decodes: time per output token after the first"),
+    ("--sim-step-per-seq-ms", 0.0, "Added to each step per running request: what batching costs"),
+    ("--sim-request-ms", 0.0, "The API server's work per request, one request at a time, before the step loop"),
+)
 _IDLE_CHILD = "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nwhile True: time.sleep(1)\n"
 
 
@@ -38,25 +51,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                         help="Context length: longer prompts, and max_tokens beyond it, get vLLM's 400.")
     parser.add_argument("--limit-mm-per-prompt", type=_mm_limits, default={}, metavar="JSON",
                         help='Media items per prompt, as vLLM: \'{"image": 4}\' (default 999 per modality).')
-    sim = parser.add_argument_group("simulation")
-    sim.add_argument("--sim-ttft-ms", type=float, default=20.0,
-                     help="Time of a step that prefills (ms): a request alone gets its first token after it; "
-                          "prompts prefilled together share it.")
-    sim.add_argument("--sim-tpot-ms", type=float, default=2.0, help="Time per output token after the first (ms).")
-    sim.add_argument("--sim-encode-ms", type=float, default=10.0,
-                     help="Encode time per media item not loaded from the EC (ms); items in one step add up.")
-    sim.add_argument("--sim-prefill-request-ms", type=float, default=0.0,
-                     help="Added to a prefill step per request it prefills (ms, default 0).")
-    sim.add_argument("--sim-encode-base-ms", type=float, default=0.0,
-                     help="Added once to a step that encodes anything (ms, default 0): batching's saving.")
-    sim.add_argument("--sim-ec-load-ms", type=float, default=0.0,
-                     help="Added to a step per media item a consumer loads from the EC (ms, default 0).")
-    sim.add_argument("--sim-request-ms", type=float, default=0.0,
-                     help="The API server's work per request, one request at a time, before the step loop (ms, default 0).")
-    sim.add_argument("--sim-step-per-seq-ms", type=float, default=0.0,
-                     help="Added to each step per running request (ms): what batching costs (default 0).")
-    sim.add_argument("--sim-prefill-token-ms", type=float, default=0.0,
-                     help="Added to a step per prompt token it prefills (ms, default 0).")
+    sim = parser.add_argument_group("simulation (epdctl/sim/costmodel.py; README: the simulated engine)")
+    for flag, default, text in COST_FLAGS:
+        sim.add_argument(flag, type=float, default=default, help=f"{text} (default {default:g}).")
     parser.add_argument("--max-num-seqs", type=int, default=DEFAULT_MAX_NUM_SEQS,
                         help=f"Requests running at once, as vLLM's flag; the rest wait, first come first served "
                              f"(default {DEFAULT_MAX_NUM_SEQS}, vLLM's for a GPU server).")
@@ -79,10 +76,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     for flag in ("max_num_seqs", "max_num_batched_tokens"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
-    for flag in ("sim_ttft_ms", "sim_tpot_ms", "sim_encode_ms", "sim_encode_base_ms", "sim_step_per_seq_ms",
-                 "sim_prefill_token_ms", "sim_prefill_request_ms", "sim_ec_load_ms", "sim_request_ms"):
-        if not getattr(args, flag) >= 0:  # also refuses nan
-            parser.error(f"--{flag.replace('_', '-')} must be a number >= 0")
+    for flag, _, _ in COST_FLAGS:
+        if not getattr(args, flag[2:].replace("-", "_")) >= 0:  # also refuses nan
+            parser.error(f"{flag} must be a number >= 0")
     return args, unknown
 
 
