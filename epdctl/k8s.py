@@ -11,6 +11,7 @@ Each vLLM container runs exactly the argv `plan` prints. What changes on a clust
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ import yaml
 
 from epdctl.errors import EXIT_RUNTIME, EXIT_USAGE, EpdctlError
 from epdctl.plan import DEVICE_VARIABLE, ProcessSpec, build_plan
-from epdctl.topology import Topology
+from epdctl.topology import EC_MOONCAKE, Topology
 
 DEFAULT_IMAGE = "vllm/vllm-openai:v0.33.0"
 DEFAULT_PROXY_IMAGE = "epdctl:0.1.0"  # build it from the repository's Dockerfile (README)
@@ -93,12 +94,37 @@ def _probe(port: str, period: int, failures: int) -> dict[str, Any]:
             "timeoutSeconds": 3}
 
 
+POD_IP = {"valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}
+# Advertised to other pods: the pod's own IP (downward API), never the loopback `plan` uses on one host.
+POD_IP_VARIABLES = ("VLLM_EC_SIDE_CHANNEL_HOST",)
+
+
 def _container_env(topology: Topology, spec: ProcessSpec) -> list[dict[str, Any]]:
     device_variable = DEVICE_VARIABLE.get(topology.platform)
-    env: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in spec.env.items() if k != device_variable]
+    env: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in spec.env.items()
+                                 if k != device_variable and k not in POD_IP_VARIABLES]
+    env += [{"name": k, **POD_IP} for k in POD_IP_VARIABLES if k in spec.env]
     if spec.side_channel_port:
-        env.append({"name": "VLLM_NIXL_SIDE_CHANNEL_HOST", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}})
+        env.append({"name": "VLLM_NIXL_SIDE_CHANNEL_HOST", **POD_IP})
+    if _mooncake_consumer(topology, spec):
+        env.append({"name": "POD_IP", **POD_IP})  # `$(POD_IP)` in its --ec-transfer-config
     return env
+
+
+def _mooncake_consumer(topology: Topology, spec: ProcessSpec) -> bool:
+    return bool(spec.ec_ports) and topology.ec_transfer is not None and topology.ec_transfer.connector == EC_MOONCAKE
+
+
+def _command(topology: Topology, spec: ProcessSpec) -> list[str]:
+    """The plan's argv, with what only holds on one host replaced for a cluster."""
+    argv = list(spec.argv)
+    if _mooncake_consumer(topology, spec) and "--ec-transfer-config" in argv:
+        # A Mooncake consumer binds and advertises ec_ip: its pod IP (Kubernetes expands $(POD_IP) in args).
+        at = argv.index("--ec-transfer-config") + 1
+        config = json.loads(argv[at])
+        config["ec_ip"] = "$(POD_IP)"
+        argv[at] = json.dumps(config, separators=(",", ":"))
+    return argv + (["--host", "0.0.0.0"] if topology.engine == "sim" else [])
 
 
 def _deployment(topology: Topology, work: Workload, image: str, ec_claim: Optional[str]) -> dict[str, Any]:
@@ -106,12 +132,13 @@ def _deployment(topology: Topology, work: Workload, image: str, ec_claim: Option
     ports = [{"name": "http", "containerPort": spec.port}]
     if spec.side_channel_port:
         ports.append({"name": "nixl", "containerPort": spec.side_channel_port})
+    ports += [{"name": f"ec-{i}", "containerPort": port} for i, port in enumerate(spec.ec_ports)]
     startup_failures = max(1, math.ceil(topology.health.timeout_s / PROBE_PERIOD_S))
     container: dict[str, Any] = {
         "name": "vllm" if topology.engine == "vllm" else "sim",
         "image": image,
         # The sim binds loopback unless told otherwise; vLLM listens on every interface already.
-        "command": list(spec.argv) + (["--host", "0.0.0.0"] if topology.engine == "sim" else []),
+        "command": _command(topology, spec),
         "ports": ports,
         "startupProbe": _probe("http", PROBE_PERIOD_S, startup_failures),
         "readinessProbe": _probe("http", PROBE_PERIOD_S, 3),

@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
-from epdctl.topology import RestartSpec, Topology
+from epdctl.topology import EC_CPU, EC_MOONCAKE, RestartSpec, Topology
 
 LOOPBACK = "127.0.0.1"
 ENCODER_MIN_BATCHED_TOKENS = 114688  # the seeds' value: a whole multi-image prompt in one step
@@ -23,6 +23,7 @@ class ProcessSpec:
     role: str = "proxy"
     devices: tuple[int, ...] = ()
     side_channel_port: Optional[int] = None
+    ec_ports: tuple[int, ...] = ()  # its EC connector's ports (ECCPU side channel, Mooncake control)
     restart: RestartSpec = RestartSpec()
 
     @property
@@ -30,7 +31,7 @@ class ProcessSpec:
         return f"http://{self.host}:{self.port}"
 
     def ports(self) -> tuple[int, ...]:
-        return (self.port,) + ((self.side_channel_port,) if self.side_channel_port else ())
+        return (self.port,) + ((self.side_channel_port,) if self.side_channel_port else ()) + self.ec_ports
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {"name": self.name}
@@ -38,6 +39,8 @@ class ProcessSpec:
             data["role"] = self.role
             data["devices"] = list(self.devices)
         data.update(argv=list(self.argv), env=dict(self.env), host=self.host, port=self.port, url=self.url)
+        if self.ec_ports:
+            data["ec_ports"] = list(self.ec_ports)
         return data
 
 
@@ -130,7 +133,7 @@ def engine_prefix(topology: Topology, python: str) -> tuple[list[str], bool]:
     return command, command[-1] == "serve"
 
 
-def ec_config(topology: Topology, role: str) -> dict[str, Any]:
+def ec_config(topology: Topology, role: str, ec_ports: tuple[int, ...] = ()) -> dict[str, Any]:
     ec = topology.ec_transfer
     assert ec is not None
     extra: dict[str, Any] = {}
@@ -140,6 +143,9 @@ def ec_config(topology: Topology, role: str) -> dict[str, Any]:
     config: dict[str, Any] = {"ec_connector": ec.connector, "ec_role": role}
     config["ec_connector_extra_config"] = extra
     config.update(ec.config)
+    if ec.connector == EC_MOONCAKE and role == "ec_consumer" and ec_ports:
+        # The consumer binds and advertises ec_ip:ec_port (+ its TP rank); on one host, loopback.
+        config.update(ec_ip=LOOPBACK, ec_port=ec_ports[0])
     return config
 
 
@@ -153,7 +159,7 @@ def kv_config(topology: Topology, role: str) -> dict[str, Any]:
     return config
 
 
-def role_flags(topology: Topology, role: str, devices: tuple[int, ...]) -> dict[str, Any]:
+def role_flags(topology: Topology, role: str, devices: tuple[int, ...], ec_ports: tuple[int, ...] = ()) -> dict[str, Any]:
     """The flags a role needs to work (precedence level 2)."""
     flags: dict[str, Any] = {"enable-request-id-headers": True}
     if len(devices) > 1:
@@ -169,7 +175,7 @@ def role_flags(topology: Topology, role: str, devices: tuple[int, ...]) -> dict[
         flags["max-num-batched-tokens"] = max(ENCODER_MIN_BATCHED_TOKENS, batched if isinstance(batched, int) else 0)
         flags["ec-transfer-config"] = ec_config(topology, "ec_producer")
     elif role in ("pd", "prefill") and has_encoders:
-        flags["ec-transfer-config"] = ec_config(topology, "ec_consumer")
+        flags["ec-transfer-config"] = ec_config(topology, "ec_consumer", ec_ports)
     if role == "prefill":
         flags["kv-transfer-config"] = kv_config(topology, "kv_producer")
     elif role == "decode":
@@ -181,6 +187,7 @@ def build_plan(topology: Topology, python: str = "python") -> Plan:
     """The processes `up` will run, in start order: instances, then the proxy."""
     prefix, positional_model = engine_prefix(topology, python)
     side_channels = topology.side_channel_ports()
+    all_ec_ports = topology.ec_ports()
     device_variable = DEVICE_VARIABLE.get(topology.platform)
     instances = []
     for ref in topology.instances():
@@ -190,8 +197,9 @@ def build_plan(topology: Topology, python: str = "python") -> Plan:
             instance_flags["gpu-memory-utilization"] = spec.gpu_memory_utilization
         instance_flags.update(spec.args)
         # A sim profile's costs are the lowest level: any `args:` still overrides them.
+        ec_ports = all_ec_ports.get(ref.name, ())
         flags = merge_flags(topology.sim_costs(ref.role), topology.defaults.args,
-                            role_flags(topology, ref.role, spec.devices), instance_flags)
+                            role_flags(topology, ref.role, spec.devices, ec_ports), instance_flags)
         model_argv = [topology.model] if positional_model else ["--model", topology.model]
         argv = prefix + model_argv + ["--port", str(spec.port)] + flags_to_argv(flags)
 
@@ -202,11 +210,12 @@ def build_plan(topology: Topology, python: str = "python") -> Plan:
         if side_channel:
             role_env["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(side_channel)
             role_env["UCX_NET_DEVICES"] = "all"
+        role_env.update(ec_connector_env(topology, ref.role, ec_ports))
         env = {**topology.defaults.env, **role_env, **spec.env}
         instances.append(
             ProcessSpec(
                 name=ref.name, role=ref.role, devices=spec.devices, argv=tuple(argv), env=env,
-                host=LOOPBACK, port=spec.port, side_channel_port=side_channel,
+                host=LOOPBACK, port=spec.port, side_channel_port=side_channel, ec_ports=ec_ports,
                 restart=spec.restart.over(topology.restart) if spec.restart else topology.restart,
             )
         )
@@ -228,6 +237,22 @@ def build_plan(topology: Topology, python: str = "python") -> Plan:
         log_max_bytes=int(topology.logs.max_mb * 1024 * 1024),
         log_keep=topology.logs.keep,
     )
+
+
+def ec_connector_env(topology: Topology, role: str, ec_ports: tuple[int, ...]) -> dict[str, str]:
+    """What ECCPUConnector (and Mooncake's cross_encoder_cache) need in the environment."""
+    ec = topology.ec_transfer
+    if ec is None or not topology.encode or role == "decode":
+        return {}
+    env: dict[str, str] = {}
+    if ec.connector == EC_CPU or (ec.connector == EC_MOONCAKE and role == "encode"
+                                  and ec.extra_config.get("cross_encoder_cache") is True):
+        env["VLLM_USE_V2_MODEL_RUNNER"] = "1"  # vLLM refuses the connector (or the cache) without it
+    if ec.connector == EC_CPU and role == "encode" and ec_ports:
+        # Each producer's own side channel: two on one host with vLLM's default 5601 would collide.
+        env["VLLM_EC_SIDE_CHANNEL_HOST"] = LOOPBACK
+        env["VLLM_EC_SIDE_CHANNEL_PORT"] = str(ec_ports[0])
+    return env
 
 
 def kv_storage_path(topology: Topology) -> Optional[str]:

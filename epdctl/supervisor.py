@@ -731,6 +731,14 @@ def _adoptable(state_dir: StateDir, plan: Plan) -> Optional[dict[str, Any]]:
 
 
 def up(topology, plan: Plan, *, detach: bool, wait_timeout: Optional[float], source: Path) -> int:
+    ec = topology.ec_transfer
+    if ec is not None and ec.connector == "ECMooncakeConnector" and topology.encode:
+        # Refused before anything starts: the encoders would wait for consumer addresses that
+        # the proxy never sends, and image requests would hang rather than fail.
+        raise EpdctlError("ECMooncakeConnector: the epdctl proxy does not route Mooncake's push yet (a consumer "
+                          "address and transfer ids per encoder request, as vLLM 0.33's disagg_epd_proxy.py "
+                          "--ec-consumer-zmq-addrs does); `validate`, `plan` and `export k8s` support it, `up` "
+                          "does not", EXIT_USAGE)
     state_dir = StateDir(plan.name)
     adopt = _adoptable(state_dir, plan)
     if adopt is None:

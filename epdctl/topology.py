@@ -20,6 +20,10 @@ NAME_PATTERN = r"^[a-z0-9][a-z0-9-]*$"
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.9  # vLLM's own default when no budget is given
 DEFAULT_SIDE_CHANNEL_PORT_BASE = 5600
 NIXL_CONNECTORS = ("NixlConnector",)
+# EC connectors without a shared folder (vLLM 0.32+): each plans ports of its own.
+EC_CPU = "ECCPUConnector"  # producers advertise a ZMQ side channel (VLLM_EC_SIDE_CHANNEL_HOST/PORT)
+EC_MOONCAKE = "ECMooncakeConnector"  # consumers bind a control port per TP rank (ec_ip:ec_port + rank)
+DEFAULT_EC_PORT_BASE = 5700
 
 ArgValue = Any  # bool | int | float | str | list | dict | None (None drops the flag)
 
@@ -74,6 +78,9 @@ class ECTransfer(_Model):
     shared_storage_path: Optional[str] = None
     extra_config: dict[str, Any] = {}
     config: dict[str, Any] = {}  # extra top-level ECTransferConfig fields
+    # ECCPUConnector's producer side channels and ECMooncakeConnector's consumer control ports
+    # are handed out from here (unless an instance sets its own `ec_port`).
+    port_base: Port = DEFAULT_EC_PORT_BASE
 
 
 class KVTransfer(_Model):
@@ -134,6 +141,7 @@ class InstanceSpec(_Model):
     port: Port
     gpu_memory_utilization: Optional[float] = Field(None, gt=0, le=1)
     side_channel_port: Optional[Port] = None
+    ec_port: Optional[Port] = None  # the first of its EC connector ports (ECCPU producer, Mooncake consumer)
     args: dict[str, ArgValue] = {}
     env: dict[str, str] = {}
     restart: Optional[RestartOverride] = None
@@ -231,6 +239,43 @@ class Topology(_Model):
     @property
     def uses_nixl(self) -> bool:
         return bool(self.prefill) and self.kv_transfer is not None and self.kv_transfer.connector in NIXL_CONNECTORS
+
+    def ec_port_owners(self) -> list[InstanceRef]:
+        """The instances that bind an EC connector port: ECCPU producers, Mooncake consumers."""
+        ec = self.ec_transfer
+        if ec is None or not self.encode:
+            return []
+        if ec.connector == EC_CPU:
+            return [ref for ref in self.instances() if ref.role == "encode"]
+        if ec.connector == EC_MOONCAKE:
+            return [ref for ref in self.instances() if ref.role in ("prefill", "pd")]
+        return []
+
+    def ec_ports(self) -> dict[str, tuple[int, ...]]:
+        """Each owner's EC ports: one side channel per ECCPU producer; one control port per TP
+        rank for a Mooncake consumer (vLLM binds ec_port + rank). Handed out from
+        `ec_transfer.port_base` past every other port of the topology, unless set per instance."""
+        owners = self.ec_port_owners()
+        if not owners:
+            return {}
+        assert self.ec_transfer is not None
+        taken = {ref.spec.port for ref in self.instances()} | {self.proxy.port}
+        taken |= set(self.side_channel_ports().values())
+        for ref in owners:
+            if ref.spec.ec_port:
+                taken |= set(range(ref.spec.ec_port, ref.spec.ec_port + _ec_port_count(self, ref)))
+        ports: dict[str, tuple[int, ...]] = {}
+        candidate = self.ec_transfer.port_base
+        for ref in owners:
+            count = _ec_port_count(self, ref)
+            if ref.spec.ec_port:
+                ports[ref.name] = tuple(range(ref.spec.ec_port, ref.spec.ec_port + count))
+                continue
+            while any(p in taken for p in range(candidate, candidate + count)):
+                candidate += 1
+            ports[ref.name] = tuple(range(candidate, candidate + count))
+            taken |= set(ports[ref.name])
+        return ports
 
     def side_channel_ports(self) -> dict[str, int]:
         """The NIXL side-channel port of each P and D instance.
@@ -438,6 +483,7 @@ def cross_check(topology: Topology, device_count: int | None = None, check_folde
         if problem:
             problems.append((("ec_transfer", "shared_storage_path"), problem, False))
     problems += _exec_problems(topology)
+    problems += _ec_connector_problems(topology)
 
     reserved = {"port": "the instance's port key", "model": "the top-level model key"}
     for loc, args in [(("defaults", "args"), topology.defaults.args)] + [
@@ -477,6 +523,13 @@ def cross_check(topology: Topology, device_count: int | None = None, check_folde
                                  f"{name}'s side channel would get port {port}, past 65535: lower side_channel_port_base", False))
             elif port not in explicit:
                 claim(port, ("kv_transfer", "side_channel_port_base"), f"{name}'s side channel")
+
+    for name, ports in topology.ec_ports().items():
+        ref = next(r for r in topology.instances() if r.name == name)
+        loc = (ref.role, ref.index, "ec_port") if ref.spec.ec_port else ("ec_transfer", "port_base")
+        for port in ports:
+            if port <= 65535:
+                claim(port, loc, f"{name}'s EC port")
 
     # Devices.
     budget: dict[int, list[tuple[str, float]]] = defaultdict(list)
@@ -624,6 +677,100 @@ def _exec_size(word: str) -> int:
 def _env_name_problems(loc: tuple, env: Mapping[str, str]) -> list[Problem]:
     return [(loc + (name,), "is not an environment variable name ([A-Za-z_][A-Za-z0-9_]*)", True)
             for name in env if not ENV_NAME.fullmatch(name)]
+
+
+def _flag_value(topology: Topology, spec: InstanceSpec, flag: str) -> Any:
+    """An instance's value of a vLLM flag from its args or the defaults (None when not set)."""
+    for args in (spec.args, topology.defaults.args):
+        for key, value in args.items():
+            if key.replace("_", "-").lstrip("-") == flag:
+                return value
+    return None
+
+
+def tensor_parallel_size(topology: Topology, spec: InstanceSpec) -> int:
+    """What vLLM will run the instance with: an explicit tensor-parallel-size, else one rank per device."""
+    value = _flag_value(topology, spec, "tensor-parallel-size")
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    return max(1, len(spec.devices))
+
+
+def _ec_port_count(topology: Topology, ref: InstanceRef) -> int:
+    if topology.ec_transfer is not None and topology.ec_transfer.connector == EC_MOONCAKE:
+        return min(tensor_parallel_size(topology, ref.spec), 64)
+    return 1
+
+
+def _positive_int(value: Any) -> bool:
+    """vLLM reads these with int(): an integer, or a string of digits, above 0."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return value > 0
+    return isinstance(value, str) and value.strip().isdigit() and int(value) > 0
+
+
+def _ec_connector_problems(topology: Topology) -> list[Problem]:
+    """What ECCPUConnector and ECMooncakeConnector refuse at start-up (vLLM 0.32), caught by validate."""
+    owners = {ref.name for ref in topology.ec_port_owners()}
+    problems: list[Problem] = [
+        ((ref.role, ref.index, "ec_port"), "only an ECCPUConnector encoder or an ECMooncakeConnector consumer "
+                                           "(pd, prefill) binds an EC port", True)
+        for ref in topology.instances() if ref.spec.ec_port and ref.name not in owners]
+    ec = topology.ec_transfer
+    if ec is None:
+        return problems
+    extra = ec.extra_config
+    if ec.connector == EC_CPU:
+        if "ec_cpu_bytes" not in extra:
+            problems.append((("ec_transfer", "extra_config") if extra else ("ec_transfer",),
+                             "ECCPUConnector needs extra_config.ec_cpu_bytes (the size of its CPU region, bytes)", True))
+        elif not _positive_int(extra["ec_cpu_bytes"]):
+            problems.append((("ec_transfer", "extra_config", "ec_cpu_bytes"),
+                             f"must be a whole number of bytes above 0 (got {extra['ec_cpu_bytes']!r})"[:200], False))
+        nixl = extra.get("ec_enable_nixl", False)
+        if not (isinstance(nixl, bool) or (isinstance(nixl, str) and nixl.strip().lower() in
+                                           ("true", "false", "1", "0", "yes", "no"))):
+            problems.append((("ec_transfer", "extra_config", "ec_enable_nixl"), "must be true or false", False))
+        timeout = extra.get("consumer_ack_timeout_s")
+        if timeout is not None and not (isinstance(timeout, (int, float)) and not isinstance(timeout, bool)
+                                        and 0 < timeout < float("inf")):
+            problems.append((("ec_transfer", "extra_config", "consumer_ack_timeout_s"),
+                             "must be a number of seconds above 0", False))
+    elif ec.connector == EC_MOONCAKE:
+        size = ec.config.get("ec_buffer_size")
+        if size is not None and not (isinstance(size, (int, float)) and not isinstance(size, bool)
+                                     and 0 < size < float("inf")):
+            problems.append((("ec_transfer", "config", "ec_buffer_size"), "must be a number of bytes above 0", False))
+        for key in ("ec_ip", "ec_port"):
+            if key in ec.config:
+                problems.append((("ec_transfer", "config", key),
+                                 f"{key} is planned per consumer by epdctl (ec_transfer.port_base, or an instance's "
+                                 "ec_port)", True))
+        shared = extra.get("cross_encoder_cache", False)
+        if not isinstance(shared, bool):
+            problems.append((("ec_transfer", "extra_config", "cross_encoder_cache"), "must be true or false", False))
+        for ref in topology.instances():
+            if ref.role != "encode":
+                continue
+            loc = (ref.role, ref.index)
+            # vLLM: "ECMooncakeConnector producers require tensor_parallel_size=1" (and no PP, no DP).
+            if tensor_parallel_size(topology, ref.spec) > 1:
+                problems.append((loc, "ECMooncakeConnector producers need tensor_parallel_size 1: give the "
+                                      "encoder one device (or tensor-parallel-size: 1)", True))
+            for flag in ("pipeline-parallel-size", "data-parallel-size"):
+                value = _flag_value(topology, ref.spec, flag)
+                if isinstance(value, int) and value > 1:
+                    problems.append((loc, f"ECMooncakeConnector producers do not support {flag} {value}", True))
+            if shared is True and _flag_value(topology, ref.spec, "mm-processor-cache-gb") == 0:
+                problems.append((loc, "cross_encoder_cache needs mm-processor-cache-gb above 0", True))
+    for name, ports in topology.ec_ports().items():
+        if ports[-1] > 65535:
+            ref = next(r for r in topology.instances() if r.name == name)
+            loc = (ref.role, ref.index, "ec_port") if ref.spec.ec_port else ("ec_transfer", "port_base")
+            problems.append((loc, f"{name}'s EC ports would run to {ports[-1]}, past 65535", False))
+    return problems
 
 
 def _normalized_keys(args: Mapping[str, Any]) -> set[str]:
