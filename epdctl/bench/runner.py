@@ -9,7 +9,6 @@ distort what it measures (benchmarks/bench_fidelity.py shows by how little).
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import time
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from typing import Callable, Optional
 
 import aiohttp
 
+from epdctl import jsoncodec
 from epdctl.bench.dataset import BenchRequest
 from epdctl.bench.ec_reuse import read_reused
 from epdctl.errors import EpdctlError
@@ -73,7 +73,7 @@ async def send(session: aiohttp.ClientSession, url: str, request: BenchRequest, 
                 if data == b"[DONE]":
                     break
                 now = time.perf_counter()
-                event = json.loads(data)
+                event = jsoncodec.loads(data)
                 if "error" in event:
                     result.error = str(event["error"].get("message", event["error"]))[:200]
                     return result

@@ -23,6 +23,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from epdctl import jsoncodec
 from epdctl.ec import ec_exists, load_ec, save_ec
 from epdctl.media import MediaError, MediaItem, check_media_key, content_hash, iter_media, local_media_path
 from epdctl.sim.costmodel import DEFAULT_MAX_NUM_BATCHED_TOKENS, DEFAULT_MAX_NUM_SEQS, CostModel, Scheduler, Seq
@@ -251,7 +252,7 @@ class SimEngine:
     def _read(self, raw: bytes, chat: bool) -> Ask:
         """The request, checked as vLLM checks it, before the sim allocates anything for it."""
         try:
-            body = json.loads(raw)
+            body = jsoncodec.loads(raw)
         except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             raise BadRequest(f"malformed JSON body: {exc}") from None
         if not isinstance(body, dict):
@@ -369,7 +370,7 @@ class SimEngine:
         include_usage = bool((body.get("stream_options") or {}).get("include_usage")) if isinstance(body.get("stream_options"), dict) else False
 
         def event(choices: list, **extra: Any) -> bytes:
-            return b"data: " + json.dumps({**base, "choices": choices, **extra}, separators=(",", ":")).encode() + b"\n\n"
+            return b"data: " + jsoncodec.dumps({**base, "choices": choices, **extra}) + b"\n\n"
 
         self.scheduler.submit(seq)
         try:

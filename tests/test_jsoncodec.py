@@ -1,0 +1,71 @@
+"""The proxy's JSON (epdctl/jsoncodec.py): orjson's speed without changing what a client sent."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from conftest import http_post
+from test_proxy import image, messages, start_proxy
+
+from epdctl import jsoncodec
+
+
+def test_integers_beyond_64_bits_stay_exact():
+    raw = b'{"seed": 123456789012345678901234567890, "n": -99999999999999999999999, "ok": 9223372036854775807}'
+    value = jsoncodec.loads(raw)
+    assert value == json.loads(raw) and isinstance(value["seed"], int)
+    assert jsoncodec.dumps(value) == b'{"seed":123456789012345678901234567890,"n":-99999999999999999999999,' \
+                                      b'"ok":9223372036854775807}'
+    assert jsoncodec.loads(b'{"x": 1e300}') == {"x": 1e300}  # a float stays a float
+
+
+@pytest.mark.parametrize("raw", [b'{"a": NaN}', b'{"a": Infinity}', b'{"a": "\\ud800"}', b'{"a": 1', b'"\xff"'])
+def test_what_is_not_json_is_refused(raw):
+    with pytest.raises(ValueError):
+        jsoncodec.loads(raw)
+
+
+def test_deep_nesting_is_a_recursion_error_as_with_the_standard_library():
+    with pytest.raises(RecursionError):
+        jsoncodec.loads(b"[" * 5000 + b"]" * 5000)
+
+
+class _Recorder(BaseHTTPRequestHandler):
+    bodies: list[bytes] = []
+
+    def do_GET(self):  # /health, /v1/models
+        self._answer(b'{"object":"list","data":[{"id":"m"}]}')
+
+    def do_POST(self):
+        self.bodies.append(self.rfile.read(int(self.headers["Content-Length"])))
+        self._answer(b'{"id":"x","object":"chat.completion","choices":[{"index":0,"message":'
+                     b'{"role":"assistant","content":"ok"},"finish_reason":"length"}]}')
+
+    def _answer(self, body: bytes):
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_the_proxy_passes_a_huge_seed_on_exactly_to_encoder_and_decoder(procs):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        backend = f"http://127.0.0.1:{server.server_address[1]}"
+        url = start_proxy(procs, encode=[backend], decode=[backend])
+        body = {"messages": messages(image(1)), "max_tokens": 2, "seed": 123456789012345678901234567890}
+        status, _ = http_post(url + "/v1/chat/completions", body)
+        assert status == 200
+        seeds = [json.loads(raw).get("seed") for raw in _Recorder.bodies]
+        assert seeds == [123456789012345678901234567890] * 2, seeds  # the encoder's call, then the decoder's
+        assert b"123456789012345678901234567890" in _Recorder.bodies[-1]
+    finally:
+        server.shutdown()
