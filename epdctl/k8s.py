@@ -21,7 +21,7 @@ from typing import Any, Optional
 import yaml
 
 from epdctl.errors import EXIT_RUNTIME, EXIT_USAGE, EpdctlError
-from epdctl.plan import DEVICE_VARIABLE, ProcessSpec, build_plan
+from epdctl.plan import DEVICE_VARIABLE, ProcessSpec, build_plan, ec_consumer_zmq_addrs
 from epdctl.topology import EC_MOONCAKE, Topology
 
 DEFAULT_IMAGE = "vllm/vllm-openai:v0.33.0"
@@ -172,12 +172,15 @@ def _deployment(topology: Topology, work: Workload, image: str, ec_claim: Option
     }
 
 
-def _service(topology: Topology, name: str, role: str, port: int, workload: str) -> dict[str, Any]:
+def _service(topology: Topology, name: str, role: str, port: int, workload: str,
+             ec_ports: tuple[int, ...] = ()) -> dict[str, Any]:
+    # EC ports too: the proxy names a Mooncake consumer to the encoders as tcp://SERVICE:PORT.
+    ports = [{"name": "http", "port": port, "targetPort": "http"}]
+    ports += [{"name": f"ec-{i}", "port": ec_port, "targetPort": f"ec-{i}"} for i, ec_port in enumerate(ec_ports)]
     return {
         "apiVersion": "v1", "kind": "Service",
         "metadata": {"name": name, "labels": _labels(topology, role, workload)},
-        "spec": {"type": "ClusterIP", "selector": _labels(topology, role, workload),
-                 "ports": [{"name": "http", "port": port, "targetPort": "http"}]},
+        "spec": {"type": "ClusterIP", "selector": _labels(topology, role, workload), "ports": ports},
     }
 
 
@@ -197,6 +200,13 @@ def _proxy_deployment(topology: Topology, works: list[Workload], image: str, ec_
     kv = topology.kv_transfer
     if topology.prefill and kv is not None and kv.connector != "NixlConnector":
         command += ["--kv-connector", kv.connector]  # as `plan` passes it: the proxy's warnings know it
+    ec = topology.ec_transfer
+    if topology.encode and ec is not None and ec.connector != "ECExampleConnector":
+        command += ["--ec-connector", ec.connector]
+    service_of = {w.spec.name: w.name for w in works if w.replicas == 1}
+    zmq = ec_consumer_zmq_addrs(topology, tuple(w.spec for w in works), host_of=lambda spec: service_of[spec.name])
+    if zmq:
+        command += ["--ec-consumer-zmq-addrs", ",".join(zmq)]
     if topology.media.allowed_local_path:
         command += ["--allowed-local-media-path", topology.media.allowed_local_path]
     container: dict[str, Any] = {
@@ -243,7 +253,7 @@ def manifests(topology: Topology, source_text: str, *, image: Optional[str] = No
     works = workloads(topology, plan.instances)
     for work in works:
         docs.append(_deployment(topology, work, image, ec_claim))
-        docs.append(_service(topology, work.name, work.role, work.spec.port, work.name))
+        docs.append(_service(topology, work.name, work.role, work.spec.port, work.name, work.spec.ec_ports))
     docs.append(_proxy_deployment(topology, works, proxy_image, ec_claim))
     proxy = f"{_base(topology)}-proxy"
     docs.append(_service(topology, proxy, "proxy", topology.proxy.port, proxy))

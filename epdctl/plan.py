@@ -255,6 +255,24 @@ def ec_connector_env(topology: Topology, role: str, ec_ports: tuple[int, ...]) -
     return env
 
 
+def ec_consumers(topology: Topology, instances: tuple[ProcessSpec, ...]) -> list[ProcessSpec]:
+    """The instances that receive encoder outputs, in the order of the proxy's pool that serves
+    them: the prefill pool with P instances, else the decode pool (PD)."""
+    role = "prefill" if topology.prefill else "pd"
+    return [spec for spec in instances if spec.role == role]
+
+
+def ec_consumer_zmq_addrs(topology: Topology, instances: tuple[ProcessSpec, ...],
+                          host_of=lambda spec: spec.host) -> list[str]:
+    """ECMooncakeConnector: each consumer's control address (TP rank 0), which the proxy names to
+    the encoders so they push to the instance that will get the request (vLLM 0.33's proxy
+    flag --ec-consumer-zmq-addrs)."""
+    ec = topology.ec_transfer
+    if ec is None or ec.connector != EC_MOONCAKE or not topology.encode:
+        return []
+    return [f"tcp://{host_of(spec)}:{spec.ec_ports[0]}" for spec in ec_consumers(topology, instances)]
+
+
 def kv_storage_path(topology: Topology) -> Optional[str]:
     """The folder of a storage-based KV connector, when P and D exchange KV through files."""
     kv = topology.kv_transfer
@@ -295,6 +313,11 @@ def proxy_argv(topology: Topology, instances: tuple[ProcessSpec, ...], python: s
     ec = topology.ec_transfer
     if topology.encode and ec is not None and ec.connector == "ECExampleConnector" and ec.shared_storage_path:
         argv += ["--ec-shared-storage-path", ec.shared_storage_path]
+    if topology.encode and ec is not None and ec.connector != "ECExampleConnector":
+        argv += ["--ec-connector", ec.connector]  # the proxy carries what ECCPU/Mooncake consumers need
+    zmq = ec_consumer_zmq_addrs(topology, instances)
+    if zmq:
+        argv += ["--ec-consumer-zmq-addrs", ",".join(zmq)]
     if topology.media.allowed_local_path:
         argv += ["--allowed-local-media-path", topology.media.allowed_local_path]
     return argv

@@ -43,6 +43,21 @@ VLLM_LOCAL_KV_TOKENS = 'vllm:prompt_tokens_by_source_total{source="local_compute
 # and `--enable-logging-iteration-details` logs the encoder inputs an instance computed itself.
 VLLM_EC_LOADED = "Success load encoder cache for hash"
 VLLM_ENCODER_RAN = ", encoder inputs: "
+# The other connectors export no ECConnector metric either (vLLM 0.32: neither implements
+# build_prom_metrics); their log lines, from vllm/distributed/ec_transfer/ec_connector/.
+EC_EVIDENCE = {
+    "ECCPUConnector": {
+        # DEBUG: a producer's output landed in its CPU region; a consumer read one over NIXL.
+        "saved": "EC producer: mm_hash=", "saved_end": " marked ready",
+        "loaded": "EC consumer: NIXL xfer complete mm_hash=",
+        # WARNING/ERROR: the consumer gave up on a remote read and encoded the item itself, or failed it.
+        "fallbacks": ("; using local input", "needs remote encoding"),
+    },
+    "ECMooncakeConnector": {
+        "fallbacks": ("never arrived", "EC Mooncake pushed load failed", "could not resolve a transfer id",
+                      "Rejected conflicting EC push"),
+    },
+}
 
 
 @dataclass
@@ -222,6 +237,51 @@ def _log_since(path: Optional[Path], offset: int) -> Optional[str]:
         return None
 
 
+def _ec_connector_of(spec: ProcessSpec) -> str | None:
+    argv = list(spec.argv)
+    try:
+        config = json.loads(argv[argv.index("--ec-transfer-config") + 1])
+    except (ValueError, IndexError):
+        return None
+    return config.get("ec_connector") if isinstance(config, dict) else None
+
+
+def connector_evidence(connector: str, consumer_names: str, images: int, encoder_logs: list[str | None],
+                       consumer_logs: list[str | None]) -> list[Check]:
+    """Proof from the instances' logs (what they wrote during the golden requests) that the
+    consumers took every image from the encoders and encoded none themselves."""
+    evidence = EC_EVIDENCE[connector]
+    if any(text is None for text in encoder_logs + consumer_logs):
+        return [Check("consumers took the EC", None, "no instance logs to read (smoke reads them for "
+                                                     f"{connector}, which exports no metric)")]
+    consumed = "".join(consumer_logs)  # type: ignore[arg-type]
+    checks: list[Check] = []
+    fallbacks = sum(consumed.count(marker) for marker in evidence["fallbacks"])
+    checks.append(Check("no consumer fell back to encoding", fallbacks == 0,
+                        f"{consumer_names} logged {fallbacks} failed or abandoned EC transfers",
+                        hint=f"read the {connector} warnings in their logs"))
+    if "loaded" in evidence:
+        produced = "".join(encoder_logs)  # type: ignore[arg-type]
+        if " DEBUG " not in produced + consumed:
+            checks.append(Check("consumers read the EC over NIXL", None,
+                                "no DEBUG lines: set VLLM_LOGGING_LEVEL=DEBUG on encoders and consumers to let "
+                                f"smoke see {connector}'s saves and reads"))
+        else:
+            saved = sum(1 for line in produced.splitlines() if evidence["saved"] in line and evidence["saved_end"] in line)
+            loaded = consumed.count(evidence["loaded"])
+            checks.append(Check("consumers read the EC over NIXL", saved >= images and loaded >= images,
+                                f"encoders saved {saved} and {consumer_names} read {loaded} items for {images} images",
+                                hint="is ec_enable_nixl on, and does the proxy pass --ec-connector?"))
+    if "Iteration(" in consumed:  # --enable-logging-iteration-details is on
+        computed = consumed.count(VLLM_ENCODER_RAN)
+        checks.append(Check("consumers ran no vision encoder", computed == 0,
+                            f"{consumer_names} logged {computed} iterations with encoder inputs"))
+    else:
+        checks.append(Check("consumers ran no vision encoder", None,
+                            f"set enable-logging-iteration-details on {consumer_names} to let smoke see it"))
+    return checks
+
+
 def prove(plan: Plan, proxy: str, log_of: Optional[Callable[[str], Path]] = None) -> list[Check]:
     """Send the golden requests and check each role's counters moved as disaggregation requires.
 
@@ -271,7 +331,19 @@ def prove(plan: Plan, proxy: str, log_of: Optional[Callable[[str], Path]] = None
     requests = len(goldens)
     requests_metric = SIM["requests"] if sim else VLLM_REQUESTS
 
-    if encoders:
+    connector = next((c for c in (_ec_connector_of(s) for s in encoders) if c), None)
+    if encoders and not sim and connector in EC_EVIDENCE:
+        text_hits = delta(encoders, requests_metric, after_text)
+        checks.append(Check("text skipped the encoders", text_hits == 0,
+                            f"{_names(encoders)} got {text_hits:g} requests for the text-only one"))
+        served = delta(encoders, VLLM_REQUESTS)
+        checks.append(Check("encoders encoded", served >= images,
+                            f"{_names(encoders)} finished {served:g} requests for {images} images ({VLLM_REQUESTS})"))
+        checks += connector_evidence(
+            connector, _names(consumers), images,
+            [_log_since(logs[s.name], log_offsets[s.name]) for s in encoders],
+            [_log_since(logs[s.name], log_offsets[s.name]) for s in consumers])
+    elif encoders:
         written = sum(files_after[p] - files_before[p] for p in {ec_paths[s.name] for s in encoders if ec_paths[s.name]})
         where = ", ".join(sorted({p for p in (ec_paths[s.name] for s in encoders) if p})) or "?"
         text_hits = delta(encoders, requests_metric, after_text)

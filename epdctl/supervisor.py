@@ -647,10 +647,12 @@ def _instance_of(proc: psutil.Process) -> Optional[str]:
 
 
 def check_ports(plan: Plan) -> None:
-    problems = busy_ports(
-        (port, spec.name if port == spec.port else f"{spec.name}'s NIXL side channel")
-        for spec in plan.processes for port in spec.ports()
-    )
+    def what(spec: ProcessSpec, port: int) -> str:
+        if port == spec.port:
+            return spec.name
+        return f"{spec.name}'s NIXL side channel" if port == spec.side_channel_port else f"{spec.name}'s EC port"
+
+    problems = busy_ports((port, what(spec, port)) for spec in plan.processes for port in spec.ports())
     if problems:
         raise EpdctlError("; ".join(problems))
 
@@ -731,14 +733,6 @@ def _adoptable(state_dir: StateDir, plan: Plan) -> Optional[dict[str, Any]]:
 
 
 def up(topology, plan: Plan, *, detach: bool, wait_timeout: Optional[float], source: Path) -> int:
-    ec = topology.ec_transfer
-    if ec is not None and ec.connector == "ECMooncakeConnector" and topology.encode:
-        # Refused before anything starts: the encoders would wait for consumer addresses that
-        # the proxy never sends, and image requests would hang rather than fail.
-        raise EpdctlError("ECMooncakeConnector: the epdctl proxy does not route Mooncake's push yet (a consumer "
-                          "address and transfer ids per encoder request, as vLLM 0.33's disagg_epd_proxy.py "
-                          "--ec-consumer-zmq-addrs does); `validate`, `plan` and `export k8s` support it, `up` "
-                          "does not", EXIT_USAGE)
     state_dir = StateDir(plan.name)
     adopt = _adoptable(state_dir, plan)
     if adopt is None:

@@ -288,6 +288,9 @@ class Topology(_Model):
         assert self.kv_transfer is not None
         taken = {ref.spec.port for ref in self.instances()} | {self.proxy.port}
         taken |= {ref.spec.side_channel_port for ref in self.instances() if ref.spec.side_channel_port}
+        for ref in self.ec_port_owners():  # an EC port the file pins is not handed out again here
+            if ref.spec.ec_port:
+                taken |= set(range(ref.spec.ec_port, ref.spec.ec_port + _ec_port_count(self, ref)))
         ports: dict[str, int] = {}
         candidate = self.kv_transfer.side_channel_port_base
         for ref in self.instances():
@@ -698,78 +701,178 @@ def tensor_parallel_size(topology: Topology, spec: InstanceSpec) -> int:
 
 def _ec_port_count(topology: Topology, ref: InstanceRef) -> int:
     if topology.ec_transfer is not None and topology.ec_transfer.connector == EC_MOONCAKE:
-        return min(tensor_parallel_size(topology, ref.spec), 64)
+        return min(tensor_parallel_size(topology, ref.spec), MAX_EC_PORTS_PER_INSTANCE)
     return 1
 
 
-def _positive_int(value: Any) -> bool:
-    """vLLM reads these with int(): an integer, or a string of digits, above 0."""
+# Bounds on what these connectors read from extra_config (vLLM 0.32 reads them with int()/float()
+# and no upper limit): far past any real value, so a bound only ever catches a typo or a hostile file.
+MAX_EC_BYTES = 1 << 40  # 1 TiB of CPU region or registered buffer
+MAX_EC_SECONDS = 86400.0
+MAX_EC_COUNT = 1 << 20
+MAX_EC_PORTS_PER_INSTANCE = 64
+# extra_config numbers per connector: key -> (what it counts, upper bound).
+EC_NUMBERS: dict[str, dict[str, tuple[str, float]]] = {
+    EC_CPU: {"ec_cpu_bytes": ("bytes", MAX_EC_BYTES), "consumer_ack_timeout_s": ("seconds", MAX_EC_SECONDS)},
+    EC_MOONCAKE: {"control_timeout_s": ("seconds", MAX_EC_SECONDS), "push_wait_timeout_s": ("seconds", MAX_EC_SECONDS),
+                  "store_max_pending_items": ("items", MAX_EC_COUNT),
+                  "store_max_pending_bytes": ("bytes", MAX_EC_BYTES),
+                  "store_read_buffer_bytes": ("bytes", MAX_EC_BYTES)},
+}
+# The environment epdctl plans for these connectors; a file that sets it would defeat the port plan.
+EC_PLANNED_ENV = ("VLLM_EC_SIDE_CHANNEL_HOST", "VLLM_EC_SIDE_CHANNEL_PORT")
+MOONCAKE_PROTOCOL = re.compile(r"[a-z][a-z0-9_]{0,31}")
+TRUE_WORDS, FALSE_WORDS = ("true", "1", "yes"), ("false", "0", "no")
+
+
+def _whole_amount(value: Any, bound: float) -> bool:
+    """vLLM reads sizes and counts with int(): a whole number (or its digits as a string), 1..bound."""
     if isinstance(value, bool):
         return False
-    if isinstance(value, int):
-        return value > 0
-    return isinstance(value, str) and value.strip().isdigit() and int(value) > 0
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, str) and value.strip().isdigit() and len(value) <= 20:
+        value = int(value)
+    return isinstance(value, int) and 0 < value <= bound
+
+
+def _seconds(value: Any, bound: float) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= bound
+
+
+def _flag_word(value: Any) -> bool | None:
+    """A boolean as vLLM's ECCPUConnector parses ec_enable_nixl; None when it is neither."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in TRUE_WORDS + FALSE_WORDS:
+        return value.strip().lower() in TRUE_WORDS
+    return None
+
+
+def _nonzero_int(text: str) -> bool:
+    try:
+        return int(text) != 0
+    except ValueError:
+        return False
 
 
 def _ec_connector_problems(topology: Topology) -> list[Problem]:
-    """What ECCPUConnector and ECMooncakeConnector refuse at start-up (vLLM 0.32), caught by validate."""
+    """What ECCPUConnector and ECMooncakeConnector refuse at start-up (vLLM 0.32), or would do
+    silently wrong at request time, caught by validate."""
     owners = {ref.name for ref in topology.ec_port_owners()}
     problems: list[Problem] = [
-        ((ref.role, ref.index, "ec_port"), "only an ECCPUConnector encoder or an ECMooncakeConnector consumer "
-                                           "(pd, prefill) binds an EC port", True)
+        ((ref.role, ref.index, "ec_port"), ("only an ECCPUConnector encoder or an ECMooncakeConnector consumer "
+                                            "(pd, prefill) binds an EC port"), True)
         for ref in topology.instances() if ref.spec.ec_port and ref.name not in owners]
     ec = topology.ec_transfer
-    if ec is None:
+    if ec is None or ec.connector not in (EC_CPU, EC_MOONCAKE):
         return problems
     extra = ec.extra_config
+    for key, (unit, bound) in EC_NUMBERS[ec.connector].items():
+        if key not in extra:
+            continue
+        ok = _seconds(extra[key], bound) if unit == "seconds" else _whole_amount(extra[key], bound)
+        if not ok:
+            kind = "a number of seconds" if unit == "seconds" else f"a whole number of {unit}"
+            problems.append((("ec_transfer", "extra_config", key),
+                             f"must be {kind} above 0 and at most {bound:.0f} (got {extra[key]!r})"[:240], False))
     if ec.connector == EC_CPU:
-        if "ec_cpu_bytes" not in extra:
-            problems.append((("ec_transfer", "extra_config") if extra else ("ec_transfer",),
-                             "ECCPUConnector needs extra_config.ec_cpu_bytes (the size of its CPU region, bytes)", True))
-        elif not _positive_int(extra["ec_cpu_bytes"]):
-            problems.append((("ec_transfer", "extra_config", "ec_cpu_bytes"),
-                             f"must be a whole number of bytes above 0 (got {extra['ec_cpu_bytes']!r})"[:200], False))
-        nixl = extra.get("ec_enable_nixl", False)
-        if not (isinstance(nixl, bool) or (isinstance(nixl, str) and nixl.strip().lower() in
-                                           ("true", "false", "1", "0", "yes", "no"))):
-            problems.append((("ec_transfer", "extra_config", "ec_enable_nixl"), "must be true or false", False))
-        timeout = extra.get("consumer_ack_timeout_s")
-        if timeout is not None and not (isinstance(timeout, (int, float)) and not isinstance(timeout, bool)
-                                        and 0 < timeout < float("inf")):
-            problems.append((("ec_transfer", "extra_config", "consumer_ack_timeout_s"),
-                             "must be a number of seconds above 0", False))
-    elif ec.connector == EC_MOONCAKE:
-        size = ec.config.get("ec_buffer_size")
-        if size is not None and not (isinstance(size, (int, float)) and not isinstance(size, bool)
-                                     and 0 < size < float("inf")):
-            problems.append((("ec_transfer", "config", "ec_buffer_size"), "must be a number of bytes above 0", False))
-        for key in ("ec_ip", "ec_port"):
-            if key in ec.config:
-                problems.append((("ec_transfer", "config", key),
-                                 f"{key} is planned per consumer by epdctl (ec_transfer.port_base, or an instance's "
-                                 "ec_port)", True))
-        shared = extra.get("cross_encoder_cache", False)
-        if not isinstance(shared, bool):
-            problems.append((("ec_transfer", "extra_config", "cross_encoder_cache"), "must be true or false", False))
-        for ref in topology.instances():
-            if ref.role != "encode":
-                continue
-            loc = (ref.role, ref.index)
-            # vLLM: "ECMooncakeConnector producers require tensor_parallel_size=1" (and no PP, no DP).
-            if tensor_parallel_size(topology, ref.spec) > 1:
-                problems.append((loc, "ECMooncakeConnector producers need tensor_parallel_size 1: give the "
-                                      "encoder one device (or tensor-parallel-size: 1)", True))
-            for flag in ("pipeline-parallel-size", "data-parallel-size"):
-                value = _flag_value(topology, ref.spec, flag)
-                if isinstance(value, int) and value > 1:
-                    problems.append((loc, f"ECMooncakeConnector producers do not support {flag} {value}", True))
-            if shared is True and _flag_value(topology, ref.spec, "mm-processor-cache-gb") == 0:
-                problems.append((loc, "cross_encoder_cache needs mm-processor-cache-gb above 0", True))
+        problems += _ec_cpu_problems(topology, extra)
+    else:
+        problems += _ec_mooncake_problems(topology, extra)
     for name, ports in topology.ec_ports().items():
         if ports[-1] > 65535:
             ref = next(r for r in topology.instances() if r.name == name)
             loc = (ref.role, ref.index, "ec_port") if ref.spec.ec_port else ("ec_transfer", "port_base")
             problems.append((loc, f"{name}'s EC ports would run to {ports[-1]}, past 65535", False))
+    return problems
+
+
+def _ec_env_problems(topology: Topology, runner_v2_roles: tuple[str, ...], planned: tuple[str, ...] = ()) -> list[Problem]:
+    """Env that would override what epdctl plans: the side channel, and the V2 runner the connector needs."""
+    problems: list[Problem] = []
+    places = [(("defaults", "env"), topology.defaults.env, runner_v2_roles)]
+    places += [((ref.role, ref.index, "env"), ref.spec.env, (ref.role,)) for ref in topology.instances()]
+    for loc, env, roles in places:
+        for name in planned:
+            if name in env:
+                problems.append((loc + (name,), (f"{name} is planned by epdctl for {topology.ec_transfer.connector} "
+                                                 "(set ec_transfer.port_base or an encoder's ec_port instead)"), True))
+        runner = env.get("VLLM_USE_V2_MODEL_RUNNER")
+        # vLLM reads it as bool(int(value)): "true" would not even parse.
+        if runner is not None and set(roles) & set(runner_v2_roles) and not _nonzero_int(runner):
+            problems.append((loc + ("VLLM_USE_V2_MODEL_RUNNER",), (f"{topology.ec_transfer.connector} here needs "
+                                                                   "vLLM's V2 model runner (VLLM_USE_V2_MODEL_RUNNER=1)"),
+                             True))
+    return problems
+
+
+def _ec_cpu_problems(topology: Topology, extra: Mapping[str, Any]) -> list[Problem]:
+    problems: list[Problem] = []
+    if "ec_cpu_bytes" not in extra:
+        problems.append((("ec_transfer", "extra_config") if extra else ("ec_transfer",),
+                         "ECCPUConnector needs extra_config.ec_cpu_bytes (the size of its CPU region, bytes)", True))
+    nixl = _flag_word(extra.get("ec_enable_nixl", False))
+    if nixl is None:
+        problems.append((("ec_transfer", "extra_config", "ec_enable_nixl"), "must be true or false", False))
+    elif not nixl and topology.encode:
+        # Without NIXL each instance's region is its own: a consumer never sees the encoders' outputs
+        # and encodes every image itself, answering correctly while nothing is disaggregated.
+        problems.append((("ec_transfer", "extra_config"), ("ECCPUConnector moves encoder outputs between instances "
+                                                           "only over NIXL: set ec_enable_nixl: true (without it every "
+                                                           "consumer silently encodes its images itself)"), True))
+    return problems + _ec_env_problems(topology, ("encode", "prefill", "pd"), EC_PLANNED_ENV)
+
+
+def _ec_mooncake_problems(topology: Topology, extra: Mapping[str, Any]) -> list[Problem]:
+    ec = topology.ec_transfer
+    assert ec is not None
+    problems: list[Problem] = []
+    size = ec.config.get("ec_buffer_size")
+    if size is not None and not _whole_amount(size, MAX_EC_BYTES):
+        problems.append((("ec_transfer", "config", "ec_buffer_size"),
+                         f"must be a number of bytes above 0 and at most {MAX_EC_BYTES}", False))
+    for key in ("ec_ip", "ec_port"):
+        if key in ec.config:
+            problems.append((("ec_transfer", "config", key),
+                             (f"{key} is planned per consumer by epdctl (ec_transfer.port_base, or an instance's "
+                              "ec_port)"), True))
+    protocol = extra.get("mooncake_protocol", "rdma")
+    if not (isinstance(protocol, str) and MOONCAKE_PROTOCOL.fullmatch(protocol)):
+        problems.append((("ec_transfer", "extra_config", "mooncake_protocol"),
+                         "must be a Mooncake transfer protocol name such as rdma or tcp", False))
+    shared = extra.get("cross_encoder_cache", False)
+    if not isinstance(shared, bool):
+        problems.append((("ec_transfer", "extra_config", "cross_encoder_cache"), "must be true or false", False))
+    for ref in topology.instances():
+        loc = (ref.role, ref.index)
+        if ref.role in ("prefill", "pd"):
+            # One control address per consumer: the proxy names it to the encoders and sends the
+            # request to that instance; a data-parallel consumer would need a replica pinned too.
+            dp = _flag_value(topology, ref.spec, "data-parallel-size")
+            if isinstance(dp, int) and dp > 1:
+                problems.append((loc, (f"ECMooncakeConnector consumers run with data-parallel-size 1 under epdctl "
+                                       f"(got {dp}): run replicas as separate instances"), True))
+            if tensor_parallel_size(topology, ref.spec) > MAX_EC_PORTS_PER_INSTANCE:
+                problems.append((loc, ("ECMooncakeConnector binds one control port per tensor-parallel rank: at "
+                                       f"most {MAX_EC_PORTS_PER_INSTANCE}"), True))
+        if ref.role != "encode":
+            continue
+        # vLLM: "ECMooncakeConnector producers require tensor_parallel_size=1" (and no PP, no DP).
+        if tensor_parallel_size(topology, ref.spec) > 1:
+            problems.append((loc, ("ECMooncakeConnector producers need tensor_parallel_size 1: give the "
+                                   "encoder one device (or tensor-parallel-size: 1)"), True))
+        for flag in ("pipeline-parallel-size", "data-parallel-size"):
+            value = _flag_value(topology, ref.spec, flag)
+            if isinstance(value, int) and value > 1:
+                problems.append((loc, f"ECMooncakeConnector producers do not support {flag} {value}", True))
+        if shared is True:
+            if _flag_value(topology, ref.spec, "mm-processor-cache-gb") == 0:
+                problems.append((loc, "cross_encoder_cache needs mm-processor-cache-gb above 0", True))
+            if _flag_value(topology, ref.spec, "enable-lora") is True:
+                problems.append((loc, "cross_encoder_cache does not support LoRA (enable-lora)", True))
+    if shared is True:
+        problems += _ec_env_problems(topology, ("encode",))
     return problems
 
 

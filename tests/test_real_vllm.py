@@ -45,7 +45,8 @@ def test_vllm_parser_accepts_every_planned_argv():
     items = []
     for path in vllm_topologies():
         plan = build_plan(load_topology(path), python="python")
-        items += [{"name": f"{path.name}:{spec.name}", "argv": list(spec.argv)} for spec in plan.instances]
+        items += [{"name": f"{path.name}:{spec.name}", "argv": list(spec.argv), "env": dict(spec.env)}
+                  for spec in plan.instances]
     # A control that must fail, so a check that accepts everything cannot pass.
     items.append({"name": "control", "argv": ["vllm", "serve", "m", "--kv-transfer-config",
                                               '{"kv_connector":"NixlConnector","kv_role":"kv_sideways"}']})

@@ -1,9 +1,10 @@
 """Run under the real-vLLM venv's python: does vLLM's own CLI accept each planned argv?
 
-Reads [{"name", "argv"}] as JSON on stdin; prints {name: "ok" | error} as JSON. For each argv it
+Reads [{"name", "argv", "env"?}] as JSON on stdin; prints {name: "ok" | error} as JSON. For each argv it
 strips the command prefix, parses the rest with vLLM's `vllm serve` parser, runs vLLM's own
 pre-load checks, builds the engine arguments, builds the EC/KV transfer configs from our JSON, and
-loads the connector classes they name. (Building the whole engine config would load the model's
+loads the connector classes they name; for ECCPUConnector and ECMooncakeConnector it also runs their
+start-up checks against the planned env. (Building the whole engine config would load the model's
 config from the hub.)
 """
 
@@ -31,7 +32,49 @@ def connector_class(config) -> type:
     return factory._registry[name]()
 
 
-def check(argv: list[str]) -> str:
+def check_ec_connector(config, engine_args, env: dict) -> None:
+    """What ECCPUConnector and ECMooncakeConnector check when they start, run with vLLM's own code
+    where it is pure (Mooncake's config; the environment through vllm.envs's own parsers)."""
+    import os
+    from types import SimpleNamespace as NS
+
+    from vllm import envs
+
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    try:
+        use_v2 = bool(envs.VLLM_USE_V2_MODEL_RUNNER)
+        if config.ec_connector == "ECCPUConnector":
+            if not use_v2:  # ECCPUConnector.__init__'s own check and message
+                raise ValueError("ECCPUConnector requires the V2 model runner. Set VLLM_USE_V2_MODEL_RUNNER=1.")
+            cpu_bytes = config.ec_connector_extra_config.get("ec_cpu_bytes")
+            if not cpu_bytes:  # as create_ec_shared_region reads it
+                raise ValueError("ec_cpu_bytes must be specified in ec_connector_extra_config")
+            int(cpu_bytes)
+            if config.is_ec_producer and (not 1 <= envs.VLLM_EC_SIDE_CHANNEL_PORT <= 65535
+                                          or envs.VLLM_EC_SIDE_CHANNEL_HOST in ("", "localhost")):
+                raise ValueError(f"side channel {envs.VLLM_EC_SIDE_CHANNEL_HOST}:{envs.VLLM_EC_SIDE_CHANNEL_PORT} "
+                                 "is vLLM's default or unusable")
+        elif config.ec_connector == "ECMooncakeConnector":
+            from vllm.distributed.ec_transfer.ec_connector.mooncake.config import MooncakeECConfig
+
+            vllm_config = NS(
+                parallel_config=NS(tensor_parallel_size=engine_args.tensor_parallel_size,
+                                   pipeline_parallel_size=engine_args.pipeline_parallel_size,
+                                   data_parallel_size=engine_args.data_parallel_size, data_parallel_index=0),
+                ec_transfer_config=config, use_v2_model_runner=use_v2,
+                lora_config=object() if engine_args.enable_lora else None,
+                model_config=NS(multimodal_config=NS(mm_processor_cache_gb=engine_args.mm_processor_cache_gb)))
+            MooncakeECConfig.from_vllm_config(vllm_config)
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def check(argv: list[str], env: dict | None = None) -> str:
     from vllm.config import ECTransferConfig, KVTransferConfig
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
@@ -59,6 +102,8 @@ def check(argv: list[str]) -> str:
             if flag in rest:
                 config = cls(**json.loads(rest[rest.index(flag) + 1]))
                 connector_class(config)
+                if cls is ECTransferConfig:
+                    check_ec_connector(config, engine_args, env or {})
         if engine_args.model != args.model:
             return f"model {engine_args.model!r} is not the planned {args.model!r}"
     except Exception as exc:
@@ -76,7 +121,7 @@ def main() -> int:
         # vLLM prints help and warnings on failure; keep stdout for our JSON only.
         err = io.StringIO()
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
-            result = check(item["argv"])
+            result = check(item["argv"], item.get("env"))
         lines = [line for line in err.getvalue().splitlines() if line.strip()]
         if result != "ok" and lines:
             result += f": {lines[-1]}"

@@ -53,6 +53,13 @@ def parse_args(argv: list[str]):
                         help="The P->D KV connector (default NixlConnector). With a storage connector such as "
                              "ExampleConnector, P answers without kv_transfer_params by design, so the proxy "
                              "does not warn that decode will recompute.")
+    parser.add_argument("--ec-connector", default="ECExampleConnector",
+                        help="The E->P/PD EC connector (default ECExampleConnector). With ECCPUConnector the proxy "
+                             "passes each encoder's answer (where its output can be read) on to the consumer.")
+    parser.add_argument("--ec-consumer-zmq-addrs",
+                        help="ECMooncakeConnector: comma-separated control addresses (tcp://HOST:PORT, TP rank 0) of "
+                             "the EC consumers, one per prefill URL (E+P+D) or per decode URL (E+PD), in their order; "
+                             "encoders are told to push to the consumer that then gets the request.")
     parser.add_argument("--probe-interval-s", type=float, default=2.0, help="Background /health probe period.")
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
@@ -74,7 +81,30 @@ def parse_args(argv: list[str]):
             if len(names) != len(urls):
                 parser.error(f"--{role}-servers-names: {len(names)} name(s) for {len(urls)} URL(s)")
         setattr(args, f"{role}_names", names)
+    args.ec_zmq_addrs = _zmq_addresses(args, parser)
     return args
+
+
+def _zmq_addresses(args, parser: argparse.ArgumentParser) -> list[str] | None:
+    from epdctl.proxy.ec_handles import MOONCAKE, check_zmq_address
+
+    flag = "--ec-consumer-zmq-addrs"
+    if args.ec_consumer_zmq_addrs is None:
+        if args.ec_connector == MOONCAKE and args.encode_urls:
+            parser.error(f"--ec-connector {MOONCAKE} needs {flag}: its encoders push to a consumer the proxy names")
+        return None
+    if args.ec_connector != MOONCAKE:
+        parser.error(f"{flag} is for --ec-connector {MOONCAKE}")
+    addresses = [a.strip() for a in args.ec_consumer_zmq_addrs.split(",") if a.strip()]
+    for address in addresses:
+        problem = check_zmq_address(address)
+        if problem:
+            parser.error(f"{flag}: {problem}")
+    consumers = "--prefill-servers-urls" if args.prefill_urls else "--decode-servers-urls"
+    if len(addresses) != len(args.prefill_urls or args.decode_urls):
+        parser.error(f"{flag}: {len(addresses)} address(es) for {len(args.prefill_urls or args.decode_urls)} "
+                     f"{consumers} (one per EC consumer, in the same order)")
+    return addresses
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -102,6 +132,7 @@ async def _serve(args) -> int:
         ec_storage_path=args.ec_shared_storage_path, allowed_local_media_path=args.allowed_local_media_path,
         probe_interval_s=args.probe_interval_s, max_media_items=args.max_media_items, kv_connector=args.kv_connector,
         encode_names=args.encode_names, prefill_names=args.prefill_names, decode_names=args.decode_names,
+        ec_connector=args.ec_connector, ec_consumer_zmq_addrs=args.ec_zmq_addrs,
     )
     proxy = Proxy(config)
     # handler_cancellation: a client that disconnects cancels its handler, and with it the

@@ -30,6 +30,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from epdctl import jsoncodec
 from epdctl.ec import ec_exists
 from epdctl.media import MediaError, check_media_key, content_hash, iter_media, local_media_path, strip_text
+from epdctl.proxy.ec_handles import HANDLE_CONNECTORS, consumer_params, push_params
 from epdctl.proxy.pool import Backend, NoBackend, Pool
 
 log = logging.getLogger("epdctl.proxy")
@@ -81,6 +82,12 @@ class ProxyConfig:
     encode_names: Optional[list[str]] = None  # instance names from the plan, for logs and metrics
     prefill_names: Optional[list[str]] = None
     decode_names: Optional[list[str]] = None
+    # The EC connector (ec_connector of --ec-transfer-config): ECCPUConnector and ECMooncakeConnector
+    # need the proxy to carry encoder answers to the consumer (epdctl/proxy/ec_handles.py).
+    ec_connector: str = "ECExampleConnector"
+    # ECMooncakeConnector: each consumer's control address, in the order of the consumer pool
+    # (the prefill URLs with P instances, else the decode URLs).
+    ec_consumer_zmq_addrs: Optional[list[str]] = None
 
 
 class StageError(Exception):
@@ -176,6 +183,8 @@ class Proxy:
         self.sessions: dict[str, aiohttp.ClientSession] = {}
         self._prober: Optional[asyncio.Task] = None
         self._warned_no_kv = False
+        consumers = self.prefill or self.decode
+        self.ec_zmq: dict[Backend, str] = dict(zip(consumers.backends, config.ec_consumer_zmq_addrs or []))
 
     # ------------------------------------------------------------ lifecycle
 
@@ -300,14 +309,21 @@ class Proxy:
             items = self._media_items(body) if route == "chat" else []
             weight = 1.0 + max(0, len(raw) - sum(len(item.locator) for item in items)) / 4096.0
 
+            # Encoder handles are the proxy's to give: a client's could send a consumer to any host.
+            forged = body.pop("ec_transfer_params", None) is not None
             encode = bool(items) and bool(self.encode)  # without encoders, PD encodes its own media
+            consumer = self._ec_consumer() if encode else None
             if encode:
-                await self._encode_all(body, items, request_id, headers)
+                handles = await self._encode_all(body, items, request_id, headers, consumer)
+                if handles:
+                    body["ec_transfer_params"] = handles
             if self.prefill:
-                body["kv_transfer_params"] = await self._prefill(body, path, request_id, headers, weight)
+                body["kv_transfer_params"] = await self._prefill(body, path, request_id, headers, weight, consumer)
+                body.pop("ec_transfer_params", None)  # D is no EC consumer
             # Re-serialise only when something changed: a text request to PD goes out as it came.
-            payload = jsoncodec.dumps(body) if (encode or self.prefill) else raw
-            return await self._decode(request, payload, path, stream, request_id, headers, weight, outcome)
+            payload = jsoncodec.dumps(body) if (encode or self.prefill or forged) else raw
+            return await self._decode(request, payload, path, stream, request_id, headers, weight, outcome,
+                                      only=None if self.prefill else consumer)
         except StageError as exc:
             outcome.value = _outcome(exc.status)
             return exc.response(request_id)
@@ -345,15 +361,30 @@ class Proxy:
         return items
 
     async def _bounded_encode(self, payload: bytes, request_id: str, headers: dict, key: str,
-                              per_request: asyncio.Semaphore) -> None:
+                              per_request: asyncio.Semaphore) -> Any:
         async with per_request, self.encode_slots:
-            await self._call(self.encode, CHAT_PATH, payload, request_id, headers, weight=1.0, affinity=key)
+            return await self._call(self.encode, CHAT_PATH, payload, request_id, headers, weight=1.0, affinity=key,
+                                    parse=self.config.ec_connector in HANDLE_CONNECTORS)
 
-    async def _encode_all(self, body: dict, items: list, request_id: str, headers: dict) -> None:
+    def _ec_consumer(self) -> Optional[Backend]:
+        """A push connector's consumer, picked before the encoders run: they must be told where to push."""
+        if not self.ec_zmq:
+            return None
+        try:
+            return (self.prefill or self.decode).pick()
+        except NoBackend:
+            return None
+
+    async def _encode_all(self, body: dict, items: list, request_id: str, headers: dict,
+                          consumer: Optional[Backend] = None) -> dict:
+        """Encode each new item; the consumer's `ec_transfer_params` (empty when its connector needs none)."""
         started = time.perf_counter()
         per_request = asyncio.Semaphore(ENCODE_CALLS_PER_REQUEST)
         calls = []
         seen = set()
+        zmq = self.ec_zmq.get(consumer) if consumer is not None else None
+        transfer_ids: dict[str, str] = {}
+        encoded: list[str] = []  # the keys of `calls`, in order
         ec_path = self.config.ec_storage_path
         for index, item in enumerate(items):
             key = item.uuid
@@ -363,24 +394,33 @@ class Proxy:
             if ec_path and ec_exists(ec_path, key):
                 self.metrics.ec_reused.inc()
                 continue
-            payload = jsoncodec.dumps(strip_text(body, item))
+            encoder_request = strip_text(body, item)
+            if zmq:
+                transfer_ids[key] = uuid.uuid4().hex
+                encoder_request["ec_transfer_params"] = push_params(zmq, transfer_ids[key])
+            payload = jsoncodec.dumps(encoder_request)
+            encoded.append(key)
             calls.append(self._bounded_encode(payload, f"{request_id}-encode-{index}", headers, key, per_request))
         if not calls:
-            return
+            return {}
         results = await asyncio.gather(*calls, return_exceptions=True)
         for result in results:
             if isinstance(result, BaseException):
                 raise result
         self.metrics.stage_encode.observe(time.perf_counter() - started)
+        if self.config.ec_connector not in HANDLE_CONNECTORS:
+            return {}
+        return consumer_params([item.uuid for item in items], dict(zip(encoded, results)), transfer_ids)
 
-    async def _prefill(self, body: dict, path: str, request_id: str, headers: dict, weight: float) -> Optional[dict]:
+    async def _prefill(self, body: dict, path: str, request_id: str, headers: dict, weight: float,
+                       only: Optional[Backend] = None) -> Optional[dict]:
         started = time.perf_counter()
         request = {k: v for k, v in body.items() if k not in ("stream_options", "max_completion_tokens")}
         request["max_tokens"] = 1
         request["stream"] = False
         request["kv_transfer_params"] = dict(PREFILL_KV_PARAMS)
         answer = await self._call(self.prefill, path, jsoncodec.dumps(request),
-                                  f"{request_id}-prefill", headers, weight=weight, parse=True)
+                                  f"{request_id}-prefill", headers, weight=weight, parse=True, only=only)
         kv = answer.get("kv_transfer_params") if isinstance(answer, dict) else None
         if not kv and not self._warned_no_kv and self.config.kv_connector in HANDOFF_KV_CONNECTORS:
             self._warned_no_kv = True
@@ -390,10 +430,12 @@ class Proxy:
         return kv
 
     async def _call(self, pool: Pool, path: str, payload: bytes, request_id: str, headers: dict, *,
-                    weight: float, affinity: Optional[str] = None, parse: bool = False) -> Any:
-        """One non-streamed call to a role, retried once on another instance after a failure."""
+                    weight: float, affinity: Optional[str] = None, parse: bool = False,
+                    only: Optional[Backend] = None) -> Any:
+        """One non-streamed call to a role, retried once on another instance after a failure
+        (never when `only` is given: that instance alone was told to expect the request)."""
         session, timeout = self.sessions[pool.role], self.timeouts[pool.role]
-        tried: list[Backend] = []
+        tried: list[Backend] = _others(pool, only)
         error: Optional[StageError] = None
         for attempt in range(2):
             try:
@@ -436,10 +478,10 @@ class Proxy:
         raise error or StageError(503, f"no healthy {pool.role} instance")
 
     async def _decode(self, request: web.Request, payload: bytes, path: str, stream: bool, request_id: str,
-                      headers: dict, weight: float, outcome: Outcome) -> web.StreamResponse:
+                      headers: dict, weight: float, outcome: Outcome, only: Optional[Backend] = None) -> web.StreamResponse:
         session, timeout = self.sessions["decode"], self.timeouts["decode"]
         started = time.perf_counter()
-        tried: list[Backend] = []
+        tried: list[Backend] = _others(self.decode, only)
         error: Optional[StageError] = None
         for attempt in range(2):
             try:
@@ -515,6 +557,11 @@ class Proxy:
             await out.write(f"data: {event}\n\ndata: [DONE]\n\n".encode())
         await out.write_eof()
         return out
+
+
+def _others(pool: Pool, only: Optional[Backend]) -> list[Backend]:
+    """The backends a call pinned to `only` must not fall back to (none when it is not pinned)."""
+    return [] if only is None else [backend for backend in pool.backends if backend is not only]
 
 
 def _snippet(data: bytes, limit: int = 300) -> str:
