@@ -133,7 +133,7 @@ class Prober:
         self.args = args
         self.tick = tick
 
-    def _image(self) -> dict[str, Any]:
+    def image(self) -> dict[str, Any]:
         from epdctl.bench.dataset import png_data_url
 
         return {"type": "image_url", "image_url": {"url": png_data_url(0, self.args.image_size, secrets.token_bytes(16))}}
@@ -187,7 +187,7 @@ class Prober:
         encoder = target.role == "encode"
         for k in items:
             for _ in range(self.args.repeats):
-                content: list[Any] = [self._image() for _ in range(k)]
+                content: list[Any] = [self.image() for _ in range(k)]
                 if not encoder:
                     content.append({"type": "text", "text": self._text(2)})
                 answer = await self.ask(target.url, content, 1)
@@ -195,7 +195,7 @@ class Prober:
         for batch in batches if encoder else ():  # a PD's concurrent prefills would blur the encode time
             for _ in range(self.args.repeats):
                 started = time.perf_counter()
-                await asyncio.gather(*(self.ask(target.url, [self._image()], 1) for _ in range(batch)))
+                await asyncio.gather(*(self.ask(target.url, [self.image()], 1) for _ in range(batch)))
                 probes.append({"items": batch, "requests": batch, "ms": (time.perf_counter() - started) * 1000})
         return probes
 
@@ -204,7 +204,7 @@ class Prober:
         probes = []
         for k in items:
             for _ in range(self.args.repeats):
-                images = [self._image() for _ in range(k)]
+                images = [self.image() for _ in range(k)]
                 await self.ask(encoder.url, images, 1)
                 answer = await self.ask(target.url, images + [{"type": "text", "text": self._text(2)}], 1)
                 probes.append({"items": k, "prompt_tokens": answer.prompt_tokens or 0, "ms": answer.ms})
@@ -354,8 +354,8 @@ async def _probe(targets: dict[str, Target], args: argparse.Namespace, say: Call
             prober = Prober(session, model, args, lambda: progress.advance(task))
             for target in distinct:  # warm each instance up once: its first request is slow
                 progress.update(task, description=f"{target.name}: warm-up")
-                await prober.ask(target.url, [prober._image(), {"type": "text", "text": "hi"}]
-                                 if target.role != "encode" else [prober._image()], 2)
+                await prober.ask(target.url, [prober.image(), {"type": "text", "text": "hi"}]
+                                 if target.role != "encode" else [prober.image()], 2)
             progress.update(task, description=f"{decode_target.name}: decode")
             decode = await prober.decode(decode_target, batches, tokens)
             say(f"decode: {decode_target.name}, {len(decode)} probes (batches {', '.join(map(str, batches))}, "

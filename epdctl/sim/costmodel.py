@@ -107,7 +107,6 @@ class Scheduler:
         self.heap: list[tuple[int, int, Seq]] = []  # (step it finishes at, tie-break, seq)
         self.streams: set[Seq] = set()
         self.step = 0  # steps done
-        self.steps_total = 0  # steps slept or run, for metrics
         self._ids = itertools.count()
         self._wake = asyncio.Event()
         self._task: Optional[asyncio.Task] = None
@@ -226,7 +225,6 @@ class Scheduler:
     def _apply(self, plan: _Step, steps: int) -> None:
         now = asyncio.get_running_loop().time()
         self.step += steps
-        self.steps_total += steps
         started = [seq for seq in plan.new if not seq.prefill_left]
         for seq, take in plan.chunks:
             seq.prefill_left -= take
