@@ -2,7 +2,7 @@
 
 `pip download --no-binary :all: vllm==0.33.0` tries to build the sdist and fails without CUDA,
 so the tarball's link is read from the package index's simple page (pip's own index URL).
-Nothing of the upstream proxy is committed; it is only run beside ours by proxy_vs_upstream.py.
+Nothing of the upstream proxy is committed; it is only run beside ours by proxy_vs_router.py.
 """
 
 from __future__ import annotations

@@ -256,11 +256,22 @@ def test_request_id_models_and_metrics(procs):
     with urllib.request.urlopen(req, timeout=10) as resp:
         assert resp.headers["X-Request-Id"] == "rid-42"
         assert json.loads(resp.read())["id"] == "cmpl-rid-42"  # the decoder saw the same id
+    # Without one, the proxy makes an id per request (drawn from a counter, not urandom): each
+    # distinct, and the one the decoder saw.
+    seen = set()
+    for _ in range(3):
+        req = urllib.request.Request(proxy + "/v1/completions", data=json.dumps({"prompt": "x", "max_tokens": 1}).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            rid = resp.headers["X-Request-Id"]
+            assert rid and json.loads(resp.read())["id"] == f"cmpl-{rid}"
+        seen.add(rid)
+    assert len(seen) == 3
     status, body = http_get(proxy + "/v1/models")
     assert status == 200 and json.loads(body)["data"][0]["id"] == "sim-model"
     m = metrics(proxy)
-    assert m['epdctl_proxy_requests_total{outcome="ok",route="completions"}'] == 1
-    assert m['epdctl_proxy_stage_seconds_count{stage="decode_ttft"}'] == 1
+    assert m['epdctl_proxy_requests_total{outcome="ok",route="completions"}'] == 4
+    assert m['epdctl_proxy_stage_seconds_count{stage="decode_ttft"}'] == 4
 
 
 def test_proxy_busy_port_is_one_line(procs):

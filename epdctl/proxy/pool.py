@@ -12,6 +12,8 @@ import time
 from collections import OrderedDict
 from typing import Iterable, Optional
 
+from yarl import URL
+
 AFFINITY_ENTRIES = 65536
 # An affine encoder is skipped when it carries more than this over the least-loaded one.
 AFFINITY_SLACK = 4.0
@@ -24,7 +26,8 @@ class NoBackend(Exception):
 
 
 class Backend:
-    __slots__ = ("url", "role", "name", "in_flight", "load", "healthy", "was_healthy", "ejected_at", "failures", "gauge")
+    __slots__ = ("url", "role", "name", "in_flight", "load", "healthy", "was_healthy", "ejected_at", "failures", "gauge",
+                 "_endpoints")
 
     def __init__(self, url: str, role: str, name: str):
         self.url = url.rstrip("/")
@@ -37,6 +40,14 @@ class Backend:
         self.ejected_at = 0.0
         self.failures = 0
         self.gauge = None  # the in-flight gauge child, set by the server
+        self._endpoints: dict[str, URL] = {}
+
+    def endpoint(self, path: str) -> URL:
+        """The URL of `path` here, parsed once: the HTTP client takes a URL object as it is."""
+        url = self._endpoints.get(path)
+        if url is None:
+            url = self._endpoints[path] = URL(self.url + path)
+        return url
 
     @property
     def routable(self) -> bool:

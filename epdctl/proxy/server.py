@@ -15,8 +15,10 @@ an error becomes an SSE error event followed by `[DONE]`, never a silently cut s
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
+import secrets
 import time
 import uuid
 from dataclasses import dataclass
@@ -61,6 +63,7 @@ HANDOFF_KV_CONNECTORS = frozenset({
 })
 STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 FORWARDED_HEADERS = ("Authorization",)
+SKIPPED_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding")
 SSE_DONE = b"data: [DONE]\n\n"
 
 
@@ -181,10 +184,16 @@ class Proxy:
             "decode": aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S, sock_read=config.decode_timeout_s),
         }
         self.sessions: dict[str, aiohttp.ClientSession] = {}
+        self._id_prefix = secrets.token_hex(8) + "-"
+        self._id_counter = itertools.count(1)
         self._prober: Optional[asyncio.Task] = None
         self._warned_no_kv = False
         consumers = self.prefill or self.decode
         self.ec_zmq: dict[Backend, str] = dict(zip(consumers.backends, config.ec_consumer_zmq_addrs or []))
+
+    def _new_request_id(self) -> str:
+        # Unique per proxy process without a urandom call per request: a random prefix drawn once.
+        return f"{self._id_prefix}{next(self._id_counter):x}"
 
     # ------------------------------------------------------------ lifecycle
 
@@ -202,9 +211,13 @@ class Proxy:
     async def _startup(self, app: web.Application) -> None:
         # One long-lived session (and connection pool) per role: no per-request handshakes,
         # and a slow role cannot starve another's connections.
+        # No cookie jar (backends set none, and a jar would be filtered on every call), no
+        # default User-Agent/Accept headers (nobody reads them), no decompression (vLLM sends none).
         for role in ("encode", "prefill", "decode", "probe"):
             connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=60)
-            self.sessions[role] = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+            self.sessions[role] = aiohttp.ClientSession(
+                connector=connector, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
+                skip_auto_headers=SKIPPED_AUTO_HEADERS)
         self._prober = asyncio.create_task(self._probe_loop())
 
     async def _cleanup(self, app: web.Application) -> None:
@@ -288,7 +301,7 @@ class Proxy:
         return await self._handle(request, COMPLETIONS_PATH, "completions")
 
     async def _handle(self, request: web.Request, path: str, route: str) -> web.StreamResponse:
-        request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
+        request_id = request.headers.get("X-Request-Id") or self._new_request_id()
         headers = self._forwarded(request)
         outcome = Outcome()
         try:
@@ -448,7 +461,7 @@ class Proxy:
             backend.acquire(weight)
             sent = time.perf_counter()
             try:
-                async with session.post(backend.url + path, data=payload,
+                async with session.post(backend.endpoint(path), data=payload,
                                         headers={**headers, "X-Request-Id": request_id}, timeout=timeout) as resp:
                     data = await resp.read()
                     if resp.status >= 500:
@@ -494,7 +507,7 @@ class Proxy:
             backend.acquire(weight)
             try:
                 try:
-                    resp = await session.post(backend.url + path, data=payload,
+                    resp = await session.post(backend.endpoint(path), data=payload,
                                               headers={**headers, "X-Request-Id": request_id}, timeout=timeout)
                 except asyncio.TimeoutError:
                     self._eject(backend)
