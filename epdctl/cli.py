@@ -87,8 +87,10 @@ def _load(file: Path, on_this_machine: bool = True):
 def _plan(file: Path):
     from epdctl.plan import build_plan
 
+    from epdctl.commands import python_command, router_command
+
     topology = _load(file)
-    return topology, build_plan(topology, python=sys.executable)
+    return topology, build_plan(topology, python=python_command(), router=router_command())
 
 
 # The annotations below are strings until `_typer_app` imports typer and typer reads them.

@@ -233,6 +233,9 @@ def _proxy_deployment(topology: Topology, works: list[Workload], image: str, ec_
 def manifests(topology: Topology, source_text: str, *, image: Optional[str] = None,
               proxy_image: Optional[str] = None, storage_class: Optional[str] = None) -> list[dict[str, Any]]:
     """Every object, in apply order: config, storage, instances and their services, the proxy."""
+    if topology.proxy.impl != "epdctl":
+        raise EpdctlError(f"proxy.impl: {topology.proxy.impl}: export k8s runs epdctl's proxy only; use impl: epdctl "
+                          "here (or deploy vllm-router with its own chart)", EXIT_USAGE)
     plan = build_plan(topology, python="python")
     image = image or (DEFAULT_IMAGE if topology.engine == "vllm" else proxy_image or DEFAULT_PROXY_IMAGE)
     proxy_image = proxy_image or DEFAULT_PROXY_IMAGE

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
-from epdctl.topology import EC_CPU, EC_MOONCAKE, RestartSpec, Topology
+from epdctl.topology import EC_CPU, EC_MOONCAKE, ROUTER_KV_CONNECTORS, RestartSpec, Topology
 
 LOOPBACK = "127.0.0.1"
 ENCODER_MIN_BATCHED_TOKENS = 114688  # the seeds' value: a whole multi-image prompt in one step
@@ -57,6 +58,7 @@ class Plan:
     kv_storage_path: Optional[str] = None  # a storage KV connector's folder (ExampleConnector)
     log_max_bytes: int = 100 * 1024 * 1024
     log_keep: int = 3
+    proxy_impl: str = "epdctl"  # or "vllm-router" (proxy.impl)
 
     @property
     def storage_paths(self) -> tuple[str, ...]:
@@ -183,8 +185,10 @@ def role_flags(topology: Topology, role: str, devices: tuple[int, ...], ec_ports
     return flags
 
 
-def build_plan(topology: Topology, python: str = "python") -> Plan:
-    """The processes `up` will run, in start order: instances, then the proxy."""
+def build_plan(topology: Topology, python: str = "python", router: str = "vllm-router") -> Plan:
+    """The processes `up` will run, in start order: instances, then the proxy.
+
+    `python` runs epdctl's own proxy; `router` is the vllm-router command (proxy.impl vllm-router)."""
     prefix, positional_model = engine_prefix(topology, python)
     side_channels = topology.side_channel_ports()
     all_ec_ports = topology.ec_ports()
@@ -226,7 +230,11 @@ def build_plan(topology: Topology, python: str = "python") -> Plan:
         platform=topology.platform,
         instances=instances_t,
         proxy=ProcessSpec(
-            name="proxy", argv=tuple(proxy_argv(topology, instances_t, python)), env={},
+            # vllm-router renames itself with setproctitle, which by default writes over its
+            # environment: SPT_NOENV keeps EPDCTL_RUN readable, so `down` finds it with its state gone.
+            name="proxy", env={"SPT_NOENV": "1"} if topology.proxy.impl == "vllm-router" else {},
+            argv=tuple(router_argv(topology, instances_t, router) if topology.proxy.impl == "vllm-router"
+                       else proxy_argv(topology, instances_t, python)),
             host=topology.proxy.host, port=topology.proxy.port,
             restart=topology.proxy.restart.over(topology.restart) if topology.proxy.restart else topology.restart,
         ),
@@ -236,6 +244,7 @@ def build_plan(topology: Topology, python: str = "python") -> Plan:
         kv_storage_path=kv_storage_path(topology),
         log_max_bytes=int(topology.logs.max_mb * 1024 * 1024),
         log_keep=topology.logs.keep,
+        proxy_impl=topology.proxy.impl,
     )
 
 
@@ -280,6 +289,39 @@ def kv_storage_path(topology: Topology) -> Optional[str]:
         return None
     path = kv.extra_config.get("shared_storage_path")
     return path if isinstance(path, str) and path else None
+
+
+ROUTER_POLICY = {"round-robin": "round_robin", "least-loaded": "power_of_two"}
+
+
+def router_argv(topology: Topology, instances: tuple[ProcessSpec, ...], router: str) -> list[str]:
+    """vllm-router (0.1.x) in the proxy's place: P+D with its KV hand-off, or PD instances as workers."""
+    proxy = topology.proxy
+    argv = [router, "--host", proxy.host, "--port", str(proxy.port)]
+    if topology.prefill:
+        kv = topology.kv_transfer
+        assert kv is not None  # validated: P+D has a KV connector vllm-router knows
+        argv += ["--vllm-pd-disaggregation", "--kv-connector", ROUTER_KV_CONNECTORS[kv.connector]]
+        for spec in instances:
+            if spec.role == "prefill":
+                argv += ["--prefill", spec.url]
+        for spec in instances:
+            if spec.role == "decode":
+                argv += ["--decode", spec.url]
+    else:
+        argv += ["--worker-urls", *(spec.url for spec in instances if spec.role == "pd")]
+    argv += [
+        # Its nearest to least-loaded: the less loaded of two picked at random.
+        "--policy", ROUTER_POLICY[proxy.policy],
+        "--max-payload-size", str(int(proxy.max_body_mb * 1024 * 1024)),
+        # One limit for a whole request (epdctl's proxy has one per stage).
+        "--request-timeout-secs", str(math.ceil(max(proxy.prefill_timeout_s, proxy.decode_timeout_s))),
+        # It does not listen until every worker answers /health: as long as `up` waits.
+        "--worker-startup-timeout-secs", str(math.ceil(topology.health.timeout_s)),
+        "--prometheus-host", proxy.host, "--prometheus-port", str(proxy.router_metrics_port()),
+        "--log-level", "info",
+    ]
+    return argv
 
 
 def proxy_argv(topology: Topology, instances: tuple[ProcessSpec, ...], python: str) -> list[str]:

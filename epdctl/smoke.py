@@ -432,8 +432,14 @@ def _running(plan: Plan) -> bool:
     if not state or state.get("phase") != "running":
         return False
     try:
-        return json.loads(_get(plan.proxy.url + "/health", timeout=5)).get("status") == "ok"
+        body = _get(plan.proxy.url + "/health", timeout=5)  # raises unless 200
     except (OSError, ValueError, urllib.error.URLError):
+        return False
+    if plan.proxy_impl != "epdctl":
+        return True  # vllm-router answers 200 with a line of text once its workers are healthy
+    try:
+        return json.loads(body).get("status") == "ok"
+    except ValueError:
         return False
 
 

@@ -330,7 +330,10 @@ class Supervisor:
             child.error = f"cannot start {spec.argv[0]!r}: {exc.strerror or exc}"
         if child.error:
             child.set_state("exited")
-            hint = " (is vLLM installed? set vllm_command in the topology)" if "not found" in child.error and spec.role != "proxy" else ""
+            hint = ""
+            if "not found" in child.error:
+                hint = (" (is vLLM installed? set vllm_command in the topology)" if spec.role != "proxy" else
+                        " (pip install 'epdctl[router]', or proxy.impl: epdctl)" if "vllm-router" in spec.argv[0] else "")
             raise StartFailed(f"{spec.name}: {child.error}{hint}")
         child.pid, child.running, child.exit_code = child.popen.pid, True, None
         try:
@@ -1027,7 +1030,8 @@ def _down_without_state(state_dir: StateDir, grace: float, out) -> int:
 def _record_of(proc: psutil.Process) -> Optional[dict[str, Any]]:
     """What `stop_processes` needs of a process found by tag (its group only if it leads one)."""
     try:
-        argv = proc.cmdline()
+        # A process that renamed itself (vllm-router's setproctitle) leaves empty words behind.
+        argv = [word for word in proc.cmdline() if word]
         port = next((value for flag, value in zip(argv, argv[1:]) if flag == "--port"), None)
         # Unique per process: stop_processes keys its results by name.
         what = " ".join(argv[1:3] or argv[:1])[:60] or proc.name()

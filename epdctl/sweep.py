@@ -66,8 +66,10 @@ def _template(base: Topology, role: str) -> dict[str, Any]:
         instances = getattr(base, candidate)
         if instances:
             data = instances[0].model_dump(mode="json", exclude_none=True)
-            data.pop("port", None)
-            data.pop("side_channel_port", None)
+            # Ports are laid out per split: one the file pins on its first instance would be given
+            # to every copy of it (two instances on one port).
+            for key in ("port", "side_channel_port", "ec_port"):
+                data.pop(key, None)
             return data
     return {}
 
@@ -124,7 +126,7 @@ def layout(base: Topology, counts: dict[str, int], devices: list[int]) -> dict[s
 def _assign_ports(base: Topology, planned: dict[str, list[dict[str, Any]]]) -> None:
     """Ports from the base file's lowest instance port upwards, around the proxy's."""
     start = min(ref.spec.port for ref in base.instances())
-    taken = {base.proxy.port}
+    taken = base.proxy.ports()
     port = start
     for role in ROLES:
         for instance in planned.get(role, []):
@@ -177,8 +179,10 @@ def _load(data: dict[str, Any], split: str, device_count: Optional[int]):
     from epdctl.plan import build_plan
     from epdctl.topology import parse_topology
 
+    from epdctl.commands import python_command, router_command
+
     topology = parse_topology(yaml.safe_dump(data, sort_keys=False), f"<split {split}>", device_count=device_count)
-    return topology, build_plan(topology, python=sys.executable)
+    return topology, build_plan(topology, python=python_command(), router=router_command())
 
 
 def run_split(split: str, data: dict[str, Any], bench_args: argparse.Namespace, platform: str,

@@ -162,6 +162,18 @@ class ProxySpec(_Model):
     # Each media item is one encoder call (and one open connection) per request: bound it.
     max_media_items: int = Field(64, ge=1, le=4096)
     restart: Optional[RestartOverride] = None
+    # What runs in the proxy's place: epdctl's own proxy (any topology), or vLLM's Rust router
+    # (`pip install 'epdctl[router]'`) for topologies without encoders, where its speed is wanted.
+    impl: Literal["epdctl", "vllm-router"] = "epdctl"
+    # vllm-router's Prometheus port (it serves /metrics there, not on `port`); default port + 1.
+    metrics_port: Optional[Port] = None
+
+    def router_metrics_port(self) -> int:
+        return self.metrics_port or self.port + 1
+
+    def ports(self) -> set[int]:
+        """Every port the proxy process binds."""
+        return {self.port, self.router_metrics_port()} if self.impl == "vllm-router" else {self.port}
 
     @field_validator("host")
     @classmethod
@@ -259,7 +271,7 @@ class Topology(_Model):
         if not owners:
             return {}
         assert self.ec_transfer is not None
-        taken = {ref.spec.port for ref in self.instances()} | {self.proxy.port}
+        taken = {ref.spec.port for ref in self.instances()} | self.proxy.ports()
         taken |= set(self.side_channel_ports().values())
         for ref in owners:
             if ref.spec.ec_port:
@@ -286,7 +298,7 @@ class Topology(_Model):
         if not self.uses_nixl:
             return {}
         assert self.kv_transfer is not None
-        taken = {ref.spec.port for ref in self.instances()} | {self.proxy.port}
+        taken = {ref.spec.port for ref in self.instances()} | self.proxy.ports()
         taken |= {ref.spec.side_channel_port for ref in self.instances() if ref.spec.side_channel_port}
         for ref in self.ec_port_owners():  # an EC port the file pins is not handed out again here
             if ref.spec.ec_port:
@@ -487,6 +499,7 @@ def cross_check(topology: Topology, device_count: int | None = None, check_folde
             problems.append((("ec_transfer", "shared_storage_path"), problem, False))
     problems += _exec_problems(topology)
     problems += _ec_connector_problems(topology)
+    problems += _router_problems(topology)
 
     reserved = {"port": "the instance's port key", "model": "the top-level model key"}
     for loc, args in [(("defaults", "args"), topology.defaults.args)] + [
@@ -515,6 +528,9 @@ def cross_check(topology: Topology, device_count: int | None = None, check_folde
     for ref in topology.instances():
         claim(ref.spec.port, (ref.role, ref.index, "port"), ref.name)
     claim(topology.proxy.port, ("proxy", "port"), "the proxy")
+    if topology.proxy.impl == "vllm-router" and topology.proxy.router_metrics_port() <= 65535:
+        # Named even when unset (it is then port + 1): that is the key that resolves a clash.
+        claim(topology.proxy.router_metrics_port(), ("proxy", "metrics_port"), "vllm-router's metrics")
     if topology.uses_nixl:
         for ref in topology.instances():
             if ref.spec.side_channel_port:
@@ -754,6 +770,35 @@ def _nonzero_int(text: str) -> bool:
         return int(text) != 0
     except ValueError:
         return False
+
+
+# vllm-router's --kv-connector names for the KV connectors it can hand P's KV over with.
+ROUTER_KV_CONNECTORS = {"NixlConnector": "nixl", "MooncakeConnector": "mooncake", "MoRIIOConnector": "moriio"}
+# Settings of epdctl's proxy that vllm-router has no counterpart for: refused, not silently dropped.
+EPDCTL_PROXY_ONLY = ("encode_timeout_s", "max_media_items")
+
+
+def _router_problems(topology: Topology) -> list[Problem]:
+    proxy = topology.proxy
+    if proxy.impl != "vllm-router":
+        if proxy.metrics_port is not None:
+            return [(("proxy", "metrics_port"), "is for impl: vllm-router (epdctl's proxy serves /metrics on its port)", True)]
+        return []
+    problems: list[Problem] = []
+    if topology.encode:
+        problems.append((("proxy", "impl"), "vllm-router has no encoder stage: a topology with encode instances "
+                                            "needs impl: epdctl", False))
+    kv = topology.kv_transfer
+    if topology.prefill and kv is not None and kv.connector not in ROUTER_KV_CONNECTORS:
+        problems.append((("proxy", "impl"), f"vllm-router hands P's KV over with {', '.join(ROUTER_KV_CONNECTORS)} only "
+                                            f"(kv_transfer.connector is {kv.connector}): use impl: epdctl", False))
+    for key in EPDCTL_PROXY_ONLY:
+        # By value, not by "was it written": sweep writes every field of the base file out again.
+        if getattr(proxy, key) != ProxySpec.model_fields[key].default:
+            problems.append((("proxy", key), "is a setting of epdctl's proxy; vllm-router has none like it", True))
+    if proxy.metrics_port is None and proxy.port == 65535:
+        problems.append((("proxy", "port"), "vllm-router's metrics would get port 65536: set proxy.metrics_port", True))
+    return problems
 
 
 def _ec_connector_problems(topology: Topology) -> list[Problem]:

@@ -84,6 +84,31 @@ def test_layout_gives_each_instance_its_devices_and_shares_encoders_only_within_
     parse_topology(yaml.safe_dump(data), "derived.yaml")
 
 
+def test_a_port_pinned_on_the_template_instance_is_not_copied_into_every_split_instance(tmp_path):
+    # ECMooncakeConnector consumers may pin their control port (ec_port); a sweep that copied it
+    # into each of 2 PDs gave them one port (a clash that validate caught only as an error).
+    path = tmp_path / "moon.yaml"
+    path.write_text("""name: moon
+model: sim-model
+engine: sim
+platform: cuda
+ec_transfer: {connector: ECMooncakeConnector}
+encode: [{devices: [0], port: 19534}]
+pd: [{devices: [1], port: 19535, ec_port: 5600}]
+proxy: {port: 19540}
+""")
+    import yaml
+
+    from epdctl.plan import build_plan
+
+    base = parse_topology(path.read_text(), str(path))
+    data = derive(base, "1e2pd", [0, 1, 2])
+    assert all("ec_port" not in instance for instance in data["pd"])
+    plan = build_plan(parse_topology(yaml.safe_dump(data), "derived.yaml"))
+    ports = [port for spec in plan.processes for port in spec.ports()]
+    assert len(ports) == len(set(ports)) and sum(1 for s in plan.instances if s.ec_ports) == 2
+
+
 # ------------------------------------------------------------ real sweeps
 
 
