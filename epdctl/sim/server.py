@@ -361,7 +361,8 @@ class SimEngine:
                 "created": created, "model": model or cfg.served_names[0],
                 "choices": [choice], "usage": usage, "kv_transfer_params": kv_out,
             }
-            return web.json_response(payload, headers=headers)
+            # orjson: the standard library's encoder was a tenth of the sim's CPU per request.
+            return web.Response(body=jsoncodec.dumps(payload), content_type="application/json", headers=headers)
 
         response = web.StreamResponse(headers={**headers, "Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
