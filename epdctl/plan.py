@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
-from epdctl.topology import EC_CPU, EC_MOONCAKE, ROUTER_KV_CONNECTORS, RestartSpec, Topology
+from epdctl.topology import EC_CPU, EC_MOONCAKE, ROUTER_KV_CONNECTORS, RestartSpec, Topology, router_metrics_host
 
 LOOPBACK = "127.0.0.1"
 ENCODER_MIN_BATCHED_TOKENS = 114688  # the seeds' value: a whole multi-image prompt in one step
@@ -25,6 +25,7 @@ class ProcessSpec:
     devices: tuple[int, ...] = ()
     side_channel_port: Optional[int] = None
     ec_ports: tuple[int, ...] = ()  # its EC connector's ports (ECCPU side channel, Mooncake control)
+    metrics_port: Optional[int] = None  # a separate metrics listener (vllm-router's)
     restart: RestartSpec = RestartSpec()
 
     @property
@@ -32,7 +33,8 @@ class ProcessSpec:
         return f"http://{self.host}:{self.port}"
 
     def ports(self) -> tuple[int, ...]:
-        return (self.port,) + ((self.side_channel_port,) if self.side_channel_port else ()) + self.ec_ports
+        return ((self.port,) + ((self.side_channel_port,) if self.side_channel_port else ()) + self.ec_ports
+                + ((self.metrics_port,) if self.metrics_port else ()))
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {"name": self.name}
@@ -42,6 +44,8 @@ class ProcessSpec:
         data.update(argv=list(self.argv), env=dict(self.env), host=self.host, port=self.port, url=self.url)
         if self.ec_ports:
             data["ec_ports"] = list(self.ec_ports)
+        if self.metrics_port:
+            data["metrics_port"] = self.metrics_port
         return data
 
 
@@ -236,6 +240,7 @@ def build_plan(topology: Topology, python: str = "python", router: str = "vllm-r
             argv=tuple(router_argv(topology, instances_t, router) if topology.proxy.impl == "vllm-router"
                        else proxy_argv(topology, instances_t, python)),
             host=topology.proxy.host, port=topology.proxy.port,
+            metrics_port=topology.proxy.router_metrics_port() if topology.proxy.impl == "vllm-router" else None,
             restart=topology.proxy.restart.over(topology.restart) if topology.proxy.restart else topology.restart,
         ),
         health_timeout_s=topology.health.timeout_s,
@@ -292,6 +297,12 @@ def kv_storage_path(topology: Topology) -> Optional[str]:
 
 
 ROUTER_POLICY = {"round-robin": "round_robin", "least-loaded": "power_of_two"}
+# vllm-router takes whole seconds as a 64-bit integer; longer than this is "never" anyway.
+ROUTER_MAX_SECONDS = 10**9
+
+
+def _whole_seconds(value: float) -> str:
+    return str(math.ceil(min(value, ROUTER_MAX_SECONDS)))  # inf included
 
 
 def router_argv(topology: Topology, instances: tuple[ProcessSpec, ...], router: str) -> list[str]:
@@ -315,10 +326,11 @@ def router_argv(topology: Topology, instances: tuple[ProcessSpec, ...], router: 
         "--policy", ROUTER_POLICY[proxy.policy],
         "--max-payload-size", str(int(proxy.max_body_mb * 1024 * 1024)),
         # One limit for a whole request (epdctl's proxy has one per stage).
-        "--request-timeout-secs", str(math.ceil(max(proxy.prefill_timeout_s, proxy.decode_timeout_s))),
+        "--request-timeout-secs", _whole_seconds(max(proxy.prefill_timeout_s, proxy.decode_timeout_s)),
         # It does not listen until every worker answers /health: as long as `up` waits.
-        "--worker-startup-timeout-secs", str(math.ceil(topology.health.timeout_s)),
-        "--prometheus-host", proxy.host, "--prometheus-port", str(proxy.router_metrics_port()),
+        "--worker-startup-timeout-secs", _whole_seconds(topology.health.timeout_s),
+        "--prometheus-host", router_metrics_host(proxy.host) or proxy.host,
+        "--prometheus-port", str(proxy.router_metrics_port()),
         "--log-level", "info",
     ]
     return argv

@@ -94,11 +94,13 @@ def show_status(name: Optional[str], as_json: bool, out=None) -> int:
 
 def _print_table(reports, states, out) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = Console(file=out, no_color=not out.isatty(), width=140)
     for report, state in zip(reports, states):
-        table = Table(title=f"{report['name']}: {report['state']}" + (f" ({state.get('error')})" if state.get("error") else ""),
+        # Errors are shown as they are: `[router]` in an install hint is not a style tag.
+        table = Table(title=escape(f"{report['name']}: {report['state']}" + (f" ({state.get('error')})" if state.get("error") else "")),
                       title_justify="left")
         for column in ("name", "role", "pid", "port", "url", "state", "restarts", "exit code"):
             table.add_column(column)

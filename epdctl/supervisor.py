@@ -653,6 +653,8 @@ def check_ports(plan: Plan) -> None:
     def what(spec: ProcessSpec, port: int) -> str:
         if port == spec.port:
             return spec.name
+        if port == spec.metrics_port:
+            return f"{spec.name}'s metrics"
         return f"{spec.name}'s NIXL side channel" if port == spec.side_channel_port else f"{spec.name}'s EC port"
 
     problems = busy_ports((port, what(spec, port)) for spec in plan.processes for port in spec.ports())

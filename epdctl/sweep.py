@@ -351,6 +351,7 @@ def main(argv: list[str]) -> int:
 
 def print_table(ranked: list[Outcome], best: Optional[Outcome], bench_args, out) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     slo = bench_args.slo_ttft_ms is not None or bench_args.slo_tpot_ms is not None
@@ -363,9 +364,9 @@ def print_table(ranked: list[Outcome], best: Optional[Outcome], bench_args, out)
             r = o.report
             table.add_row(str(index), o.split, o.status, f"{o.goodput:.2f}", f"{o.goodput / max(1, o.devices):.2f}",
                           f"{r['ttft_ms']['p50']:.1f} / {r['ttft_ms']['p99']:.1f}",
-                          f"{r['tpot_ms']['p50']:.2f} / {r['tpot_ms']['p99']:.2f}", o.reason)
+                          f"{r['tpot_ms']['p50']:.2f} / {r['tpot_ms']['p99']:.2f}", escape(o.reason))
         else:
-            table.add_row("-", o.split, o.status, "-", "-", "-", "-", o.reason)
+            table.add_row("-", o.split, o.status, "-", "-", "-", "-", escape(o.reason))
     console = Console(file=out, width=160)
     console.print(table)
     if best:

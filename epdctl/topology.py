@@ -179,7 +179,7 @@ class ProxySpec(_Model):
     @classmethod
     def _host(cls, value: str) -> str:
         # A bind address or host name only: it reaches argv, scripts and URLs.
-        if "\0" not in value and not re.fullmatch(r"[A-Za-z0-9_.:\[\]-]+", value):
+        if "\0" not in value and not re.fullmatch(r"[A-Za-z0-9_.:\[\]][A-Za-z0-9_.:\[\]-]*", value):
             raise ValueError("must be a host name or an IP address")
         return value
 
@@ -772,10 +772,24 @@ def _nonzero_int(text: str) -> bool:
         return False
 
 
-# vllm-router's --kv-connector names for the KV connectors it can hand P's KV over with.
-ROUTER_KV_CONNECTORS = {"NixlConnector": "nixl", "MooncakeConnector": "mooncake", "MoRIIOConnector": "moriio"}
+# vllm-router's --kv-connector names for the KV connectors epdctl can run it with. It knows
+# mooncake and moriio too, but Mooncake needs a bootstrap port per prefill instance (it waits on
+# 8998 otherwise) and MoRI-IO a service-discovery address, neither of which epdctl plans yet.
+ROUTER_KV_CONNECTORS = {"NixlConnector": "nixl"}
 # Settings of epdctl's proxy that vllm-router has no counterpart for: refused, not silently dropped.
 EPDCTL_PROXY_ONLY = ("encode_timeout_s", "max_media_items")
+
+
+def router_metrics_host(host: str) -> Optional[str]:
+    """The address vllm-router's metrics can bind for `host` (an IPv4 literal, or localhost), else None."""
+    import ipaddress
+
+    if host == "localhost":
+        return "127.0.0.1"
+    try:
+        return host if ipaddress.ip_address(host).version == 4 else None
+    except ValueError:
+        return None
 
 
 def _router_problems(topology: Topology) -> list[Problem]:
@@ -790,12 +804,16 @@ def _router_problems(topology: Topology) -> list[Problem]:
                                             "needs impl: epdctl", False))
     kv = topology.kv_transfer
     if topology.prefill and kv is not None and kv.connector not in ROUTER_KV_CONNECTORS:
-        problems.append((("proxy", "impl"), f"vllm-router hands P's KV over with {', '.join(ROUTER_KV_CONNECTORS)} only "
+        problems.append((("proxy", "impl"), f"epdctl runs vllm-router with {', '.join(ROUTER_KV_CONNECTORS)} only "
                                             f"(kv_transfer.connector is {kv.connector}): use impl: epdctl", False))
     for key in EPDCTL_PROXY_ONLY:
         # By value, not by "was it written": sweep writes every field of the base file out again.
         if getattr(proxy, key) != ProxySpec.model_fields[key].default:
             problems.append((("proxy", key), "is a setting of epdctl's proxy; vllm-router has none like it", True))
+    if router_metrics_host(proxy.host) is None:
+        # It parses --prometheus-host as an IP address and binds every interface when it cannot.
+        problems.append((("proxy", "host"), "vllm-router needs an IPv4 address here (or localhost): given a "
+                                            "name, it serves its metrics on every interface", False))
     if proxy.metrics_port is None and proxy.port == 65535:
         problems.append((("proxy", "port"), "vllm-router's metrics would get port 65536: set proxy.metrics_port", True))
     return problems

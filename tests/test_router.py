@@ -62,12 +62,31 @@ def test_validate_names_the_line_of_what_vllm_router_cannot_do(tmp_path, proxy, 
     assert f"{path}:" in result.stderr  # FILE:LINE
 
 
-def test_a_kv_connector_vllm_router_cannot_hand_over_is_refused(tmp_path):
+@pytest.mark.parametrize("connector", ["LMCacheConnectorV1", "MooncakeConnector", "MoRIIOConnector"])
+def test_a_kv_connector_epdctl_cannot_run_vllm_router_with_is_refused(tmp_path, connector):
+    # Mooncake makes the router wait on a bootstrap port (8998) per prefill, MoRI-IO on a discovery
+    # address: epdctl plans neither, and the router then never became healthy / never started.
     path, _ = pd_file(tmp_path, extra="")
-    path.write_text(path.read_text().replace("connector: NixlConnector", "connector: LMCacheConnectorV1"))
+    path.write_text(path.read_text().replace("connector: NixlConnector", f"connector: {connector}"))
     result = epdctl("validate", str(path))
-    assert result.returncode == 2 and ("vllm-router hands P's KV over with NixlConnector, MooncakeConnector, "
-                                       "MoRIIOConnector only (kv_transfer.connector is LMCacheConnectorV1)") in result.stderr
+    assert result.returncode == 2 and (f"epdctl runs vllm-router with NixlConnector only "
+                                       f"(kv_transfer.connector is {connector})") in result.stderr
+
+
+@pytest.mark.parametrize("host, expected", [
+    ("localhost", None), ("0.0.0.0", None), ("my-host.example", "vllm-router needs an IPv4 address"),
+    ("'[::1]'", "vllm-router needs an IPv4 address"), ("'--foo'", "must be a host name or an IP address"),
+])
+def test_the_router_host_must_be_an_address_its_metrics_can_bind(tmp_path, host, expected):
+    # Given a name, vllm-router served its metrics on every interface while the API stayed on loopback.
+    path, ports = pd_file(tmp_path, proxy=f"impl: vllm-router, host: {host}")
+    result = epdctl("validate", str(path))
+    if expected is None:
+        assert result.returncode == 0, result.stderr
+        argv = build_plan(parse_topology(path.read_text(), str(path))).proxy.argv
+        assert argv[argv.index("--prometheus-host") + 1] == ("127.0.0.1" if host == "localhost" else host)
+    else:
+        assert result.returncode == 2 and expected in result.stderr and "proxy.host" in result.stderr
 
 
 def test_the_metrics_port_is_claimed_like_every_other(tmp_path):
@@ -88,11 +107,41 @@ def test_plan_runs_vllm_router_with_the_kv_handoff_and_pd_workers(tmp_path):
             f"--decode http://127.0.0.1:{ports[1]}") in joined
     assert "--policy round_robin" in joined and f"--max-payload-size {2 * 1024 * 1024}" in joined
     assert f"--prometheus-port {ports[4]}" in joined and "--worker-startup-timeout-secs 60" in joined
-    assert plan.proxy.ports() == (ports[3],)  # the instance-style port list; metrics are claimed by validate
+    assert plan.proxy.ports() == (ports[3], ports[4])  # up checks both free before it starts anything
+    # Whole seconds that fit the router's integer, whatever the file says (.inf is "never").
+    endless = path.read_text().replace("health: {timeout_s: 60", "health: {timeout_s: .inf").replace(
+        "max_body_mb: 2", "max_body_mb: 2, decode_timeout_s: 1e30")
+    argv = list(build_plan(parse_topology(endless, str(path))).proxy.argv)
+    assert argv[argv.index("--request-timeout-secs") + 1] == argv[argv.index("--worker-startup-timeout-secs") + 1] \
+        == "1000000000"
     pd = pd_file(tmp_path, roles=f"pd: [{{port: {ports[0]}}}, {{port: {ports[1]}}}]")[0]
     argv = list(build_plan(parse_topology(pd.read_text(), str(pd))).proxy.argv)
     assert "--vllm-pd-disaggregation" not in argv and argv[argv.index("--worker-urls") + 1].endswith(str(ports[0]))
     assert argv[argv.index("--policy") + 1] == "power_of_two"  # least-loaded's nearest
+
+
+def test_a_busy_metrics_port_fails_up_before_anything_starts(tmp_path, state_dir):
+    import socket
+
+    path, ports = pd_file(tmp_path)
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", ports[4]))
+        holder.listen()
+        result = epdctl("up", "-d", str(path), timeout=60)
+    assert result.returncode != 0 and f"port {ports[4]} (proxy's metrics) is already in use" in result.stderr
+    assert "panicked" not in result.stderr + result.stdout
+    assert_no_orphans(str(state_dir), ports[:2])
+
+
+def test_status_shows_an_install_hint_with_its_brackets(tmp_path):
+    import io
+
+    from epdctl.status import _print_table
+
+    out = io.StringIO()
+    error = "proxy: cannot start 'vllm-router': command not found (pip install 'epdctl[router]', or proxy.impl: epdctl)"
+    _print_table([{"name": "rt", "state": "failed", "instances": [], "proxy": None}], [{"error": error}], out)
+    assert "pip install 'epdctl[router]'" in out.getvalue()
 
 
 def test_export_k8s_refuses_it_in_one_line(tmp_path):
