@@ -1,6 +1,6 @@
 """Issue #17's table from one run: our proxy against vllm-router (Rust) and vLLM's disagg_epd_proxy.py.
 
-    python benchmarks/proxy_vs_router.py [--seconds 5] [--concurrency 32] [--rounds 3] [--pin]
+    python benchmarks/proxy_vs_router.py [--seconds 5] [--concurrency 32] [--rounds 3] [--pin] [--workers N]
 
 Needs wrk (`apt install wrk`) as the load generator; without it the script falls back to an aiohttp
 client in this process, which costs the proxies under test far more of the machine.
@@ -33,6 +33,9 @@ How the load generator and the sims are kept from starving the proxy on a small 
   last CPU, sims and load generator on the others). Then req/s says whether a proxy keeps up
   with backends and load generator together; without it (the default) every process shares
   every core, as in the issue, so a proxy's CPU cost shows in req/s.
+
+`--workers N` adds a P+D row for epdctl's proxy with N worker processes (proxy.workers) beside the
+one-process row, measured in the same rounds; its CPU is the parent's and every worker's together.
 """
 
 from __future__ import annotations
@@ -75,9 +78,17 @@ def ensure_upstream() -> None:
         subprocess.run([sys.executable, str(Path(__file__).with_name("fetch_upstream_proxy.py"))], check=True)
 
 
-def cpu_seconds(proc: psutil.Process) -> float:
-    times = proc.cpu_times()
-    return times.user + times.system
+def cpu_seconds(proc: psutil.Process, children: bool = False) -> float:
+    """The process's CPU time, with its children's if asked (a proxy with --workers is a parent
+    and N workers)."""
+    total = 0.0
+    for one in [proc, *(proc.children(recursive=True) if children else [])]:
+        try:
+            times = one.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
 
 
 def run_load(url: str, kind: str, *, concurrency: int, seconds: float, start_index: int = 0, tokens: int = 1,
@@ -100,6 +111,7 @@ def main() -> int:
     parser.add_argument("--epdctl-src", help="Run our proxy from this source tree instead (a folder holding "
                                               "epdctl/, e.g. `git archive OLD epdctl | tar -x -C DIR`): before/after.")
     parser.add_argument("--pin", action="store_true", help="The proxy under test on a core of its own (see above).")
+    parser.add_argument("--workers", type=int, default=1, help="epdctl's proxy with this many workers (proxy.workers).")
     parser.add_argument("--only", choices=["pd", "epd", "latency"], action="append",
                         help="Run only these parts (repeatable; default all).")
     args = parser.parse_args()
@@ -123,7 +135,7 @@ def main() -> int:
         decode, d_proc = f.sim("decode", *ZERO, "--kv-transfer-config", KV_CONSUMER)
         # Everything but the proxy under test: the sims, and this process (the load generator).
         others = [psutil.Process(p.pid) for p in (e_proc, pd_proc, p_proc, d_proc)] + [psutil.Process()]
-        ports = iter(free_ports(6))
+        ports = iter(free_ports(7))
         procs: dict[str, tuple[str, psutil.Process]] = {}
 
         def start(name: str, argv: list[str]) -> None:
@@ -140,9 +152,14 @@ def main() -> int:
 
         # -P: not the working directory's epdctl first, when --epdctl-src names another tree.
         ours = [sys.executable, *(["-P"] if args.epdctl_src else []), "-m", "epdctl.proxy", "--host", "127.0.0.1"]
+        # With --workers, a row of its own beside the one-process proxy, measured in the same run.
+        scaled = f"epdctl P+D, {args.workers} workers"
         upstream = [str(UPSTREAM_PYTHON), str(UPSTREAM_PROXY), "--host", "127.0.0.1", "--no-rewrite"]
         if "pd" in parts:
             start("epdctl P+D", [*ours, "--prefill-servers-urls", prefill, "--decode-servers-urls", decode])
+            if args.workers > 1:
+                start(scaled, [*ours, "--prefill-servers-urls", prefill, "--decode-servers-urls", decode,
+                               "--workers", str(args.workers)])
             start("vllm-router P+D", [str(router), "--host", "127.0.0.1", "--vllm-pd-disaggregation",
                                       "--prefill", prefill, "--decode", decode, "--kv-connector", "nixl",
                                       "--policy", "round_robin", "--prometheus-port", str(next(ports)),
@@ -172,12 +189,12 @@ def main() -> int:
                 for name in names:
                     index += 1_000_000
                     url, proc = procs[name]
-                    before = cpu_seconds(proc)
+                    before = cpu_seconds(proc, children=True)
                     before_others = sum(cpu_seconds(p) for p in others)
                     result = run_load(url, kind, concurrency=args.concurrency, seconds=args.seconds,
                                       start_index=index, **shape)
                     served = max(1, result["ok"])
-                    result["cpu_us"] = (cpu_seconds(proc) - before) * 1e6 / served
+                    result["cpu_us"] = (cpu_seconds(proc, children=True) - before) * 1e6 / served
                     result["others_us"] = (sum(cpu_seconds(p) for p in others) - before_others) * 1e6 / served
                     rounds[name].append(result)
             return {name: {key: statistics.median(r[key] for r in runs) for key in ("rps", "cpu_us", "others_us")}
@@ -192,11 +209,16 @@ def main() -> int:
 
         ratios: list[str] = []
         if "pd" in parts:
-            names = ["epdctl P+D", "vllm-router P+D", "upstream P+D"]
+            names = ["epdctl P+D", "vllm-router P+D", "upstream P+D"] + ([scaled] if args.workers > 1 else [])
             for label, shape in (("non-streamed", {}), ("streamed", {"tokens": args.stream_tokens, "stream": True})):
                 results = measure(names, "text", **shape)
                 table(f"P+D, text, {label}", results)
-                me, rust, up = (results[n] for n in names)
+                me, rust, up = (results[n] for n in names[:3])
+                if args.workers > 1:
+                    many = results[scaled]
+                    ratios.append(f"P+D text {label}, {args.workers} workers: {many['rps'] / me['rps']:.2f}x one "
+                                  f"process, {many['rps'] / rust['rps']:.2f}x vllm-router, "
+                                  f"{many['rps'] / up['rps']:.2f}x upstream")
                 ratios.append(f"P+D text {label}: {me['rps'] / rust['rps']:.2f}x vllm-router (goal >= 1.0), "
                               f"{me['rps'] / up['rps']:.2f}x upstream (goal >= 2.5); CPU per request "
                               f"{rust['cpu_us'] / me['cpu_us']:.2f}x / {up['cpu_us'] / me['cpu_us']:.2f}x less")

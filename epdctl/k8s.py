@@ -197,6 +197,8 @@ def _proxy_deployment(topology: Topology, works: list[Workload], image: str, ec_
         "--decode-timeout-s", f"{proxy.decode_timeout_s:g}", "--max-body-mb", f"{proxy.max_body_mb:g}",
         "--max-media-items", str(proxy.max_media_items),
     ]
+    if proxy.workers > 1:
+        command += ["--workers", str(proxy.workers)]  # SO_REUSEPORT within the pod, as `up` runs it
     kv = topology.kv_transfer
     if topology.prefill and kv is not None and kv.connector != "NixlConnector":
         command += ["--kv-connector", kv.connector]  # as `plan` passes it: the proxy's warnings know it

@@ -354,6 +354,8 @@ def proxy_argv(topology: Topology, instances: tuple[ProcessSpec, ...], python: s
         "--max-body-mb", f"{proxy.max_body_mb:g}",
         "--max-media-items", str(proxy.max_media_items),
     ]
+    if proxy.workers > 1:
+        argv += ["--workers", str(proxy.workers)]
     for flag, roles in (("--encode-servers-names", ("encode",)), ("--prefill-servers-names", ("prefill",)),
                         ("--decode-servers-names", ("decode", "pd"))):
         names = [spec.name for spec in instances if spec.role in roles]

@@ -161,6 +161,8 @@ class ProxySpec(_Model):
     max_body_mb: float = Field(64, ge=1, le=4096)
     # Each media item is one encoder call (and one open connection) per request: bound it.
     max_media_items: int = Field(64, ge=1, le=4096)
+    # Proxy processes on the one port (SO_REUSEPORT), for a proxy host with cores to spare.
+    workers: int = Field(1, ge=1, le=64)
     restart: Optional[RestartOverride] = None
     # What runs in the proxy's place: epdctl's own proxy (any topology), or vLLM's Rust router
     # (`pip install 'epdctl[router]'`) for topologies without encoders, where its speed is wanted.
@@ -777,7 +779,7 @@ def _nonzero_int(text: str) -> bool:
 # 8998 otherwise) and MoRI-IO a service-discovery address, neither of which epdctl plans yet.
 ROUTER_KV_CONNECTORS = {"NixlConnector": "nixl"}
 # Settings of epdctl's proxy that vllm-router has no counterpart for: refused, not silently dropped.
-EPDCTL_PROXY_ONLY = ("encode_timeout_s", "max_media_items")
+EPDCTL_PROXY_ONLY = ("encode_timeout_s", "max_media_items", "workers")
 
 
 def router_metrics_host(host: str) -> Optional[str]:

@@ -49,6 +49,7 @@ health: {{timeout_s: 60, interval_s: 0.05}}
     ("impl: vllm-router", "", "", None),
     ("impl: vllm-router, encode_timeout_s: 5", "", "", "proxy.encode_timeout_s: is a setting of epdctl's proxy"),
     ("impl: vllm-router, max_media_items: 3", "", "", "proxy.max_media_items: is a setting of epdctl's proxy"),
+    ("impl: vllm-router, workers: 2", "", "", "proxy.workers: is a setting of epdctl's proxy"),
     ("impl: epdctl", "", "", "proxy.metrics_port: is for impl: vllm-router"),
     ("impl: nginx", "", "", "proxy.impl: Input should be 'epdctl' or 'vllm-router'"),
 ])

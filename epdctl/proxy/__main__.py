@@ -6,11 +6,13 @@ import argparse
 import asyncio
 import errno
 import logging
+import os
 import signal
 import sys
 from typing import Optional
 
 DISABLED = ("", "disable", "disabled", "none")
+MAX_WORKERS = 64
 
 
 def _urls(value: str, flag: str, parser: argparse.ArgumentParser) -> list[str]:
@@ -62,7 +64,17 @@ def parse_args(argv: list[str]):
                              "encoders are told to push to the consumer that then gets the request.")
     parser.add_argument("--probe-interval-s", type=float, default=2.0, help="Background /health probe period.")
     parser.add_argument("--log-level", default="info")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="Proxy processes sharing the port (SO_REUSEPORT), for hosts with cores to spare; each "
+                             "balances by its own requests (default 1).")
+    # Internal: how the parent of several workers starts each of them.
+    parser.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-parent", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if not 1 <= args.workers <= MAX_WORKERS:
+        parser.error(f"--workers: must be between 1 and {MAX_WORKERS}")
+    if (args.worker_index is None) != (args.worker_parent is None):
+        parser.error("--worker-index and --worker-parent go together")
     args.encode_urls = _urls(args.encode_servers_urls, "--encode-servers-urls", parser)
     args.prefill_urls = _urls(args.prefill_servers_urls, "--prefill-servers-urls", parser)
     args.decode_urls = _urls(args.decode_servers_urls, "--decode-servers-urls", parser)
@@ -108,9 +120,15 @@ def _zmq_addresses(args, parser: argparse.ArgumentParser) -> list[str] | None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    worker = "" if args.worker_index is None else f"[worker {args.worker_index}]"
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stdout,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                        format=f"%(asctime)s %(levelname)s %(name)s{worker}: %(message)s")
+    if args.workers > 1 and args.worker_index is None:
+        from epdctl.proxy import workers
+
+        return workers.run(args.workers, argv, args.host, args.port)
     try:
         import uvloop  # type: ignore
 
@@ -133,6 +151,8 @@ async def _serve(args) -> int:
         probe_interval_s=args.probe_interval_s, max_media_items=args.max_media_items, kv_connector=args.kv_connector,
         encode_names=args.encode_names, prefill_names=args.prefill_names, decode_names=args.decode_names,
         ec_connector=args.ec_connector, ec_consumer_zmq_addrs=args.ec_zmq_addrs,
+        # A worker among several: metrics summed over all of them (epdctl/proxy/workers.py).
+        metrics_dir=os.environ.get("PROMETHEUS_MULTIPROC_DIR") if args.worker_index is not None else None,
     )
     proxy = Proxy(config)
     # handler_cancellation: a client that disconnects cancels its handler, and with it the
@@ -141,8 +161,11 @@ async def _serve(args) -> int:
     await runner.setup()
     # SO_REUSEADDR, as uvicorn sets it for vLLM: a restart must not wait out the TIME_WAITs of
     # its last connections. (It never lets two listeners share a port on Linux.)
+    # With several workers, each binds the port with SO_REUSEPORT and the kernel spreads the
+    # connections; the parent checked first that nobody else listens there.
+    worker = args.worker_index is not None
     try:
-        await web.TCPSite(runner, args.host, args.port, reuse_address=True).start()
+        await web.TCPSite(runner, args.host, args.port, reuse_address=True, reuse_port=worker or None).start()
     except OSError as exc:
         await runner.cleanup()
         what = "is already in use" if exc.errno == errno.EADDRINUSE else f"cannot be bound: {exc.strerror}"
@@ -155,9 +178,20 @@ async def _serve(args) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    watcher = None
+    if worker:
+        from epdctl.proxy.workers import watch_parent
+
+        watcher = asyncio.ensure_future(watch_parent(args.worker_parent, stop))
     await stop.wait()
+    if watcher is not None:
+        watcher.cancel()
     log.info("shutting down")
     await runner.cleanup()
+    if worker:
+        from epdctl.proxy.workers import orphan_cleanup
+
+        orphan_cleanup(args.worker_parent)
     return 0
 
 

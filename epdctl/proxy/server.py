@@ -28,6 +28,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from epdctl import jsoncodec
 from epdctl.ec import ec_exists
@@ -91,6 +92,9 @@ class ProxyConfig:
     # ECMooncakeConnector: each consumer's control address, in the order of the consumer pool
     # (the prefill URLs with P instances, else the decode URLs).
     ec_consumer_zmq_addrs: Optional[list[str]] = None
+    # One of several workers: /metrics sums every worker's values from this folder
+    # (prometheus_client's multiprocess mode; epdctl/proxy/workers.py).
+    metrics_dir: Optional[str] = None
 
 
 class StageError(Exception):
@@ -127,8 +131,9 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=False)
         self.requests = Counter("epdctl_proxy_requests", "Requests by route and outcome.", ["route", "outcome"],
                                 registry=self.registry)
+        # livesum: with several workers, the sum over the live ones (ignored with one process).
         self.in_flight = Gauge("epdctl_proxy_in_flight", "Requests in flight per instance.", ["role", "instance", "url"],
-                               registry=self.registry)
+                               registry=self.registry, multiprocess_mode="livesum")
         self.stage = Histogram("epdctl_proxy_stage_seconds",
                                "Per-request stage latency: encode (all items), prefill, decode_ttft (to the first byte).",
                                ["stage"], buckets=STAGE_BUCKETS, registry=self.registry)
@@ -169,6 +174,10 @@ class Proxy:
     def __init__(self, config: ProxyConfig) -> None:
         self.config = config
         self.metrics = Metrics()
+        self.exposed = self.metrics.registry
+        if config.metrics_dir:
+            self.exposed = CollectorRegistry(auto_describe=False)
+            MultiProcessCollector(self.exposed, path=config.metrics_dir)
         self.encode = Pool("encode", config.encode_urls, config.policy, config.encode_names)
         self.prefill = Pool("prefill", config.prefill_urls, config.policy, config.prefill_names)
         self.decode = Pool("decode", config.decode_urls, config.policy, config.decode_names)
@@ -277,7 +286,7 @@ class Proxy:
         return web.json_response({"status": "ok" if ok else "degraded", "roles": roles}, status=200 if ok else 503)
 
     async def metrics_text(self, request: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(self.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return web.Response(body=generate_latest(self.exposed), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def models(self, request: web.Request) -> web.Response:
         try:
