@@ -30,7 +30,9 @@ class ProcessSpec:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        # An IPv6 address goes in brackets in a URL (RFC 3986): http://[::1]:10001.
+        host = f"[{self.host}]" if ":" in self.host and not self.host.startswith("[") else self.host
+        return f"http://{host}:{self.port}"
 
     def ports(self) -> tuple[int, ...]:
         return ((self.port,) + ((self.side_channel_port,) if self.side_channel_port else ()) + self.ec_ports

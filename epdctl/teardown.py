@@ -152,6 +152,11 @@ def stop_processes(
         if now >= deadline or hurry():
             break
         time.sleep(0.05)
+    # A leader that exited between the two checks above stopped on SIGTERM too: without this it
+    # was reported "killed with SIGKILL after the grace" by a down that took 0.1 s.
+    for name, leader in leaders.items():
+        if leader is not None and name not in exited_at and not is_alive(leader):
+            exited_at[name] = time.monotonic() - started
 
     report.grace_waited_s = time.monotonic() - started
     leader_pids = {p.pid for p in leaders.values() if p is not None}

@@ -271,6 +271,36 @@ def test_pid_reuse_is_never_signalled():
         bystander.wait()
 
 
+def test_a_leader_that_exits_between_the_grace_checks_is_reported_as_stopped_by_sigterm(monkeypatch):
+    """Seen for real: `down` took 0.1 s but said "pd-0 killed with SIGKILL after the 10s grace",
+    because pd-0 exited after the grace loop looked at it and before it saw everyone gone."""
+    import epdctl.teardown as teardown
+
+    victim = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    real_is_alive = teardown.is_alive
+    calls = {"n": 0}
+
+    def is_alive(proc):
+        if proc.pid == victim.pid:
+            calls["n"] += 1
+            if calls["n"] == 1:
+                return True  # the leaders' check: still there...
+            victim.wait(10)  # ...and gone (by its SIGTERM) before the everyone check
+        return real_is_alive(proc)
+
+    monkeypatch.setattr(teardown, "is_alive", is_alive)
+    try:
+        record = {"name": "pd-0", "pid": victim.pid, "pgid": victim.pid,
+                  "create_time": psutil.Process(victim.pid).create_time()}
+        report = stop_processes([record], run_token=None, grace=10)
+        assert [r.how for r in report.results] == ["sigterm"], report.lines()
+        assert victim.returncode == -signal.SIGTERM and report.grace_waited_s < 5
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+            victim.wait()
+
+
 def test_logs_tail_and_unknown_instance(tmp_path, state_dir):
     topology, ports = write_sim_topology(tmp_path, "agg", name="logs")
     epdctl("up", "-d", str(topology), check=0)
@@ -281,4 +311,32 @@ def test_logs_tail_and_unknown_instance(tmp_path, state_dir):
         assert bad.returncode == 2 and "has no instance 'nope'" in bad.stderr
     finally:
         epdctl("down", "logs", check=0)
+    assert_no_orphans(str(state_dir), list(ports.values()))
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
+            sock.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback here")
+def test_a_proxy_on_an_ipv6_address_comes_up_with_a_bracketed_url(tmp_path, state_dir):
+    # Was: "internal error: ValueError: Port could not be cast to integer value as ':1:PORT'" —
+    # the health check's URL was http://::1:PORT.
+    topology, ports = write_sim_topology(tmp_path, "agg", name="six")
+    topology.write_text(topology.read_text().replace("proxy: {host: 127.0.0.1,", 'proxy: {host: "::1",'))
+    plan = json.loads(epdctl("plan", str(topology), "--json", check=0).stdout)
+    assert plan["proxy"]["url"] == f"http://[::1]:{ports['proxy']}"
+    result = epdctl("up", "-d", str(topology), check=0)
+    try:
+        assert f"proxy at http://[::1]:{ports['proxy']}" in result.stderr + result.stdout
+        status, body = http_post(f"http://[::1]:{ports['proxy']}/v1/completions",
+                                 {"model": "sim-model", "prompt": "hi", "max_tokens": 2})
+        assert status == 200 and json.loads(body)["choices"][0]["text"]
+    finally:
+        epdctl("down", "six", check=0)
     assert_no_orphans(str(state_dir), list(ports.values()))
