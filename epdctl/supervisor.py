@@ -414,12 +414,16 @@ class Supervisor:
                 self._await_handover()
                 raise Stop(signal.SIGUSR1) from None
             self.phase = "failed"
-            failed_start = isinstance(exc, EpdctlError)
+            # Anything but a signal is a failed start, a bug of ours included: its cause, state
+            # and logs are kept (an "interrupted" teardown removed them, and `up -d` then said
+            # only "the supervisor exited with code 1").
+            failed_start = not isinstance(exc, (Stop, KeyboardInterrupt, SystemExit))
             # One header line with the cause, then the teardown report, then the log tail.
             # In the foreground a failure goes to stderr; in the detached supervisor, to its log.
             report = self.out if self.mode == "detached" or not failed_start else sys.stderr
             if failed_start:
-                cause = exc.cause if isinstance(exc, StartFailed) else str(exc)
+                cause = (exc.cause if isinstance(exc, StartFailed) else str(exc) if isinstance(exc, EpdctlError)
+                         else f"internal error: {type(exc).__name__}: {exc}")
                 self.error = cause.splitlines()[0]
                 self.note(f"{cause}; stopping {self.plan.name}", report)
             else:

@@ -340,3 +340,28 @@ def test_a_proxy_on_an_ipv6_address_comes_up_with_a_bracketed_url(tmp_path, stat
     finally:
         epdctl("down", "six", check=0)
     assert_no_orphans(str(state_dir), list(ports.values()))
+
+
+def test_a_bug_during_up_d_names_itself_and_keeps_the_logs(tmp_path, state_dir):
+    # Was: an exception of ours in the detached supervisor was torn down like a Ctrl-C, state
+    # and log removed, and `up -d` said only "the supervisor exited with code 1".
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(
+        "import epdctl.supervisor as s\n"
+        "def boom(self, timeout, progress):\n"
+        "    raise ValueError('injected bug')\n"
+        "s.Supervisor.wait_healthy = boom\n")
+    topology, ports = write_sim_topology(tmp_path, "agg", name="bug")
+    pythonpath = os.pathsep.join(filter(None, [str(inject), os.environ.get("PYTHONPATH")]))
+    result = epdctl("up", "-d", str(topology), env={"PYTHONPATH": pythonpath})
+    try:
+        assert result.returncode == 1
+        assert "epdctl: internal error: ValueError: injected bug; stopped bug" in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+        status = epdctl("status", "bug", check=3).stdout  # 3: not running
+        assert "internal error: ValueError: injected bug" in status
+        assert (state_dir / "bug" / "pd-0.log").exists()
+    finally:
+        epdctl("down", "bug", check=0)
+    assert_no_orphans(str(state_dir), list(ports.values()))
