@@ -197,3 +197,53 @@ def test_export_k8s_runs_the_same_workers_in_the_proxy_pod(tmp_path):
                 for doc in (yaml.safe_load(f.read_text()) for f in (out / "manifests").glob("*.yaml"))
                 if doc["kind"] == "Deployment" and "epdctl.proxy" in doc["spec"]["template"]["spec"]["containers"][0]["command"]]
     assert len(commands) == 1 and commands[0][commands[0].index("--workers") + 1] == "4"
+
+
+def test_a_starting_proxy_sweeps_only_dead_proxies_metrics_folders_of_its_user(tmp_path, monkeypatch):
+    # Parent and workers SIGKILLed together (a teardown whose grace ran out) leave their folder.
+    from epdctl.proxy import workers
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    import tempfile
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f"epdctl-proxy-metrics-{dead.pid}-abc"
+    stale.mkdir()
+    (stale / f"counter_{dead.pid}.db").write_bytes(b"x")
+    kept_stale = tmp_path / f"epdctl-proxy-metrics-{dead.pid}-def"
+    kept_stale.mkdir()
+    (kept_stale / "notes.txt").write_text("not a value file")  # rmdir fails: the folder stays
+    live = tmp_path / f"epdctl-proxy-metrics-{os.getpid()}-ghi"
+    live.mkdir()
+    (live / f"counter_{os.getpid()}.db").write_bytes(b"x")
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    (target / "counter_1.db").write_bytes(b"x")
+    (tmp_path / f"epdctl-proxy-metrics-{dead.pid}-lnk").symlink_to(target)
+    workers.sweep_stale_folders()
+    assert not stale.exists()
+    assert [p.name for p in kept_stale.iterdir()] == ["notes.txt"]
+    assert (live / f"counter_{os.getpid()}.db").exists()
+    assert (target / "counter_1.db").exists()
+
+
+def test_sighup_to_the_whole_group_stops_cleanly_and_leaves_no_folder(procs, tmp_path):
+    pd = procs.sim(free_ports(1)[0])
+    port = free_ports(1)[0]
+    env = {"TMPDIR": str(tmp_path)}
+    proxy = procs.start([sys.executable, "-m", "epdctl.proxy", "--port", str(port), "--decode-servers-urls", pd,
+                         "--workers", "3"], "proxy", env=env)
+    wait_healthy(f"http://127.0.0.1:{port}", proc=proxy)
+    workers = _wait_for(lambda: (lambda w: w if len(w) == 3 else None)(_workers(proxy.pid)), 10, "three workers")
+    os.killpg(proxy.pid, signal.SIGHUP)  # the terminal closed
+    assert proxy.wait(timeout=20) == 0
+    _wait_for(lambda: not any(_alive(w) for w in workers), 15, "the workers to stop")
+    assert not list(tmp_path.glob("epdctl-proxy-metrics-*"))
+
+
+@pytest.mark.parametrize("port", ["0", "70000"])
+def test_a_port_out_of_range_is_refused(port):
+    result = subprocess.run([sys.executable, "-m", "epdctl.proxy", "--port", port, "--decode-servers-urls",
+                             "http://127.0.0.1:1", "--workers", "3"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "--port: must be between 1 and 65535" in result.stderr

@@ -36,7 +36,7 @@ def parse_args(argv: list[str]):
                         help="Comma-separated prefill URLs, or 'disable'/'none' (E+PD).")
     parser.add_argument("--decode-servers-urls", required=True, help="Comma-separated decode (or PD) URLs.")
     parser.add_argument("--host", default="127.0.0.1", help="Bind address (default 127.0.0.1).")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=int, default=8000, help="1-65535.")
     parser.add_argument("--policy", choices=["least-loaded", "round-robin"], default="least-loaded")
     parser.add_argument("--encode-timeout-s", type=float, default=300.0, help="Whole encoder call.")
     parser.add_argument("--prefill-timeout-s", type=float, default=600.0, help="Whole prefill call.")
@@ -71,6 +71,9 @@ def parse_args(argv: list[str]):
     parser.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--worker-parent", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if not 1 <= args.port <= 65535:
+        # 0 would give each worker a random port of its own; above 65535 wraps around.
+        parser.error("--port: must be between 1 and 65535")
     if not 1 <= args.workers <= MAX_WORKERS:
         parser.error(f"--workers: must be between 1 and {MAX_WORKERS}")
     if (args.worker_index is None) != (args.worker_parent is None):
@@ -135,6 +138,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         uvloop.install()
     except ImportError:
         pass
+    if args.worker_index is not None:
+        if os.getppid() != args.worker_parent:
+            return 0  # the parent is gone already: nothing to serve, nothing to create
+        try:
+            return asyncio.run(_serve(args))
+        except OSError:
+            if os.getppid() != args.worker_parent:
+                return 0  # the parent died during start-up and its folder went with it
+            raise
     return asyncio.run(_serve(args))
 
 
@@ -176,7 +188,7 @@ async def _serve(args) -> int:
              args.host, args.port, args.encode_urls or "-", args.prefill_urls or "-", args.decode_urls, args.policy)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT, signal.SIGTERM) + ((signal.SIGHUP,) if worker else ()):
         loop.add_signal_handler(sig, stop.set)
     watcher = None
     if worker:

@@ -19,6 +19,7 @@ import itertools
 import json
 import logging
 import secrets
+import struct
 import time
 import uuid
 from dataclasses import dataclass
@@ -286,7 +287,16 @@ class Proxy:
         return web.json_response({"status": "ok" if ok else "degraded", "roles": roles}, status=200 if ok else 503)
 
     async def metrics_text(self, request: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(self.exposed), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        for attempt in range(3):
+            try:
+                body = generate_latest(self.exposed)
+                break
+            except (struct.error, OSError):
+                # Several workers: a worker still starting has a value file not yet filled in.
+                if not self.config.metrics_dir or attempt == 2:
+                    return error_response("metrics are not readable yet (a proxy worker is starting)", 503)
+                await asyncio.sleep(0.05)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def models(self, request: web.Request) -> web.Response:
         try:

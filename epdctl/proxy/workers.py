@@ -25,8 +25,10 @@ import tempfile
 
 log = logging.getLogger("epdctl.proxy")
 
-# How long workers get to finish their requests after SIGTERM before they are killed.
-STOP_GRACE_S = 10.0
+# How long workers get to finish their requests after SIGTERM before they are killed: below
+# `epdctl down`'s default grace (10 s), so the parent still removes the metrics folder itself.
+STOP_GRACE_S = 8.0
+FOLDER_PREFIX = "epdctl-proxy-metrics-"
 # How often a worker checks that its parent is still there (a SIGKILLed parent cannot stop it).
 PARENT_CHECK_S = 1.0
 
@@ -57,17 +59,55 @@ def run(workers: int, argv: list[str], host: str, port: int) -> int:
     if problem:
         print(f"epdctl proxy: {problem}", file=sys.stderr)
         return 1
-    metrics_dir = tempfile.mkdtemp(prefix="epdctl-proxy-metrics-")
+    sweep_stale_folders()
+    # The parent's pid in the name: a later proxy can tell a dead one's folder (see below).
+    metrics_dir = tempfile.mkdtemp(prefix=f"{FOLDER_PREFIX}{os.getpid()}-")
     try:
         return asyncio.run(_supervise(workers, argv, metrics_dir))
+    except OSError as exc:  # a worker that cannot be started at all (E2BIG, EACCES, ...)
+        print(f"epdctl proxy: cannot start a worker: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)  # ours: mkdtemp made it, 0700
+
+
+def sweep_stale_folders() -> None:
+    """Metrics folders of proxies that died with all their workers at once (SIGKILL to the group,
+    a teardown whose grace ran out): nobody was left to remove them. Only folders of this user,
+    named by a pid that is gone, and in them only prometheus_client's value files (TYPE_PID.db);
+    rmdir then removes the folder only if nothing else is in it."""
+    import psutil
+
+    root = tempfile.gettempdir()
+    try:
+        entries = list(os.scandir(root))
+    except OSError:
+        return
+    for entry in entries:
+        name = entry.name
+        if not name.startswith(FOLDER_PREFIX):
+            continue
+        pid = name[len(FOLDER_PREFIX):].partition("-")[0]
+        try:
+            info = entry.stat(follow_symlinks=False)
+            if not pid.isdigit() or not entry.is_dir(follow_symlinks=False) or info.st_uid != os.getuid():
+                continue
+            if psutil.pid_exists(int(pid)):
+                continue
+            with os.scandir(entry.path) as files:
+                for file in files:
+                    stem, _, ext = file.name.rpartition(".")
+                    if ext == "db" and stem.rpartition("_")[2].isdigit() and file.is_file(follow_symlinks=False):
+                        os.unlink(file.path)
+            os.rmdir(entry.path)
+        except OSError:
+            continue
 
 
 async def _supervise(workers: int, argv: list[str], metrics_dir: str) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # a closed terminal stops it cleanly too
         loop.add_signal_handler(sig, stop.set)
     # prometheus_client picks its multiprocess value store when it is imported: the folder must be
     # in the worker's environment from the start.
