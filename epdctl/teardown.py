@@ -141,22 +141,23 @@ def stop_processes(
     started = time.monotonic()
     deadline = started + grace
     exited_at: dict[str, float] = {}
-    while True:
-        reap()
-        now = time.monotonic()
+
+    def note_exits() -> None:
         for name, leader in leaders.items():
             if leader is not None and name not in exited_at and not is_alive(leader):
-                exited_at[name] = now - started
+                exited_at[name] = time.monotonic() - started
+
+    while True:
+        reap()
+        note_exits()
         if not any(is_alive(p) for p in everyone.values()):
             break
-        if now >= deadline or hurry():
+        if time.monotonic() >= deadline or hurry():
             break
         time.sleep(0.05)
     # A leader that exited between the two checks above stopped on SIGTERM too: without this it
     # was reported "killed with SIGKILL after the grace" by a down that took 0.1 s.
-    for name, leader in leaders.items():
-        if leader is not None and name not in exited_at and not is_alive(leader):
-            exited_at[name] = time.monotonic() - started
+    note_exits()
 
     report.grace_waited_s = time.monotonic() - started
     leader_pids = {p.pid for p in leaders.values() if p is not None}

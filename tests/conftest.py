@@ -82,6 +82,17 @@ def wait_healthy(url: str, timeout: float = 20.0, proc: Optional[subprocess.Pope
     raise AssertionError(f"{url} not healthy after {timeout}s")
 
 
+def wait_for(predicate, timeout: float, what: str):
+    """Poll `predicate` until it returns something true, and return that."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 def signal_and_wait(proc: subprocess.Popen, sig: int, timeout: float = 30) -> str:
     """Send `sig`, wait for the process to end, and return its output; kill it if it will not end."""
     try:

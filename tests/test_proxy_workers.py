@@ -9,26 +9,15 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
 import pytest
 
-from conftest import (assert_no_orphans, epdctl, free_ports, http_get, http_post, metrics, wait_healthy,
-                      write_sim_topology)
+from conftest import (assert_no_orphans, epdctl, free_ports, http_get, http_post, metrics, wait_for,
+                      wait_healthy, write_sim_topology)
 
 CHAT = {"model": "sim-model", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 2}
-
-
-def _wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _workers(parent: int) -> list[psutil.Process]:
@@ -58,7 +47,7 @@ def workers_proxy(procs):
                          "--workers", "3", "--probe-interval-s", "0.2"], "proxy")
     url = f"http://127.0.0.1:{port}"
     wait_healthy(url, proc=proxy)
-    _wait_for(lambda: len(_workers(proxy.pid)) == 3, 10, "three workers")
+    wait_for(lambda: len(_workers(proxy.pid)) == 3, 10, "three workers")
     return url, proxy, port
 
 
@@ -101,7 +90,7 @@ def test_a_dead_worker_takes_the_proxy_down_with_an_error(workers_proxy, procs):
     workers[1].kill()
     # Non-zero, so `up` reports it and the proxy's restart policy brings it back whole.
     assert proxy.wait(timeout=20) == 1
-    _wait_for(lambda: not any(_alive(w) for w in workers), 15, "the other workers to stop")
+    wait_for(lambda: not any(_alive(w) for w in workers), 15, "the other workers to stop")
     assert not folder.exists()
     assert f"proxy worker 1 (pid {workers[1].pid}) exited with code -9: stopping the proxy" in procs.log("proxy")
 
@@ -121,13 +110,13 @@ def test_workers_stop_with_sigterm_and_outlive_no_sigkilled_parent(workers_proxy
     again = procs.start([sys.executable, "-m", "epdctl.proxy", "--port", str(port), "--decode-servers-urls", pd,
                          "--workers", "2"], "proxy2")
     wait_healthy(url, proc=again)
-    workers = _wait_for(lambda: (lambda w: w if len(w) == 2 else None)(_workers(again.pid)), 10, "two workers")
+    workers = wait_for(lambda: (lambda w: w if len(w) == 2 else None)(_workers(again.pid)), 10, "two workers")
     folder = _metrics_dir(workers[0])
     assert http_post(url + "/v1/chat/completions", CHAT)[0] == 200
     stranger = folder / "notes.txt"  # not a worker's value file: must survive
     stranger.write_text("mine")
     again.kill()
-    _wait_for(lambda: not any(_alive(w) for w in workers), 15, "orphaned workers to stop")
+    wait_for(lambda: not any(_alive(w) for w in workers), 15, "orphaned workers to stop")
     assert stranger.read_text() == "mine" and [p.name for p in folder.iterdir()] == ["notes.txt"]
     stranger.unlink()
     folder.rmdir()
@@ -162,11 +151,11 @@ def test_up_with_workers_heals_a_killed_worker_and_down_leaves_nothing(tmp_path,
         assert len(workers) == 2
         assert http_post(url + "/v1/chat/completions", CHAT)[0] == 200
         workers[0].kill()
-        healed = _wait_for(lambda: (lambda p: p if p["state"] == "healthy" and p["restarts"] == 1 else None)(
+        healed = wait_for(lambda: (lambda p: p if p["state"] == "healthy" and p["restarts"] == 1 else None)(
             json.loads(epdctl("status", "wk", "--json").stdout)["proxy"]), 30, "the proxy to be restarted")
         assert healed["pid"] != parent and len(_workers(healed["pid"])) == 2
         assert not any(_alive(w) for w in workers)
-        _wait_for(lambda: http_post(url + "/v1/chat/completions", CHAT)[0] == 200, 10, "a 200 again")
+        wait_for(lambda: http_post(url + "/v1/chat/completions", CHAT)[0] == 200, 10, "a 200 again")
     finally:
         epdctl("down", "wk", check=0)
     assert_no_orphans(str(state_dir), list(ports.values()))
@@ -221,11 +210,45 @@ def test_a_starting_proxy_sweeps_only_dead_proxies_metrics_folders_of_its_user(t
     target.mkdir()
     (target / "counter_1.db").write_bytes(b"x")
     (tmp_path / f"epdctl-proxy-metrics-{dead.pid}-lnk").symlink_to(target)
+    foreign = tmp_path / f"epdctl-proxy-metrics-{dead.pid}-xyz"
+    foreign.mkdir()
+    (foreign / f"counter_{dead.pid}.db").write_bytes(b"x")
+    if os.getuid() == 0:
+        os.chown(foreign, 65534, 65534)  # another user's folder
     workers.sweep_stale_folders()
     assert not stale.exists()
     assert [p.name for p in kept_stale.iterdir()] == ["notes.txt"]
     assert (live / f"counter_{os.getpid()}.db").exists()
     assert (target / "counter_1.db").exists()
+    assert (foreign / f"counter_{dead.pid}.db").exists() or os.getuid() != 0
+
+
+def test_an_orphaned_worker_cleans_only_a_folder_proven_ours(tmp_path, monkeypatch):
+    # The folder comes from the environment: a hand-run worker pointed at any folder must not
+    # empty it, even of files named like its own value files.
+    from epdctl.proxy import workers
+
+    mine = f"counter_{os.getpid()}.db"
+    plain = tmp_path / "plain"  # not our name
+    plain.mkdir()
+    (plain / mine).write_bytes(b"x")
+    target = tmp_path / f"epdctl-proxy-metrics-{os.getpid()}-real"
+    target.mkdir()
+    (target / mine).write_bytes(b"x")
+    link = tmp_path / f"epdctl-proxy-metrics-{os.getpid()}-link"
+    link.symlink_to(target)
+    for folder in (plain, link):
+        monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(folder))
+        workers.orphan_cleanup(parent=-1)  # "the parent is gone"
+    assert (plain / mine).exists() and (target / mine).exists()
+    other = f"counter_{os.getpid() + 1}.db"  # another worker's: stays, and so does the folder
+    (target / other).write_bytes(b"x")
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(target))
+    workers.orphan_cleanup(parent=-1)
+    assert [p.name for p in target.iterdir()] == [other]
+    (target / other).unlink()
+    workers.orphan_cleanup(parent=-1)  # the last one out removes the empty folder
+    assert not target.exists()
 
 
 def test_sighup_to_the_whole_group_stops_cleanly_and_leaves_no_folder(procs, tmp_path):
@@ -235,10 +258,10 @@ def test_sighup_to_the_whole_group_stops_cleanly_and_leaves_no_folder(procs, tmp
     proxy = procs.start([sys.executable, "-m", "epdctl.proxy", "--port", str(port), "--decode-servers-urls", pd,
                          "--workers", "3"], "proxy", env=env)
     wait_healthy(f"http://127.0.0.1:{port}", proc=proxy)
-    workers = _wait_for(lambda: (lambda w: w if len(w) == 3 else None)(_workers(proxy.pid)), 10, "three workers")
+    workers = wait_for(lambda: (lambda w: w if len(w) == 3 else None)(_workers(proxy.pid)), 10, "three workers")
     os.killpg(proxy.pid, signal.SIGHUP)  # the terminal closed
     assert proxy.wait(timeout=20) == 0
-    _wait_for(lambda: not any(_alive(w) for w in workers), 15, "the workers to stop")
+    wait_for(lambda: not any(_alive(w) for w in workers), 15, "the workers to stop")
     assert not list(tmp_path.glob("epdctl-proxy-metrics-*"))
 
 

@@ -16,7 +16,7 @@ import time
 import psutil
 import pytest
 
-from conftest import assert_no_orphans, epdctl, http_post, wait_healthy, write_sim_topology
+from conftest import assert_no_orphans, epdctl, http_post, wait_for, wait_healthy, write_sim_topology
 
 from epdctl.restart import RestartBook
 from epdctl.topology import RestartSpec
@@ -105,16 +105,6 @@ def _entry(status: dict, name: str) -> dict:
     return status["proxy"] if name == "proxy" else next(i for i in status["instances"] if i["name"] == name)
 
 
-def _wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 @pytest.mark.parametrize("victim", ["encode-0", "decode-0", "proxy"])
 def test_sigkill_of_an_instance_or_the_proxy_heals_within_seconds(victim, tmp_path, state_dir):
     name = f"heal-{victim.split('-')[0]}"
@@ -127,12 +117,12 @@ def test_sigkill_of_an_instance_or_the_proxy_heals_within_seconds(victim, tmp_pa
             before = _entry(_status(name), victim)
             os.kill(before["pid"], signal.SIGKILL)
             killed_at = time.monotonic()
-            healed = _wait_for(lambda: (lambda e: e if e["state"] == "healthy" and e["restarts"] == 1 else None)(
+            healed = wait_for(lambda: (lambda e: e if e["state"] == "healthy" and e["restarts"] == 1 else None)(
                 _entry(_status(name), victim)), 20, f"{victim} to be restarted and healthy")
             took = time.monotonic() - killed_at
             assert healed["pid"] != before["pid"] and healed["last_exit"]["code"] == -signal.SIGKILL
             # Requests succeed again once it is back (the proxy takes a restarted backend back by its probes).
-            _wait_for(lambda: http_post(proxy + "/v1/chat/completions", IMAGE_CHAT)[0] == 200, 10, "a 200 again")
+            wait_for(lambda: http_post(proxy + "/v1/chat/completions", IMAGE_CHAT)[0] == 200, 10, "a 200 again")
             count = len(load.codes)
             time.sleep(1.0)
             assert load.codes[count:] and all(code == 200 for code in load.codes[count:]), load.codes[count:]
@@ -165,7 +155,7 @@ def test_streams_in_flight_when_a_decoder_dies_end_with_an_error_event(tmp_path,
             os.kill(_entry(_status("midstream"), "decode-0")["pid"], signal.SIGKILL)
             rest = stream.read().decode()
         assert '"error"' in rest and rest.rstrip().endswith("data: [DONE]")
-        _wait_for(lambda: _entry(_status("midstream"), "decode-0")["state"] == "healthy", 20, "decode-0 back")
+        wait_for(lambda: _entry(_status("midstream"), "decode-0")["state"] == "healthy", 20, "decode-0 back")
     finally:
         epdctl("down", "midstream", check=0)
     assert_no_orphans(str(state_dir), list(ports.values()))
@@ -177,7 +167,7 @@ def test_a_crash_loop_stops_at_max_restarts_while_the_rest_serve(tmp_path, state
         instance_args={"encode-0": {"sim-exit-after-s": 0.5}})
     epdctl("up", "-d", str(topology), check=0)
     try:
-        failed = _wait_for(lambda: (lambda e: e if e["state"] == "failed" else None)(
+        failed = wait_for(lambda: (lambda e: e if e["state"] == "failed" else None)(
             _entry(_status("loop"), "encode-0")), 30, "encode-0 to be failed")
         assert failed["restarts"] == 2 and failed["last_exit"]["code"] == 3
         assert "restart.max_restarts 2" in failed["error"]
@@ -204,11 +194,11 @@ def test_foreground_up_survives_an_instance_death(tmp_path, state_dir):
     proxy = f"http://127.0.0.1:{ports['proxy']}"
     try:
         wait_healthy(proxy, timeout=30, proc=proc)
-        _wait_for(lambda: _status("fgheal")["state"] == "running", 20, "running")
+        wait_for(lambda: _status("fgheal")["state"] == "running", 20, "running")
         pd = _entry(_status("fgheal"), "pd-0")
         os.kill(pd["pid"], signal.SIGKILL)
-        _wait_for(lambda: _entry(_status("fgheal"), "pd-0")["restarts"] == 1, 20, "pd-0 restarted")
-        _wait_for(lambda: http_post(proxy + "/v1/chat/completions", CHAT)[0] == 200, 20, "a 200 again")
+        wait_for(lambda: _entry(_status("fgheal"), "pd-0")["restarts"] == 1, 20, "pd-0 restarted")
+        wait_for(lambda: http_post(proxy + "/v1/chat/completions", CHAT)[0] == 200, 20, "a 200 again")
         assert proc.poll() is None, "the foreground up stopped after an instance died"
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=30)
@@ -240,7 +230,7 @@ def test_up_again_adopts_the_processes_of_a_killed_supervisor(tmp_path, state_di
         assert all(e["state"] == "healthy" for e in status["instances"])
         # The new supervisor heals them too (exit codes of adopted processes cannot be known).
         os.kill(pids["encode-0"], signal.SIGKILL)
-        healed = _wait_for(lambda: (lambda e: e if e["state"] == "healthy" and e["restarts"] == 1 else None)(
+        healed = wait_for(lambda: (lambda e: e if e["state"] == "healthy" and e["restarts"] == 1 else None)(
             _entry(_status("adopt"), "encode-0")), 20, "encode-0 restarted by the adopting supervisor")
         assert healed["pid"] != pids["encode-0"]
         assert http_post(f"http://127.0.0.1:{ports['proxy']}/v1/chat/completions", IMAGE_CHAT)[0] == 200
@@ -301,7 +291,7 @@ def test_logs_rotate_at_their_cap_and_keep_n_copies(tmp_path, state_dir):
     epdctl("up", "-d", str(topology), check=0)
     folder = state_dir / "rotate"
     try:
-        _wait_for(lambda: (folder / "pd-0.log.2").exists(), 20, "a second rotation")
+        wait_for(lambda: (folder / "pd-0.log.2").exists(), 20, "a second rotation")
         cap = int(0.05 * 1024 * 1024)
         time.sleep(3)  # another 300 KB of chatter: unrotated, the log would be far over 5 caps
         assert (folder / "pd-0.log.1").stat().st_size > cap // 2
@@ -333,12 +323,12 @@ def test_a_restart_first_kills_what_the_dead_instance_left_behind(tmp_path, stat
                     pass
             return found
 
-        _wait_for(lambda: len(pd_processes()) == 2, 10, "pd-0 and its child")
+        wait_for(lambda: len(pd_processes()) == 2, 10, "pd-0 and its child")
         old = {p.pid for p in pd_processes()}
         os.kill(_entry(_status("leftover"), "pd-0")["pid"], signal.SIGKILL)  # its child stays, in its own session
-        _wait_for(lambda: _entry(_status("leftover"), "pd-0")["state"] == "healthy"
+        wait_for(lambda: _entry(_status("leftover"), "pd-0")["state"] == "healthy"
                   and _entry(_status("leftover"), "pd-0")["restarts"] == 1, 20, "pd-0 back")
-        now = _wait_for(lambda: (lambda ps: ps if len(ps) == 2 else None)(pd_processes()), 10, "two pd-0 processes")
+        now = wait_for(lambda: (lambda ps: ps if len(ps) == 2 else None)(pd_processes()), 10, "two pd-0 processes")
         assert not old & {p.pid for p in now}, "the dead instance's child survived its restart"
     finally:
         epdctl("down", "leftover", check=0)

@@ -138,16 +138,17 @@ def main(argv: Optional[list[str]] = None) -> int:
         uvloop.install()
     except ImportError:
         pass
-    if args.worker_index is not None:
-        if os.getppid() != args.worker_parent:
-            return 0  # the parent is gone already: nothing to serve, nothing to create
-        try:
-            return asyncio.run(_serve(args))
-        except OSError:
-            if os.getppid() != args.worker_parent:
-                return 0  # the parent died during start-up and its folder went with it
-            raise
-    return asyncio.run(_serve(args))
+    def orphaned() -> bool:
+        return args.worker_index is not None and os.getppid() != args.worker_parent
+
+    if orphaned():
+        return 0  # a worker whose parent is gone already: nothing to serve, nothing to create
+    try:
+        return asyncio.run(_serve(args))
+    except OSError:
+        if orphaned():
+            return 0  # the parent died during start-up and its metrics folder went with it
+        raise
 
 
 async def _serve(args) -> int:
@@ -190,20 +191,16 @@ async def _serve(args) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM) + ((signal.SIGHUP,) if worker else ()):
         loop.add_signal_handler(sig, stop.set)
-    watcher = None
     if worker:
-        from epdctl.proxy.workers import watch_parent
+        from epdctl.proxy import workers
 
-        watcher = asyncio.ensure_future(watch_parent(args.worker_parent, stop))
+        watcher = asyncio.ensure_future(workers.watch_parent(args.worker_parent, stop))
     await stop.wait()
-    if watcher is not None:
-        watcher.cancel()
     log.info("shutting down")
     await runner.cleanup()
     if worker:
-        from epdctl.proxy.workers import orphan_cleanup
-
-        orphan_cleanup(args.worker_parent)
+        watcher.cancel()
+        workers.orphan_cleanup(args.worker_parent)
     return 0
 
 

@@ -20,6 +20,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import sys
 import tempfile
 
@@ -84,24 +85,39 @@ def sweep_stale_folders() -> None:
     except OSError:
         return
     for entry in entries:
-        name = entry.name
-        if not name.startswith(FOLDER_PREFIX):
-            continue
-        pid = name[len(FOLDER_PREFIX):].partition("-")[0]
-        try:
-            info = entry.stat(follow_symlinks=False)
-            if not pid.isdigit() or not entry.is_dir(follow_symlinks=False) or info.st_uid != os.getuid():
-                continue
-            if psutil.pid_exists(int(pid)):
-                continue
-            with os.scandir(entry.path) as files:
-                for file in files:
-                    stem, _, ext = file.name.rpartition(".")
-                    if ext == "db" and stem.rpartition("_")[2].isdigit() and file.is_file(follow_symlinks=False):
-                        os.unlink(file.path)
-            os.rmdir(entry.path)
-        except OSError:
-            continue
+        pid = _folder_pid(entry.path)
+        if pid is not None and not psutil.pid_exists(pid):
+            _remove_folder(entry.path)
+
+
+def _folder_pid(path: str) -> int | None:
+    """The parent pid a metrics folder is named by, if `path` is one of ours: our name, a real
+    folder (not a symlink) owned by this user. None for anything else."""
+    name = os.path.basename(os.path.normpath(path))
+    pid = name[len(FOLDER_PREFIX):].partition("-")[0] if name.startswith(FOLDER_PREFIX) else ""
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return None
+    if not pid.isdigit() or not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+        return None
+    return int(pid)
+
+
+def _remove_folder(path: str, only_pid: int | None = None) -> None:
+    """prometheus_client's value files (TYPE_PID.db; only `only_pid`'s if given) in a folder of
+    ours, then the folder if that left it empty: rmdir removes nothing else."""
+    try:
+        with os.scandir(path) as files:
+            for file in files:
+                stem, _, ext = file.name.rpartition(".")
+                pid = stem.rpartition("_")[2]
+                if (ext == "db" and pid.isdigit() and (only_pid is None or int(pid) == only_pid)
+                        and file.is_file(follow_symlinks=False)):
+                    os.unlink(file.path)
+        os.rmdir(path)
+    except OSError:
+        pass  # not empty (another worker's files, or not ours), or already gone
 
 
 async def _supervise(workers: int, argv: list[str], metrics_dir: str) -> int:
@@ -170,17 +186,9 @@ async def watch_parent(parent: int, stop: asyncio.Event) -> None:
 
 def orphan_cleanup(parent: int) -> None:
     """After a worker stops with its parent gone, nobody will remove the metrics folder: each
-    worker removes its own value files (prometheus_client names them TYPE_PID.db), and the last
-    one out the then empty folder. rmdir never removes anything else."""
+    worker removes its own value files, and the last one out the then empty folder. The folder
+    comes from the environment, so it is proven ours first (name, owner, not a symlink)."""
     folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    if not folder or os.getppid() == parent:
+    if not folder or os.getppid() == parent or _folder_pid(folder) is None:
         return
-    suffix = f"_{os.getpid()}.db"
-    try:
-        with os.scandir(folder) as entries:
-            for entry in entries:
-                if entry.name.endswith(suffix) and entry.is_file(follow_symlinks=False):
-                    os.unlink(entry.path)
-        os.rmdir(folder)
-    except OSError:
-        pass  # not empty yet (another worker's files), or already gone
+    _remove_folder(folder, only_pid=os.getpid())
