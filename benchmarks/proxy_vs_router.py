@@ -34,6 +34,10 @@ How the load generator and the sims are kept from starving the proxy on a small 
   with backends and load generator together; without it (the default) every process shares
   every core, as in the issue, so a proxy's CPU cost shows in req/s.
 
+Each P+D case also measures a bare aiohttp relay (benchmarks/aiohttp_floor_proxy.py: the two calls
+and nothing else, no checks, metrics or retries): the floor under any proxy built on aiohttp, which
+tells how much of the gap to vllm-router is aiohttp's and how much is epdctl's own bookkeeping.
+
 `--workers N` adds a P+D row for epdctl's proxy with N worker processes (proxy.workers) beside the
 one-process row, measured in the same rounds; its CPU is the parent's and every worker's together.
 """
@@ -53,6 +57,8 @@ import psutil
 from _harness import RESULTS, ec_config, fleet, free_ports, have_wrk, image_body, load, text_body, use_uvloop, wait_healthy, wrk_load
 
 ROUTER_VERSION = "0.1.17"
+# The cheapest P+D relay aiohttp allows (benchmarks/aiohttp_floor_proxy.py): no aiohttp proxy does better.
+FLOOR = "bare aiohttp relay P+D"
 UPSTREAM_PYTHON = RESULTS / "upstream" / "venv" / "bin" / "python"
 UPSTREAM_PROXY = RESULTS / "upstream" / "disagg_epd_proxy.py"
 ZERO = ["--sim-ttft-ms", "0", "--sim-tpot-ms", "0", "--sim-encode-ms", "0"]
@@ -135,7 +141,7 @@ def main() -> int:
         decode, d_proc = f.sim("decode", *ZERO, "--kv-transfer-config", KV_CONSUMER)
         # Everything but the proxy under test: the sims, and this process (the load generator).
         others = [psutil.Process(p.pid) for p in (e_proc, pd_proc, p_proc, d_proc)] + [psutil.Process()]
-        ports = iter(free_ports(7))
+        ports = iter(free_ports(8))
         procs: dict[str, tuple[str, psutil.Process]] = {}
 
         def start(name: str, argv: list[str]) -> None:
@@ -166,6 +172,8 @@ def main() -> int:
                                       "--log-level", "warning"])
             start("upstream P+D", [*upstream, "--encode-servers-urls", encode, "--prefill-servers-urls", prefill,
                                    "--decode-servers-urls", decode])
+            start(FLOOR, [sys.executable, str(Path(__file__).with_name("aiohttp_floor_proxy.py")), "--prefill", prefill,
+                          "--decode", decode])
         if parts & {"epd", "latency"}:
             start("epdctl E+PD", [*ours, "--encode-servers-urls", encode, "--prefill-servers-urls", "disable",
                                   "--decode-servers-urls", pd, "--ec-shared-storage-path", ec])
@@ -209,11 +217,11 @@ def main() -> int:
 
         ratios: list[str] = []
         if "pd" in parts:
-            names = ["epdctl P+D", "vllm-router P+D", "upstream P+D"] + ([scaled] if args.workers > 1 else [])
+            names = ["epdctl P+D", "vllm-router P+D", "upstream P+D", FLOOR] + ([scaled] if args.workers > 1 else [])
             for label, shape in (("non-streamed", {}), ("streamed", {"tokens": args.stream_tokens, "stream": True})):
                 results = measure(names, "text", **shape)
                 table(f"P+D, text, {label}", results)
-                me, rust, up = (results[n] for n in names[:3])
+                me, rust, up, floor = (results[n] for n in names[:4])
                 if args.workers > 1:
                     many = results[scaled]
                     ratios.append(f"P+D text {label}, {args.workers} workers: {many['rps'] / me['rps']:.2f}x one "
@@ -222,6 +230,9 @@ def main() -> int:
                 ratios.append(f"P+D text {label}: {me['rps'] / rust['rps']:.2f}x vllm-router (goal >= 1.0), "
                               f"{me['rps'] / up['rps']:.2f}x upstream (goal >= 2.5); CPU per request "
                               f"{rust['cpu_us'] / me['cpu_us']:.2f}x / {up['cpu_us'] / me['cpu_us']:.2f}x less")
+                ratios.append(f"P+D text {label}, the bare aiohttp relay: {floor['rps'] / rust['rps']:.2f}x vllm-router, "
+                              f"{floor['rps'] / up['rps']:.2f}x upstream; epdctl's proxy costs "
+                              f"{me['cpu_us'] - floor['cpu_us']:+.0f} µs of CPU per request over it")
         if "epd" in parts:
             names = ["epdctl E+PD", "upstream E+PD"]
             for label, kind in (("text", "text"), ("single image", "image")):

@@ -9,6 +9,7 @@ import signal
 import socket
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -272,6 +273,31 @@ def test_request_id_models_and_metrics(procs):
     m = metrics(proxy)
     assert m['epdctl_proxy_requests_total{outcome="ok",route="completions"}'] == 4
     assert m['epdctl_proxy_stage_seconds_count{stage="decode_ttft"}'] == 4
+
+
+def test_unknown_routes_and_methods_get_openai_style_404_and_405(procs):
+    decode = procs.sim(free_ports(1)[0])
+    proxy = start_proxy(procs, decode=[decode])
+
+    def call(method: str, path: str):
+        req = urllib.request.Request(proxy + path, method=method, data=b"{}" if method == "POST" else None)
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                return resp.status, resp.headers, resp.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.headers, exc.read()
+
+    status, _, body = call("GET", "/v1/nothing")
+    assert status == 404 and json.loads(body)["error"] == {
+        "message": "no route /v1/nothing", "type": "NotFoundError", "param": None, "code": 404}
+    status, headers, body = call("GET", "/v1/chat/completions")
+    assert status == 405 and headers["Allow"] == "POST" and "use POST" in json.loads(body)["error"]["message"]
+    status, headers, _ = call("POST", "/health")
+    assert status == 405 and headers["Allow"] == "GET"
+    status, _, body = call("HEAD", "/health")  # as a GET, without the body
+    assert status == 200 and body == b""
+    # None of these reached a backend or counted as a request.
+    assert not any(key.startswith("epdctl_proxy_requests_total") for key in metrics(proxy))
 
 
 def test_proxy_busy_port_is_one_line(procs):

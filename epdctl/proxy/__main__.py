@@ -168,10 +168,9 @@ async def _serve(args) -> int:
         metrics_dir=os.environ.get("PROMETHEUS_MULTIPROC_DIR") if args.worker_index is not None else None,
     )
     proxy = Proxy(config)
-    # handler_cancellation: a client that disconnects cancels its handler, and with it the
-    # upstream requests, instead of letting them run to completion for nobody.
-    runner = web.AppRunner(proxy.app(), access_log=None, handle_signals=False, handler_cancellation=True)
+    runner = web.ServerRunner(proxy.server(), handle_signals=False)
     await runner.setup()
+    await proxy.start()
     # SO_REUSEADDR, as uvicorn sets it for vLLM: a restart must not wait out the TIME_WAITs of
     # its last connections. (It never lets two listeners share a port on Linux.)
     # With several workers, each binds the port with SO_REUSEPORT and the kernel spreads the
@@ -181,6 +180,7 @@ async def _serve(args) -> int:
         await web.TCPSite(runner, args.host, args.port, reuse_address=True, reuse_port=worker or None).start()
     except OSError as exc:
         await runner.cleanup()
+        await proxy.close()
         what = "is already in use" if exc.errno == errno.EADDRINUSE else f"cannot be bound: {exc.strerror}"
         print(f"epdctl proxy: port {args.port} on {args.host} {what}", file=sys.stderr)
         return 1
@@ -198,6 +198,7 @@ async def _serve(args) -> int:
     await stop.wait()
     log.info("shutting down")
     await runner.cleanup()
+    await proxy.close()
     if worker:
         watcher.cancel()
         workers.orphan_cleanup(args.worker_parent)

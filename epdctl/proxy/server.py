@@ -115,7 +115,7 @@ class StageError(Exception):
         return error_response(self.message, self.status, headers)
 
 
-ERROR_TYPES = {400: "BadRequestError", 404: "NotFoundError", 413: "RequestEntityTooLarge",
+ERROR_TYPES = {400: "BadRequestError", 404: "NotFoundError", 405: "MethodNotAllowed", 413: "RequestEntityTooLarge",
                502: "BadGatewayError", 503: "ServiceUnavailableError", 504: "GatewayTimeoutError"}
 
 
@@ -207,18 +207,37 @@ class Proxy:
 
     # ------------------------------------------------------------ lifecycle
 
-    def app(self) -> web.Application:
-        app = web.Application(client_max_size=self.config.max_body_bytes)
-        app.router.add_post(CHAT_PATH, self.chat)
-        app.router.add_post(COMPLETIONS_PATH, self.completions)
-        app.router.add_get("/v1/models", self.models)
-        app.router.add_get("/health", self.health)
-        app.router.add_get("/metrics", self.metrics_text)
-        app.on_startup.append(self._startup)
-        app.on_cleanup.append(self._cleanup)
-        return app
+    def server(self) -> web.Server:
+        """aiohttp's low-level server with one handler: the proxy has five fixed routes, and an
+        Application (router, middlewares, signals) costs several µs per request on the hot path."""
+        routes = {
+            ("POST", CHAT_PATH): self.chat, ("POST", COMPLETIONS_PATH): self.completions,
+            ("GET", "/v1/models"): self.models, ("GET", "/health"): self.health, ("GET", "/metrics"): self.metrics_text,
+        }
+        paths = {path for _, path in routes}
+        limit = self.config.max_body_bytes
 
-    async def _startup(self, app: web.Application) -> None:
+        async def dispatch(request: web.BaseRequest) -> web.StreamResponse:
+            method = "GET" if request.method == "HEAD" else request.method
+            handler = routes.get((method, request.path))
+            if handler is not None:
+                return await handler(request)
+            if request.path in paths:
+                allowed = ", ".join(sorted({m for m, path in routes if path == request.path}))
+                return error_response(f"method {request.method} not allowed on {request.path} (use {allowed})", 405,
+                                      {"Allow": allowed})
+            return error_response(f"no route {request.path}", 404)
+
+        def make_request(message, payload, protocol, writer, task) -> web.BaseRequest:
+            # The body limit, which an Application would pass as client_max_size: read() raises 413.
+            return web.BaseRequest(message, payload, protocol, writer, task, asyncio.get_running_loop(),
+                                   client_max_size=limit)
+
+        # handler_cancellation: a client that disconnects cancels its handler, and with it the
+        # upstream requests, instead of letting them run to completion for nobody.
+        return web.Server(dispatch, request_factory=make_request, handler_cancellation=True, access_log=None)
+
+    async def start(self) -> None:
         # One long-lived session (and connection pool) per role: no per-request handshakes,
         # and a slow role cannot starve another's connections.
         # No cookie jar (backends set none, and a jar would be filtered on every call), no
@@ -230,7 +249,7 @@ class Proxy:
                 skip_auto_headers=SKIPPED_AUTO_HEADERS)
         self._prober = asyncio.create_task(self._probe_loop())
 
-    async def _cleanup(self, app: web.Application) -> None:
+    async def close(self) -> None:
         if self._prober:
             self._prober.cancel()
             try:
@@ -275,7 +294,7 @@ class Proxy:
         backend.eject()
         self.metrics.ejections.labels(backend.role).inc()
 
-    async def health(self, request: web.Request) -> web.Response:
+    async def health(self, request: web.BaseRequest) -> web.Response:
         # From known state only: a stopped backend must not make the proxy's own health slow.
         # The probe loop runs fast while anything is not known healthy, so this is fresh.
         roles = {}
@@ -286,7 +305,7 @@ class Proxy:
         ok = all(any(b.healthy for b in pool.backends) for pool in self.pools)
         return web.json_response({"status": "ok" if ok else "degraded", "roles": roles}, status=200 if ok else 503)
 
-    async def metrics_text(self, request: web.Request) -> web.Response:
+    async def metrics_text(self, request: web.BaseRequest) -> web.Response:
         for attempt in range(3):
             try:
                 body = generate_latest(self.exposed)
@@ -298,7 +317,7 @@ class Proxy:
                 await asyncio.sleep(0.05)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
-    async def models(self, request: web.Request) -> web.Response:
+    async def models(self, request: web.BaseRequest) -> web.Response:
         try:
             backend = self.decode.pick()
         except NoBackend as exc:
@@ -313,13 +332,13 @@ class Proxy:
 
     # ------------------------------------------------------------ requests
 
-    async def chat(self, request: web.Request) -> web.StreamResponse:
+    async def chat(self, request: web.BaseRequest) -> web.StreamResponse:
         return await self._handle(request, CHAT_PATH, "chat")
 
-    async def completions(self, request: web.Request) -> web.StreamResponse:
+    async def completions(self, request: web.BaseRequest) -> web.StreamResponse:
         return await self._handle(request, COMPLETIONS_PATH, "completions")
 
-    async def _handle(self, request: web.Request, path: str, route: str) -> web.StreamResponse:
+    async def _handle(self, request: web.BaseRequest, path: str, route: str) -> web.StreamResponse:
         request_id = request.headers.get("X-Request-Id") or self._new_request_id()
         headers = self._forwarded(request)
         outcome = Outcome()
@@ -362,7 +381,7 @@ class Proxy:
         finally:
             self.metrics.count(route, outcome.value)
 
-    def _forwarded(self, request: web.Request) -> dict[str, str]:
+    def _forwarded(self, request: web.BaseRequest) -> dict[str, str]:
         headers = {"Content-Type": "application/json"}
         for name in FORWARDED_HEADERS:
             value = request.headers.get(name)
@@ -435,10 +454,13 @@ class Proxy:
             calls.append(self._bounded_encode(payload, f"{request_id}-encode-{index}", headers, key, per_request))
         if not calls:
             return {}
-        results = await asyncio.gather(*calls, return_exceptions=True)
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
+        if len(calls) == 1:  # the common case: no task and no gathering future for one call
+            results = [await calls[0]]
+        else:
+            results = await asyncio.gather(*calls, return_exceptions=True)
+            for result in results:
+                if isinstance(result, BaseException):
+                    raise result
         self.metrics.stage_encode.observe(time.perf_counter() - started)
         if self.config.ec_connector not in HANDLE_CONNECTORS:
             return {}
@@ -509,7 +531,7 @@ class Proxy:
                 backend.release(weight)
         raise error or StageError(503, f"no healthy {pool.role} instance")
 
-    async def _decode(self, request: web.Request, payload: bytes, path: str, stream: bool, request_id: str,
+    async def _decode(self, request: web.BaseRequest, payload: bytes, path: str, stream: bool, request_id: str,
                       headers: dict, weight: float, outcome: Outcome, only: Optional[Backend] = None) -> web.StreamResponse:
         session, timeout = self.sessions["decode"], self.timeouts["decode"]
         started = time.perf_counter()
@@ -545,7 +567,7 @@ class Proxy:
                 backend.release(weight)
         raise error or StageError(503, "no healthy decode instance")
 
-    async def _relay(self, request: web.Request, resp: aiohttp.ClientResponse, backend: Backend, stream: bool,
+    async def _relay(self, request: web.BaseRequest, resp: aiohttp.ClientResponse, backend: Backend, stream: bool,
                      request_id: str, started: float, outcome: Outcome) -> web.StreamResponse:
         where = f"decode {backend.name} ({backend.url})"
         try:
