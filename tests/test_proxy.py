@@ -300,6 +300,27 @@ def test_unknown_routes_and_methods_get_openai_style_404_and_405(procs):
     assert not any(key.startswith("epdctl_proxy_requests_total") for key in metrics(proxy))
 
 
+@pytest.mark.parametrize("folder", ["missing", "someone-elses"])
+def test_prometheus_multiproc_dir_in_the_environment_is_ignored(procs, tmp_path, folder):
+    """prometheus_client writes every metric to files in PROMETHEUS_MULTIPROC_DIR when it is set:
+    the sim and a one-process proxy must neither fail on a missing folder nor write into one."""
+    target = tmp_path / folder
+    if folder != "missing":
+        target.mkdir()
+    env = {"PROMETHEUS_MULTIPROC_DIR": str(target)}
+    sim_port, proxy_port = free_ports(2)
+    sim = procs.start([sys.executable, "-m", "epdctl.sim", "sim-model", "--port", str(sim_port)], "sim", env=env)
+    wait_healthy(f"http://127.0.0.1:{sim_port}", proc=sim)
+    proxy = procs.start([sys.executable, "-m", "epdctl.proxy", "--port", str(proxy_port),
+                         "--decode-servers-urls", f"http://127.0.0.1:{sim_port}"], "proxy", env=env)
+    url = f"http://127.0.0.1:{proxy_port}"
+    wait_healthy(url, proc=proxy)
+    assert http_post(url + "/v1/completions", {"prompt": "x", "max_tokens": 1})[0] == 200
+    assert metrics(url)['epdctl_proxy_requests_total{outcome="ok",route="completions"}'] == 1
+    assert http_get(f"http://127.0.0.1:{sim_port}/metrics")[0] == 200
+    assert not target.exists() if folder == "missing" else list(target.iterdir()) == []
+
+
 def test_proxy_busy_port_is_one_line(procs):
     holder = socket.socket()
     holder.bind(("127.0.0.1", 0))

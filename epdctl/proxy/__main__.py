@@ -128,6 +128,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     worker = "" if args.worker_index is None else f"[worker {args.worker_index}]"
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stdout,
                         format=f"%(asctime)s %(levelname)s %(name)s{worker}: %(message)s")
+    if args.worker_index is None:
+        # prometheus_client switches every metric to value files in PROMETHEUS_MULTIPROC_DIR when
+        # it is set at import (vLLM's users often have it set): one process must not write files
+        # into someone else's folder, nor fail when it is missing. Workers get a folder of ours.
+        os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
     if args.workers > 1 and args.worker_index is None:
         from epdctl.proxy import workers
 

@@ -7,6 +7,7 @@ import asyncio
 import errno
 import json
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -110,6 +111,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     if unknown:
         log.info("ignoring flags the sim does not model: %s", " ".join(unknown))
 
+    # Set at prometheus_client's import, PROMETHEUS_MULTIPROC_DIR would send every metric to value
+    # files in that folder (someone else's; a traceback when it is missing). The sim is one process.
+    os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
     from epdctl.sim.server import SimConfig, SimEngine, build_app, configure_from_env
 
     ec_role, ec = _role(args.ec_transfer_config, "ec_role", "--ec-transfer-config")
