@@ -204,7 +204,8 @@ def run_split(split: str, data: dict[str, Any], bench_args: argparse.Namespace, 
         started = True
         if code in SIGNAL_EXIT.values():
             raise Interrupted({v: k for k, v in SIGNAL_EXIT.items()}[code])
-        outcome.report = measure(bench_args, plan.proxy.url, label=split)
+        outcome.report = measure(bench_args, plan.proxy.url, label=split,
+                                 encoders=any(spec.role == "encode" for spec in plan.instances))
         if not outcome.report["completed"]:
             outcome.reason = "no request completed: " + "; ".join(outcome.report.get("errors", []))[:300]
             return outcome

@@ -108,6 +108,23 @@ def test_a_target_without_proxy_metrics_reports_unknown_reuse(procs):
     assert "EC cache: unknown" in text and "reused (" not in text
 
 
+def test_a_topology_without_encoders_reports_no_ec_cache(tmp_path, state_dir):
+    """P+D behind epdctl's proxy counts 0 reused items, vllm-router counts none: either way no EC
+    cache is in play, and the report must say that rather than "0 reused (cold run)" or "unknown"."""
+    topology, ports = write_sim_topology(tmp_path, "1p1d", name="noenc")
+    try:
+        epdctl("up", "-d", str(topology), check=0)
+        args = ("noenc", "--num-prompts", "3", "--concurrency", "1", "--max-tokens", "2", "--image-size", "16")
+        ec = bench_json(*args)["ec"]
+        assert ec == {"reused_items": None, "encoded_items": None, "media_items": 3, "repeats_in_run": 0,
+                      "warm": None, "source": "no encoders"}
+        text = epdctl("bench", *args, check=0).stdout
+        assert "EC cache: not in play (no encoders" in text and "unknown" not in text, text
+    finally:
+        epdctl("down", "noenc", check=0)
+        assert_no_orphans(str(state_dir), list(ports.values()))
+
+
 def test_save_without_matplotlib_says_so(procs, tmp_path):
     url = procs.sim(free_ports(1)[0], "--sim-ttft-ms", "1", "--sim-tpot-ms", "1")
     saved = tmp_path / "saved"

@@ -66,16 +66,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def proxy_url(name: str) -> str:
+def proxy_url(name: str) -> tuple[str, bool]:
+    """The named topology's proxy URL, and whether it has encoders (without, no EC cache is in play)."""
     from epdctl.state import StateDir
 
     state = StateDir(name).read()
     if not state:
         raise EpdctlError(f"no topology named {name!r} is up (see `epdctl status`), or pass --url", EXIT_USAGE)
-    proxy = next((p for p in state.get("processes", []) if p.get("role") == "proxy"), None)
+    processes = state.get("processes", [])
+    proxy = next((p for p in processes if p.get("role") == "proxy"), None)
     if proxy is None:
         raise EpdctlError(f"topology {name!r} has no proxy")
-    return proxy["url"]
+    return proxy["url"], any(p.get("role") == "encode" for p in processes)
 
 
 def requests_for(args: argparse.Namespace) -> list[BenchRequest]:
@@ -90,10 +92,11 @@ def requests_for(args: argparse.Namespace) -> list[BenchRequest]:
                      seed=args.seed, nonce=b"" if args.reuse_images else secrets.token_bytes(16))
 
 
-def measure(args: argparse.Namespace, url: str, label: Optional[str] = None) -> dict:
+def measure(args: argparse.Namespace, url: str, label: Optional[str] = None, encoders: Optional[bool] = None) -> dict:
     """One bench run against `url` with the load and data options of `args`: the full report, samples included.
 
-    `epdctl sweep` calls it once per split; `label` names the target in the report.
+    `epdctl sweep` calls it once per split; `label` names the target in the report. `encoders`:
+    whether the target has any (False: the report says the EC cache is not in play; None: not known).
     """
     from epdctl.bench import report as reporting
     from epdctl.bench.ec_reuse import workload
@@ -123,7 +126,8 @@ def measure(args: argparse.Namespace, url: str, label: Optional[str] = None) -> 
         "repeat_ratio": args.repeat_ratio, "prompt_len": args.prompt_len, "max_tokens": args.max_tokens,
         "seed": args.seed, "warmup": args.warmup, "reuse_images": args.reuse_images,
     }
-    return reporting.summarize(result, config, args.slo_ttft_ms, args.slo_tpot_ms, workload(requests, args.warmup))
+    return reporting.summarize(result, config, args.slo_ttft_ms, args.slo_tpot_ms, workload(requests, args.warmup),
+                              encoders)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -133,8 +137,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.compare:
         reporting.compare(args.compare, sys.stdout)
         return 0
-    url = (args.url or proxy_url(args.name)).rstrip("/")
-    report = measure(args, url)
+    url, encoders = (args.url, None) if args.url else proxy_url(args.name)
+    report = measure(args, url.rstrip("/"), encoders=encoders)
     if args.save:
         written = reporting.save(report, args.save, args.label or args.name or "bench")
         print("saved " + ", ".join(map(str, written)), file=sys.stderr)

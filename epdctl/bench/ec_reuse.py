@@ -2,7 +2,7 @@
 
 A run whose images were already encoded measures the cache, not the encoders. The report
 says so, from what the proxy counted, and says "unknown" where there is no such counter
-(a `--url` to a plain vLLM): it never guesses.
+(a `--url` to a plain vLLM): it never guesses. A topology without encoders has no EC cache to speak of.
 """
 
 from __future__ import annotations
@@ -16,6 +16,9 @@ from epdctl.bench.dataset import BenchRequest
 from epdctl.media import content_hash, iter_media
 
 REUSED = "epdctl_proxy_ec_reused_items_total"
+# The report's `source` for a topology without encoders: its P/PD instances encode their own media
+# (vLLM's own caches then, which the proxy does not see), so no EC file is made or reused.
+NO_ENCODERS = "no encoders"
 
 
 async def read_reused(session: aiohttp.ClientSession, url: str) -> Optional[float]:
@@ -56,8 +59,12 @@ def workload(requests: list[BenchRequest], warmup: int) -> tuple[int, int]:
     return items, repeats
 
 
-def summarize(reused: Optional[float], items: int, repeats: int) -> dict[str, Any]:
-    """The report's `ec` object. `encoded_items` are the items the proxy did not find, so sent to an encoder."""
+def summarize(reused: Optional[float], items: int, repeats: int, encoders: Optional[bool] = None) -> dict[str, Any]:
+    """The report's `ec` object. `encoded_items` are the items the proxy did not find, so sent to an encoder.
+    `encoders` False: the topology has none (vllm-router's has no such counter, epdctl's proxy counts 0)."""
+    if encoders is False:
+        return {"reused_items": None, "encoded_items": None, "media_items": items, "repeats_in_run": repeats,
+                "warm": None, "source": NO_ENCODERS}
     if reused is None:
         return {"reused_items": None, "encoded_items": None, "media_items": items, "repeats_in_run": repeats,
                 "warm": None, "source": "unknown"}
@@ -71,6 +78,8 @@ def describe(ec: dict[str, Any], reuse_images: bool) -> Optional[str]:
     items = ec.get("media_items") or 0
     if not items:
         return None
+    if ec.get("source") == NO_ENCODERS:
+        return "EC cache: not in play (no encoders: the P/PD instances encode their own media)"
     if ec.get("reused_items") is None:
         return f"EC cache: unknown (the target has no {REUSED}; not an epdctl proxy)"
     line = f"EC cache: {ec['reused_items']} of {items} items reused"

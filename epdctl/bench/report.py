@@ -29,8 +29,10 @@ def stats(values_ms: list[float]) -> dict[str, float]:
 
 
 def summarize(run: Run, config: dict[str, Any], slo_ttft_ms: Optional[float] = None,
-              slo_tpot_ms: Optional[float] = None, media: tuple[int, int] = (0, 0)) -> dict[str, Any]:
-    """The report. `media` is ec_reuse.workload() of the requests: items looked up, and repeats within the run."""
+              slo_tpot_ms: Optional[float] = None, media: tuple[int, int] = (0, 0),
+              encoders: Optional[bool] = None) -> dict[str, Any]:
+    """The report. `media` is ec_reuse.workload() of the requests: items looked up, and repeats within
+    the run; `encoders` False: the target has none, so no EC cache is in play."""
     done = [r for r in run.results if r.ok]
     failed = [r for r in run.results if not r.ok]
     ttft = [r.ttft * 1000 for r in done]
@@ -62,7 +64,7 @@ def summarize(run: Run, config: dict[str, Any], slo_ttft_ms: Optional[float] = N
                 good += 1
         report["goodput"] = good / duration
         report["slo"] = {"ttft_ms": slo_ttft_ms, "tpot_ms": slo_tpot_ms, "met": good}
-    report["ec"] = ec_reuse.summarize(run.ec_reused, *media)
+    report["ec"] = ec_reuse.summarize(run.ec_reused, *media, encoders=encoders)
     report["errors"] = sorted({r.error for r in failed})[:5]
     report["config"] = {**config, "model": run.model}
     report["samples_ms"] = {"ttft": ttft, "tpot": tpot, "e2e": e2e}
@@ -183,5 +185,5 @@ def _ec_cell(report: dict[str, Any]) -> str:
     if not isinstance(ec, dict):
         return "not recorded"
     if ec.get("reused_items") is None:
-        return "unknown"
+        return "no encoders" if ec.get("source") == ec_reuse.NO_ENCODERS else "unknown"
     return f"{ec['reused_items']} of {ec.get('media_items', '?')}"
