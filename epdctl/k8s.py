@@ -236,8 +236,9 @@ def manifests(topology: Topology, source_text: str, *, image: Optional[str] = No
               proxy_image: Optional[str] = None, storage_class: Optional[str] = None) -> list[dict[str, Any]]:
     """Every object, in apply order: config, storage, instances and their services, the proxy."""
     if topology.proxy.impl != "epdctl":
-        raise EpdctlError(f"proxy.impl: {topology.proxy.impl}: export k8s runs epdctl's proxy only; use impl: epdctl "
-                          "here (or deploy vllm-router with its own chart)", EXIT_USAGE)
+        raise EpdctlError(topology.error_at(("proxy", "impl"), f"{topology.proxy.impl}: export k8s runs epdctl's proxy "
+                                            "only; use impl: epdctl here (or deploy vllm-router with its own chart)"),
+                          EXIT_USAGE)
     plan = build_plan(topology, python="python")
     image = image or (DEFAULT_IMAGE if topology.engine == "vllm" else proxy_image or DEFAULT_PROXY_IMAGE)
     proxy_image = proxy_image or DEFAULT_PROXY_IMAGE

@@ -228,6 +228,7 @@ class Topology(_Model):
     _restart = field_validator("restart", mode="before")(_restart_shorthand)
 
     _source: Optional[Path] = PrivateAttr(None)
+    _where: Optional[tuple[str, Marks]] = PrivateAttr(None)  # (file name, marks): FILE:LINE for later checks
     _sim_costs: dict[str, dict[str, float]] = PrivateAttr(default_factory=dict)  # role -> sim flags
 
     @field_validator("model")
@@ -236,6 +237,13 @@ class Topology(_Model):
         if not value.strip():
             raise ValueError("must not be blank")
         return value
+
+    def error_at(self, path: tuple, message: str) -> str:
+        """`FILE:LINE: dotted.path: message` for a check made after loading (export, up)."""
+        if self._where is None:
+            return f"{dotted(path)}: {message}"
+        filename, marks = self._where
+        return error_line(filename, marks.line_for(path), f"{dotted(path)}: {message}")
 
     @property
     def source(self) -> Optional[Path]:
@@ -406,6 +414,7 @@ def parse_topology(
     if topology.sim_profile:
         topology = _with_sim_profile(topology, filename, marks, source)
     topology._source = source
+    topology._where = (filename, marks)
     return topology
 
 

@@ -148,7 +148,10 @@ def test_status_shows_an_install_hint_with_its_brackets(tmp_path):
 def test_export_k8s_refuses_it_in_one_line(tmp_path):
     path, _ = pd_file(tmp_path)
     result = epdctl("export", "k8s", str(path), "-o", str(tmp_path / "k8s"))
-    assert result.returncode == 2 and "proxy.impl: vllm-router: export k8s runs epdctl's proxy only" in result.stderr
+    line = next(n for n, text in enumerate(path.read_text().splitlines(), 1) if text.startswith("proxy:"))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == (f"epdctl: {path}:{line}: proxy.impl: vllm-router: export k8s runs epdctl's proxy "
+                                     "only; use impl: epdctl here (or deploy vllm-router with its own chart)")
     assert not (tmp_path / "k8s").exists()
 
 
