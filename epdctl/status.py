@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -10,7 +11,7 @@ from typing import Any, Optional
 
 from epdctl.errors import EXIT_NOTHING_RUNNING, EXIT_USAGE, EpdctlError
 from epdctl.state import StateDir, list_state_dirs, verified_process
-from epdctl.logfiles import Follower, tail_lines
+from epdctl.logfiles import Follower, display, tail_lines
 from epdctl.supervisor import Runtime
 
 
@@ -134,6 +135,7 @@ def show_logs(name: str, instance: Optional[str], follow: bool, tail: Optional[i
     chosen = [instance] if instance else names
     paths = {n: state_dir.log_file(n) for n in chosen}
     width = max(len(n) for n in chosen)
+    colour = out.isatty() and not os.environ.get("NO_COLOR")  # the children's own colours (no-color.org)
     followers = {}
     for proc_name, path in paths.items():
         try:
@@ -141,12 +143,13 @@ def show_logs(name: str, instance: Optional[str], follow: bool, tail: Optional[i
         except FileNotFoundError:
             size = 0
         if tail is not None:
-            lines = tail_lines(path, tail) if tail > 0 else []  # from the end: logs can be 100 MB
+            lines = tail_lines(path, tail, colour) if tail > 0 else []  # from the end: logs can be 100 MB
         else:
-            lines = path.read_bytes()[:size].decode(errors="replace").splitlines() if size else []
+            text = path.read_bytes()[:size].decode(errors="replace") if size else ""
+            lines = [display(line, colour) for line in text.removesuffix("\n").split("\n")] if text else []
         for line in lines:
             out.write(f"{proc_name:<{width}} | {line}\n")
-        followers[proc_name] = Follower(path, offset=size)
+        followers[proc_name] = Follower(path, offset=size, colour=colour)
     out.flush()
     if not follow:
         return

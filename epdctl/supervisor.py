@@ -674,9 +674,9 @@ class LogTailer:
     def __init__(self, children: list[Child], out):
         self.children = children
         self.out = out
-        self.followers = {c.spec.name: logfiles.Follower(c.log_path) for c in children}
         width = max(len(c.spec.name) for c in children)
         color = out.isatty() and not os.environ.get("NO_COLOR")
+        self.followers = {c.spec.name: logfiles.Follower(c.log_path, colour=color) for c in children}
         self.prefix = {}
         for i, child in enumerate(children):
             label = f"{child.spec.name:<{width}} | "

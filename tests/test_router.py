@@ -178,6 +178,11 @@ def test_up_serves_p_and_d_through_vllm_router_and_down_leaves_nothing(tmp_path,
         assert http_get(f"http://127.0.0.1:{ports[4]}/metrics")[0] == 200  # the router's own metrics port
         report = json.loads(epdctl("status", "rt", "--json", check=0).stdout)
         assert report["state"] == "running" and report["proxy"]["state"] == "healthy"
+        # vllm-router colours its log even into a file: `logs` shows it plain where there is no terminal.
+        log = (state_dir / "rt" / "proxy.log").read_text()
+        assert "\x1b[" in log and "Starting router" in log
+        shown = epdctl("logs", "rt", "proxy", check=0).stdout
+        assert "Starting router" in shown and "\x1b" not in shown
     finally:
         epdctl("down", "rt", timeout=60)
     assert_no_orphans(str(state_dir), ports[:2] + ports[3:5])
