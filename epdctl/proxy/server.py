@@ -216,6 +216,7 @@ class Proxy:
         }
         paths = {path for _, path in routes}
         limit = self.config.max_body_bytes
+        loop = asyncio.get_running_loop()  # web.Server needs a running loop too
 
         async def dispatch(request: web.BaseRequest) -> web.StreamResponse:
             method = "GET" if request.method == "HEAD" else request.method
@@ -230,8 +231,7 @@ class Proxy:
 
         def make_request(message, payload, protocol, writer, task) -> web.BaseRequest:
             # The body limit, which an Application would pass as client_max_size: read() raises 413.
-            return web.BaseRequest(message, payload, protocol, writer, task, asyncio.get_running_loop(),
-                                   client_max_size=limit)
+            return web.BaseRequest(message, payload, protocol, writer, task, loop, client_max_size=limit)
 
         # handler_cancellation: a client that disconnects cancels its handler, and with it the
         # upstream requests, instead of letting them run to completion for nobody.
