@@ -300,6 +300,34 @@ def test_unknown_routes_and_methods_get_openai_style_404_and_405(procs):
     assert not any(key.startswith("epdctl_proxy_requests_total") for key in metrics(proxy))
 
 
+def test_expect_100_continue_is_answered_before_the_body(procs):
+    """curl -H 'Expect: 100-continue' (and other clients past a body size) send the body only
+    after "100 Continue", or after their own timeout: the proxy must say it at once."""
+    decode = procs.sim(free_ports(1)[0])
+    proxy = start_proxy(procs, decode=[decode])
+    port = int(proxy.rsplit(":", 1)[1])
+    body = json.dumps({"model": "sim-model", "prompt": "x" * 3000, "max_tokens": 1}).encode()
+
+    def head(expect: str) -> bytes:
+        return (f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\nExpect: {expect}\r\n\r\n").encode()
+
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(head("100-continue"))
+        assert sock.recv(4096).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")  # before any body byte
+        sock.sendall(body)
+        answer = b""
+        while b'"usage"' not in answer:
+            chunk = sock.recv(65536)
+            assert chunk, answer
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 200 OK")
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(head("teapot"))
+        answer = sock.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 417") and b"unsupported Expect: teapot" in answer
+
+
 @pytest.mark.parametrize("folder", ["missing", "someone-elses"])
 def test_prometheus_multiproc_dir_in_the_environment_is_ignored(procs, tmp_path, folder):
     """prometheus_client writes every metric to files in PROMETHEUS_MULTIPROC_DIR when it is set:

@@ -116,6 +116,7 @@ class StageError(Exception):
 
 
 ERROR_TYPES = {400: "BadRequestError", 404: "NotFoundError", 405: "MethodNotAllowed", 413: "RequestEntityTooLarge",
+               417: "ExpectationFailed",
                502: "BadGatewayError", 503: "ServiceUnavailableError", 504: "GatewayTimeoutError"}
 
 
@@ -222,6 +223,15 @@ class Proxy:
             method = "GET" if request.method == "HEAD" else request.method
             handler = routes.get((method, request.path))
             if handler is not None:
+                expect = request.headers.get("Expect")
+                if expect is not None and request.version >= (1, 1):
+                    # What an Application's router does: a client that waits for "100 Continue"
+                    # before its body (curl with -H 'Expect: 100-continue', many clients past a
+                    # size) would otherwise stall for its own timeout, a second for curl.
+                    if expect.lower() != "100-continue":
+                        return error_response(f"unsupported Expect: {expect[:100]}", 417)
+                    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                    request.writer.output_size = 0  # the answer's own size starts after it
                 return await handler(request)
             if request.path in paths:
                 allowed = ", ".join(sorted({m for m, path in routes if path == request.path}))
