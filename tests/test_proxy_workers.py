@@ -237,17 +237,22 @@ def test_an_orphaned_worker_cleans_only_a_folder_proven_ours(tmp_path, monkeypat
     (target / mine).write_bytes(b"x")
     link = tmp_path / f"epdctl-proxy-metrics-{os.getpid()}-link"
     link.symlink_to(target)
+    # The folders are named by this test's pid, standing for the worker's parent (which is gone:
+    # the test's own parent is pytest's launcher, not itself).
+    parent = os.getpid()
     for folder in (plain, link):
         monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(folder))
-        workers.orphan_cleanup(parent=-1)  # "the parent is gone"
+        workers.orphan_cleanup(parent=parent)
     assert (plain / mine).exists() and (target / mine).exists()
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(target))
+    workers.orphan_cleanup(parent=parent + 1)  # another proxy's folder: not this worker's to empty
+    assert (target / mine).exists()
     other = f"counter_{os.getpid() + 1}.db"  # another worker's: stays, and so does the folder
     (target / other).write_bytes(b"x")
-    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(target))
-    workers.orphan_cleanup(parent=-1)
+    workers.orphan_cleanup(parent=parent)
     assert [p.name for p in target.iterdir()] == [other]
     (target / other).unlink()
-    workers.orphan_cleanup(parent=-1)  # the last one out removes the empty folder
+    workers.orphan_cleanup(parent=parent)  # the last one out removes the empty folder
     assert not target.exists()
 
 

@@ -187,8 +187,9 @@ async def watch_parent(parent: int, stop: asyncio.Event) -> None:
 def orphan_cleanup(parent: int) -> None:
     """After a worker stops with its parent gone, nobody will remove the metrics folder: each
     worker removes its own value files, and the last one out the then empty folder. The folder
-    comes from the environment, so it is proven ours first (name, owner, not a symlink)."""
+    comes from the environment, so it is proven ours first (name, owner, not a symlink), and
+    named by this worker's own parent: another proxy's folder is not this worker's to empty."""
     folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    if not folder or os.getppid() == parent or _folder_pid(folder) is None:
+    if not folder or os.getppid() == parent or _folder_pid(folder) != parent:
         return
     _remove_folder(folder, only_pid=os.getpid())
