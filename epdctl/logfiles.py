@@ -32,6 +32,11 @@ _ESCAPE = re.compile(
 )
 
 
+def wants_colour(out) -> bool:
+    """Colours for `out`: a terminal, and NO_COLOR (no-color.org) not set."""
+    return out.isatty() and not os.environ.get("NO_COLOR")
+
+
 def display(line: str, colour: bool = False) -> str:
     """`line` safe to print: see above."""
     if line.isprintable():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -11,7 +10,7 @@ from typing import Any, Optional
 
 from epdctl.errors import EXIT_NOTHING_RUNNING, EXIT_USAGE, EpdctlError
 from epdctl.state import StateDir, list_state_dirs, verified_process
-from epdctl.logfiles import Follower, display, tail_lines
+from epdctl.logfiles import Follower, display, tail_lines, wants_colour
 from epdctl.supervisor import Runtime
 
 
@@ -135,7 +134,7 @@ def show_logs(name: str, instance: Optional[str], follow: bool, tail: Optional[i
     chosen = [instance] if instance else names
     paths = {n: state_dir.log_file(n) for n in chosen}
     width = max(len(n) for n in chosen)
-    colour = out.isatty() and not os.environ.get("NO_COLOR")  # the children's own colours (no-color.org)
+    colour = wants_colour(out)  # the children's own colours
     followers = {}
     for proc_name, path in paths.items():
         try:

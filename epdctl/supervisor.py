@@ -156,7 +156,7 @@ class Progress:
         self.children = children
         self.runtime = runtime
         self.stream = stream or sys.stdout
-        self.fancy = self.stream.isatty() and not os.environ.get("NO_COLOR")
+        self.fancy = logfiles.wants_colour(self.stream)
         self.live = None
         self._said: dict[str, str] = {}
 
@@ -675,7 +675,7 @@ class LogTailer:
         self.children = children
         self.out = out
         width = max(len(c.spec.name) for c in children)
-        color = out.isatty() and not os.environ.get("NO_COLOR")
+        color = logfiles.wants_colour(out)
         self.followers = {c.spec.name: logfiles.Follower(c.log_path, colour=color) for c in children}
         self.prefix = {}
         for i, child in enumerate(children):

@@ -238,12 +238,13 @@ class Topology(_Model):
             raise ValueError("must not be blank")
         return value
 
-    def error_at(self, path: tuple, message: str) -> str:
-        """`FILE:LINE: dotted.path: message` for a check made after loading (export, up)."""
+    def error_at(self, path: tuple, message: str, prefer_key: bool = False) -> str:
+        """`FILE:LINE: dotted.path: message` for a check of the loaded topology (cross_check, export)."""
+        where = f"{dotted(path) or '<top>'}: {message}"
         if self._where is None:
-            return f"{dotted(path)}: {message}"
+            return where
         filename, marks = self._where
-        return error_line(filename, marks.line_for(path), f"{dotted(path)}: {message}")
+        return error_line(filename, marks.line_for(path, prefer_key=prefer_key), where)
 
     @property
     def source(self) -> Optional[Path]:
@@ -402,19 +403,16 @@ def parse_topology(
         topology = Topology.model_validate(data)
     except ValidationError as exc:
         raise EpdctlError(_format_validation(exc, filename, marks), EXIT_USAGE) from None
+    topology._where = (filename, marks)  # model_copy (sim_profile below) keeps it
     if callable(device_count):
         device_count = device_count(topology.platform)
     problems = cross_check(topology, device_count=device_count, check_folders=check_folders)
     if problems:
-        lines = [
-            error_line(filename, marks.line_for(loc, prefer_key=prefer_key), f"{dotted(loc) or '<top>'}: {message}")
-            for loc, message, prefer_key in problems
-        ]
+        lines = [topology.error_at(loc, message, prefer_key) for loc, message, prefer_key in problems]
         raise EpdctlError("\n".join(lines), EXIT_USAGE)
     if topology.sim_profile:
         topology = _with_sim_profile(topology, filename, marks, source)
     topology._source = source
-    topology._where = (filename, marks)
     return topology
 
 
