@@ -144,15 +144,17 @@ def load_report(path: str) -> dict[str, Any]:
     return data
 
 
-COMPARED = [("request_throughput", "req/s", True), ("output_token_throughput", "tok/s", True)] + [
-    (f"{key}.{stat}", "ms", False) for key in LATENCIES for stat in ("mean", "p50", "p99")]
+# (label, key, higher is better): labels short enough that three reports fit 80 columns.
+COMPARED = [("requests/s", "request_throughput", True), ("output tok/s", "output_token_throughput", True),
+            ("goodput req/s", "goodput", True)] + [
+    (f"{key[:-3].upper()} {stat} ms", f"{key}.{stat}", False) for key in LATENCIES for stat in ("mean", "p50", "p99")]
 
 
-def _get(report: dict[str, Any], dotted: str) -> float:
+def _get(report: dict[str, Any], dotted: str) -> Optional[float]:
     value: Any = report
     for part in dotted.split("."):
-        value = value.get(part, 0.0) if isinstance(value, dict) else 0.0
-    return float(value or 0.0)
+        value = value.get(part) if isinstance(value, dict) else None
+    return float(value) if isinstance(value, (int, float)) else None
 
 
 def compare(paths: list[str], out) -> None:
@@ -161,22 +163,27 @@ def compare(paths: list[str], out) -> None:
     from rich.table import Table
 
     reports = [load_report(p) for p in paths]
-    table = Table(title="epdctl bench --compare (ratio to the first)", title_justify="left")
-    table.add_column("metric")
+    table = Table(title="epdctl bench --compare (ratio to the first)", title_justify="left",
+                  caption="+ higher is better, - lower is better; goodput needs --slo-ttft-ms/--slo-tpot-ms",
+                  caption_justify="left")
+    table.add_column("metric", no_wrap=True)
     for path in paths:
-        table.add_column(Path(path).stem, justify="right")
-    for key, unit, higher_better in COMPARED:
+        table.add_column(Path(path).stem, justify="right", overflow="fold")
+    for label, key, higher_better in COMPARED:
         base = _get(reports[0], key)
         cells = []
         for i, report in enumerate(reports):
             value = _get(report, key)
+            if value is None:
+                cells.append("-")
+                continue
             cell = f"{value:.2f}"
             if i and base:
                 cell += f" ({value / base:.2f}x)"
             cells.append(cell)
-        table.add_row(f"{key} ({unit}, {'higher' if higher_better else 'lower'} is better)", *cells)
+        table.add_row(f"{label} {'+' if higher_better else '-'}", *cells)
     # A warm run beside a cold one compares the cache with the encoders: the row makes that visible.
-    table.add_row("EC cache: items reused", *(_ec_cell(report) for report in reports))
+    table.add_row("EC items reused", *(_ec_cell(report) for report in reports))
     Console(file=out).print(table)
 
 
