@@ -312,6 +312,15 @@ class Supervisor:
         for path in self.plan.storage_paths:
             self.claimed[path] = storage.claim(path, self.run_token)
 
+    def renew_storage(self) -> None:
+        """Adopting: the dead supervisor's leases become ours, or another topology's `down` takes
+        them for stale and deletes a folder our instances still use."""
+        for path, created in self.claimed.items():
+            try:
+                self.claimed[path] = storage.claim(path, self.run_token) or created
+            except EpdctlError as exc:
+                self.note(f"cannot renew the lease on {path}: {exc}")
+
     def spawn(self, child: Child, fresh_log: bool) -> None:
         """Start (or restart) one child: same argv, env, devices and ports every time."""
         spec = child.spec
@@ -449,6 +458,7 @@ class Supervisor:
         """Take over the processes of a run whose supervisor died (pid and create_time checked)."""
         self.run_token = state["run_token"]
         self.claimed = {f["path"]: bool(f.get("created")) for f in state.get("storage") or [] if f.get("path")}
+        self.renew_storage()
         records = {r["name"]: r for r in state.get("processes", [])}
         for child in self.children:
             record = records[child.spec.name]
