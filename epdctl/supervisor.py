@@ -31,8 +31,8 @@ from epdctl.plan import Plan, ProcessSpec
 from epdctl.ports import busy_ports
 from epdctl.restart import RestartBook
 from epdctl.state import (
-    INSTANCE_ENV, RUN_ENV, StateDir, check_name, is_alive, new_run_token, processes_of_topology, state_root,
-    tagged_processes, verified_process, write_json_atomic,
+    INSTANCE_ENV, RUN_ENV, StateDir, check_name, is_alive, list_state_dirs, new_run_token, processes_of_topology,
+    state_root, tagged_processes, verified_process, write_json_atomic,
 )
 from epdctl.teardown import stop_processes
 
@@ -726,6 +726,38 @@ def _refuse_if_running(state_dir: StateDir) -> None:
         )
 
 
+def _refuse_nested_storage(plan: Plan) -> None:
+    """A shared folder inside (or around) one of another running topology's is refused: the `down`
+    of the outer one would otherwise find the inner one in use and have to keep its folder. The
+    very same folder is shared through leases. (Topologies of another state root or user are not
+    seen here; `storage.release` still never deletes a folder with one in use beneath it.)"""
+    mine = [storage.normal(path) for path in plan.storage_paths]
+    for other in list_state_dirs():
+        try:
+            state = other.read() if other.name != plan.name else None
+        except EpdctlError:
+            continue
+        if not state or not (other.is_locked() or any(
+                verified_process(p.get("pid"), p.get("create_time")) for p in state.get("processes", []))):
+            continue
+        for theirs in (f.get("path") for f in state.get("storage") or []):
+            for path in mine if isinstance(theirs, str) else ():
+                relation = _nesting(path, theirs)
+                if relation:
+                    raise EpdctlError(f"shared_storage_path: {path} is {relation} {theirs}, the shared folder of "
+                                      f"running topology {other.name!r}; use that very folder, or one outside it")
+
+
+def _nesting(path: str, other: str) -> Optional[str]:
+    """'inside' or 'around' when one folder contains the other (links resolved), else None."""
+    a, b = os.path.realpath(path), os.path.realpath(other)
+    if a == b:
+        return None
+    if os.path.commonpath([a, b]) == b:
+        return "inside"
+    return "around" if os.path.commonpath([a, b]) == a else None
+
+
 def _adoptable(state_dir: StateDir, plan: Plan) -> Optional[dict[str, Any]]:
     """The state of a run of this same plan whose supervisor is gone but whose processes live.
 
@@ -757,6 +789,7 @@ def up(topology, plan: Plan, *, detach: bool, wait_timeout: Optional[float], sou
     if adopt is None:
         _refuse_if_running(state_dir)
         check_ports(plan)  # before the lock: a busy port leaves nothing behind
+        _refuse_nested_storage(plan)
     lock_fd = state_dir.try_lock()
     if lock_fd is None:
         _refuse_if_running(state_dir)

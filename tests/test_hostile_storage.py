@@ -91,6 +91,30 @@ def test_a_topology_whose_supervisor_died_keeps_its_shared_folder(tmp_path, stat
 # ------------------------------------------------------------ item 2: nested folders
 
 
+def test_up_refuses_a_folder_inside_or_around_a_running_topologys(tmp_path, state_dir):
+    nest = tmp_path / "nest"
+    a, a_ports = write_sim_topology(tmp_path, "1e1pd", name="outer", ec_path=str(nest))
+    inside, in_ports = write_sim_topology(tmp_path, "1e1pd", name="inside", ec_path=str(nest / "inner"))
+    around, around_ports = write_sim_topology(tmp_path, "1e1pd", name="around", ec_path=str(tmp_path))
+    same, same_ports = write_sim_topology(tmp_path, "1e1pd", name="same", ec_path=str(nest))
+    epdctl("up", "-d", str(a), check=0)
+    try:
+        refused = epdctl("up", "-d", str(inside))
+        assert refused.returncode == 1, refused.stdout + refused.stderr
+        assert refused.stderr.strip() == (f"epdctl: shared_storage_path: {nest / 'inner'} is inside {nest}, the shared "
+                                          f"folder of running topology 'outer'; use that very folder, or one outside it")
+        refused = epdctl("up", "-d", str(around))
+        assert refused.returncode == 1 and f"{tmp_path} is around {nest}" in refused.stderr, refused.stderr
+        assert not (nest / "inner").exists()
+        epdctl("up", "-d", str(same), check=0)  # the very same folder is shared, as before
+        _cached(same_ports)
+    finally:
+        _down_all("same", "inside", "around", "outer")
+    assert not nest.exists() and tmp_path.is_dir()
+    assert_no_orphans(str(state_dir), [*a_ports.values(), *in_ports.values(), *around_ports.values(),
+                                       *same_ports.values()])
+
+
 def test_a_folder_in_use_beneath_is_never_removed_and_goes_once_unused(tmp_path):
     """The ledger itself, for topologies `up` cannot see (another state root, another user)."""
     nest = tmp_path / "nest"
