@@ -90,6 +90,7 @@ class Child:
     started_at: float = 0.0
     healthy_after_s: Optional[float] = None
     error: Optional[str] = None  # why it never ran, or why it is not restarted
+    adopted: bool = False  # taken over alive from a dead supervisor: its start-up time is not ours to tell
     since: str = field(default_factory=now_iso)  # when the current state began
     last_exit: Optional[dict[str, Any]] = None
     restart_at: Optional[float] = None
@@ -127,7 +128,7 @@ class Child:
             "pid": self.pid, "pgid": self.pid, "create_time": self.create_time, "log": str(self.log_path),
             "argv": list(spec.argv), "env": dict(spec.env), "state": self.state, "exit_code": self.exit_code,
             "healthy_after_s": self.healthy_after_s, "error": self.error, "restarts": self.book.restarts,
-            "last_exit": self.last_exit, "since": self.since,
+            "last_exit": self.last_exit, "since": self.since, "adopted": self.adopted,
         }
 
 
@@ -199,10 +200,24 @@ class Progress:
             if self._said.get(child.spec.name) == child.state:
                 continue
             self._said[child.spec.name] = child.state
-            if child.state == "healthy":
-                print(f"{child.spec.name}: healthy after {child.healthy_after_s:.1f}s at {child.spec.url}", file=self.stream, flush=True)
-            elif child.state == "starting":
-                print(f"{child.spec.name}: started (pid {child.pid}), waiting for {child.spec.url}/health", file=self.stream, flush=True)
+            line = self._line(child)
+            if line:
+                print(f"{child.spec.name}: {line}", file=self.stream, flush=True)
+
+    @staticmethod
+    def _line(child: Child) -> Optional[str]:
+        if child.state == "healthy":
+            if child.adopted or child.healthy_after_s is None:
+                return f"healthy (adopted, pid {child.pid}) at {child.spec.url}"
+            return f"healthy after {child.healthy_after_s:.1f}s at {child.spec.url}"
+        if child.state == "starting":
+            verb = "adopted" if child.adopted else "started"
+            return f"{verb} (pid {child.pid}), waiting for {child.spec.url}/health"
+        if child.state == "restarting":
+            return f"{(child.last_exit or {}).get('how', 'exited')}; restarting it"
+        if child.state in ("exited", "failed") and child.error:
+            return child.error
+        return None
 
 
 # ---------------------------------------------------------------- the supervisor
@@ -328,7 +343,7 @@ class Supervisor:
                **spec.env, RUN_ENV: self.run_token, INSTANCE_ENV: spec.name}
         if fresh_log:
             child.log_path.write_bytes(b"")
-        child.error = None
+        child.error, child.adopted = None, False
         try:
             child.popen = self.runtime.spawn(list(spec.argv), env, child.log_path)
         except FileNotFoundError:
@@ -388,10 +403,13 @@ class Supervisor:
 
     def _became_healthy(self, child: Child) -> None:
         child.set_state("healthy")
-        child.healthy_after_s = self.runtime.now() - child.started_at
-        self.event(child, "healthy", after_s=round(child.healthy_after_s, 3))
+        if child.adopted:
+            self.event(child, "healthy", adopted=True)
+        else:
+            child.healthy_after_s = self.runtime.now() - child.started_at
+            self.event(child, "healthy", after_s=round(child.healthy_after_s, 3))
         if self.mode == "detached" or self.phase != "starting":
-            self.note(f"{child.spec.name} healthy after {child.healthy_after_s:.1f}s")
+            self.note(f"{child.spec.name} {Progress._line(child)}")
         self.save()
 
     def _log_tail(self, child: Child) -> str:
@@ -460,22 +478,34 @@ class Supervisor:
         self.claimed = {f["path"]: bool(f.get("created")) for f in state.get("storage") or [] if f.get("path")}
         self.renew_storage()
         records = {r["name"]: r for r in state.get("processes", [])}
+        now = self.runtime.now()
         for child in self.children:
             record = records[child.spec.name]
             child.pid, child.create_time = record.get("pid"), record.get("create_time")
-            child.exit_code = record.get("exit_code")
-            child.last_exit, child.healthy_after_s = record.get("last_exit"), record.get("healthy_after_s")
+            child.exit_code, child.last_exit = record.get("exit_code"), record.get("last_exit")
+            child.error = record.get("error")
             child.book.restarts = int(record.get("restarts") or 0)
             child.running = verified_process(child.pid, child.create_time) is not None
+            # Nothing of the dead supervisor's record is shown as now: a live one is probed again,
+            # and one that died while nobody watched goes to its restart policy.
+            child.adopted = child.running
+            child.started_at = child.next_probe = now
             child.set_state("starting" if child.running else record.get("state") or "exited")
+            self.event(child, "adopted", alive=child.adopted)
             if not child.running and child.state in ("starting", "healthy", "unhealthy", "restarting"):
-                child.running = True  # it died while nobody watched: let the loop decide about it
-            self.event(child, "adopted", alive=child.running)
+                child.running = True
+                child.check_exit()
+                self._on_exit(child, now)
         self.adopted = True
-        self.phase = "running"
+        self.phase = "adopting"
         self.save()
-        alive = sum(1 for c in self.children if c.state == "starting")
+        alive = sum(1 for c in self.children if c.adopted)
         self.note(f"adopted {alive} running process(es) of {self.plan.name} (run {self.run_token})")
+
+    def _report_adoption(self) -> None:
+        down = [c for c in self.children if c.state != "healthy"]
+        self.note(f"{self.plan.name} is up" if not down else f"{self.plan.name} is up, degraded: "
+                  + "; ".join(f"{c.spec.name} {Progress._line(c) or c.state}" for c in down))
 
     # ------------------------------------------------------------ after start: heal
 
@@ -501,9 +531,12 @@ class Supervisor:
             changed = False
             for child in self.children:
                 changed |= self._tend(child, now)
-            if changed:
+            if changed or self.phase == "adopting":  # adopting: every process was looked at once now
+                adopting = self.phase == "adopting"
                 self.phase = "running" if all(c.state == "healthy" for c in self.children) else "degraded"
                 self.save()
+                if adopting:
+                    self._report_adoption()
             hopeless = self._role_that_cannot_serve()
             if hopeless and self.mode == "foreground":
                 if tailer:
@@ -818,7 +851,8 @@ def _up_foreground(plan: Plan, state_dir: StateDir, timeout: float, source: str,
             if not sup.failure or not sup.failure.get("teardown"):
                 raise  # nothing was started: the CLI prints the one-line cause
             return exc.exit_code  # cause, teardown and log tail are already on stderr
-    print(f"epdctl: {plan.name} is up: proxy at {plan.proxy.url} (Ctrl-C stops it; logs follow)", flush=True)
+    print(f"epdctl: {plan.name} {'is being adopted' if adopt else 'is up'}: proxy at {plan.proxy.url} "
+          "(Ctrl-C stops it; logs follow)", flush=True)
     return sup.run(stream_logs=True)
 
 
@@ -859,18 +893,22 @@ def _up_detached(plan: Plan, state_dir: StateDir, lock_fd: int, timeout: float, 
     # Only while we wait: `smoke` goes on in this process, and must get its Ctrl-C back.
     previous = {sig: signal.signal(sig, on_signal) for sig in SIGNAL_EXIT}
     try:
-        _watch_start(daemon, state_dir, shown, runtime, interrupted)
+        phase = _watch_start(daemon, state_dir, shown, runtime, interrupted)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if interrupted:
         return SIGNAL_EXIT[interrupted[0]]
-    print(f"epdctl: {plan.name} is up: proxy at {plan.proxy.url} (`epdctl status {plan.name}`, `epdctl down {plan.name}`)")
+    down = ", ".join(c.spec.name for c in shown if c.state != "healthy")
+    what = f"is up, degraded ({down} not healthy)" if phase == "degraded" else "is up"
+    print(f"epdctl: {plan.name} {what}: proxy at {plan.proxy.url} (`epdctl status {plan.name}`, `epdctl down {plan.name}`)")
     return 0
 
 
-def _watch_start(daemon: int, state_dir: StateDir, shown: list[Child], runtime: Runtime, interrupted: list[int]) -> None:
-    """Show the supervisor's progress until everything is healthy, it fails, or we are interrupted."""
+def _watch_start(daemon: int, state_dir: StateDir, shown: list[Child], runtime: Runtime,
+                 interrupted: list[int]) -> Optional[str]:
+    """Show the supervisor's progress until everything is healthy (or, adopting, every process was
+    looked at), it fails, or we are interrupted. Returns the phase it reached."""
     with Progress(shown, runtime) as progress:
         while True:
             if interrupted:
@@ -880,19 +918,22 @@ def _watch_start(daemon: int, state_dir: StateDir, shown: list[Child], runtime: 
                 os.waitpid(daemon, 0)
                 for line in _teardown_lines(state_dir):
                     print(f"  {line}", flush=True)
-                return
+                return None
             state = state_dir.read() or {}
+            if (state.get("supervisor") or {}).get("pid") != daemon:
+                state = {}  # a dead supervisor's state, until the one adopting its processes writes its own
             by_name = {p["name"]: p for p in state.get("processes", [])}
             for child in shown:
                 record = by_name.get(child.spec.name)
                 if record:
                     child.state, child.pid = record["state"], record["pid"]
-                    child.healthy_after_s = record.get("healthy_after_s")
+                    child.healthy_after_s, child.adopted = record.get("healthy_after_s"), bool(record.get("adopted"))
+                    child.error, child.last_exit = record.get("error"), record.get("last_exit")
                     if not child.started_at and child.state == "starting":
                         child.started_at = runtime.now()
             progress.update()
-            if state.get("phase") == "running":
-                break
+            if state.get("phase") in ("running", "degraded"):
+                return state["phase"]
             pid, status = os.waitpid(daemon, os.WNOHANG)
             if pid:
                 progress.update()

@@ -216,6 +216,33 @@ def test_a_claim_racing_a_down_that_removed_its_parent_starts_over(tmp_path, mon
     assert not top.exists()
 
 
+# ------------------------------------------------------------ item 15: what an adopting `up` prints
+
+
+def test_an_adopting_up_prints_what_is_true_now(tmp_path, state_dir):
+    """pd-0 died while no supervisor watched: `up` must not print its old 'healthy after 0.9s'."""
+    topology, ports = write_sim_topology(tmp_path, "1e1pd", name="adopt", extra="restart: no")
+    epdctl("up", "-d", str(topology), check=0)
+    try:
+        state = _state(state_dir, "adopt")
+        _kill_supervisor(state_dir, "adopt")
+        pd = next(p for p in state["processes"] if p["name"] == "pd-0")
+        os.killpg(pd["pid"], signal.SIGKILL)
+        wait_for(lambda: not psutil.pid_exists(pd["pid"]) or psutil.Process(pd["pid"]).status() == psutil.STATUS_ZOMBIE,
+                 10, "pd-0 to die")
+        again = epdctl("up", "-d", str(topology), check=0)
+        lines = again.stdout.splitlines()
+        assert not any(line.startswith("pd-0: healthy") for line in lines), again.stdout
+        assert "pd-0: exited (exit code unknown: it was adopted, not started, by this supervisor); " \
+               "not restarted: restart policy is no" in lines, again.stdout
+        assert f"encode-0: healthy (adopted, pid {state['processes'][0]['pid']}) at http://127.0.0.1:{ports['encode-0']}" in lines
+        # (The proxy may have seen pd-0 go and be unhealthy too.)
+        assert lines[-1].startswith("epdctl: adopt is up, degraded (pd-0") and "not healthy): proxy at" in lines[-1], again.stdout
+    finally:
+        epdctl("down", "adopt", check=0)
+    assert_no_orphans(str(state_dir), list(ports.values()))
+
+
 # ------------------------------------------------------------ the ledger, whole
 
 
