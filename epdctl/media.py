@@ -50,8 +50,10 @@ class MediaItem:
 
     @property
     def uuid(self) -> Optional[str]:
+        """The client's key as vLLM reads it: any value but null, as its str() (vLLM's content-part
+        models let `"uuid": 5` through and key the item "5"). Check it with check_media_key."""
         value = self.part.get("uuid")
-        return value if isinstance(value, str) and value else None
+        return None if value is None else str(value)
 
 
 def iter_media(body: dict) -> Iterator[MediaItem]:

@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Optional
 
@@ -93,6 +96,20 @@ def wait_for(predicate, timeout: float, what: str):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def sim_running(url: str) -> float:
+    """A sim's requests in its step loop (vLLM's gauge)."""
+    return metrics(url)['vllm:num_requests_running{model_name="sim-model"}']
+
+
+def send_and_hang_up_when(port: int, body: dict, started) -> None:
+    """POST `body` to chat on a raw socket, and close it (the client leaves) once `started()` holds."""
+    raw = json.dumps(body).encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     + f"Content-Length: {len(raw)}\r\n\r\n".encode() + raw)
+        wait_for(started, 30, "the request to start")
+
+
 def signal_and_wait(proc: subprocess.Popen, sig: int, timeout: float = 30) -> str:
     """Send `sig`, wait for the process to end, and return its output; kill it if it will not end."""
     try:
@@ -147,6 +164,49 @@ def procs(tmp_path):
     p = Procs(tmp_path)
     yield p
     p.kill_all()
+
+
+class _Recording(BaseHTTPRequestHandler):
+    """A stand-in vLLM: healthy, and every POST gets one fixed chat completion; it keeps the bodies."""
+
+    ANSWER = (b'{"id":"x","object":"chat.completion","choices":[{"index":0,"message":'
+              b'{"role":"assistant","content":"ok"},"finish_reason":"length"}]}')
+
+    def do_GET(self):  # /health, /v1/models
+        self._answer(b'{"object":"list","data":[{"id":"m"}]}')
+
+    def do_POST(self):
+        self.server.bodies.append(self.rfile.read(int(self.headers["Content-Length"])))
+        self._answer(self.ANSWER)
+
+    def _answer(self, body: bytes):
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def recorder():
+    """`recorder()` starts a backend that records what it is sent: its `.url`, and `.bodies` (raw, in order)."""
+    servers: list[ThreadingHTTPServer] = []
+
+    def start() -> ThreadingHTTPServer:
+        server = ThreadingHTTPServer(("127.0.0.1", 0), _Recording)
+        server.bodies = []
+        server.url = f"http://127.0.0.1:{server.server_address[1]}"
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import pytest
 from epdctl.ec import EC_FILENAME, ec_exists, load_ec, save_ec
 from epdctl.media import MediaError
 
-from conftest import free_ports, http_post, metrics
+from conftest import free_ports, http_post, metrics, send_and_hang_up_when, sim_running, wait_for
 
 IMAGE = "data:image/png;base64," + base64.b64encode(b"\x89PNG hostile test image").decode()
 
@@ -159,3 +159,54 @@ def test_n_other_than_one_is_refused(procs):
     status, raw = post_status(url, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "n": 100000})
     assert_refused(status, raw, "n must be 1")
     assert post_status(url, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "n": 1})[0] == 200
+
+
+# ---------------------------------------------------------------- #27: as vLLM answers
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_client_that_leaves_frees_its_slot(procs, stream):
+    """vLLM aborts the request of a client that disconnected, streamed or not. This one would
+    run for days, so its slot coming free can only be the abort."""
+    port = free_ports(1)[0]
+    url = procs.sim(port, "--sim-tpot-ms", "10000000")
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 30000, "stream": stream}
+    send_and_hang_up_when(port, body, lambda: sim_running(url) == 1)
+    wait_for(lambda: sim_running(url) == 0, 60, "the sim to abort the request of a client that left")
+
+
+@pytest.mark.parametrize("given, key", [(5, "5"), (5.5, "5.5"), (True, "True"), ("7", "7")])
+def test_a_uuid_that_is_not_a_string_is_keyed_as_vllm_keys_it(procs, tmp_path, given, key):
+    """vLLM's content-part models let any JSON value through as `uuid` and key the item by str(uuid)."""
+    ec = tmp_path / "ec"
+    url = procs.sim(free_ports(1)[0], "--ec-transfer-config", ec_json("ec_producer", ec))
+    assert post_status(url, image_body(image_part(uuid=given)))[0] == 200
+    assert [p.name for p in ec.iterdir()] == [key]
+
+
+@pytest.mark.parametrize("given, shown", [([1], "'[1]'"), ({"a": "b"}, "\"{'a': 'b'}\""), ("", "''")])
+def test_a_uuid_whose_key_is_unsafe_is_refused(procs, tmp_path, given, shown):
+    ec = tmp_path / "ec"
+    url = procs.sim(free_ports(1)[0], "--ec-transfer-config", ec_json("ec_producer", ec))
+    status, raw = post_status(url, image_body(image_part(uuid=given)))
+    assert_refused(status, raw, f"media uuid {shown} is not a safe cache key")
+    assert not ec.exists() or list(ec.iterdir()) == []
+
+
+@pytest.mark.parametrize("route", ["chat", "completions"])
+def test_max_tokens_null_is_up_to_the_context_bounded_as_when_absent(procs, route):
+    """vLLM reads `max_tokens: null` as "up to the context length" (a real model stops at its end of
+    sequence): the sim gives what it gives a chat request without max_tokens, within the context."""
+    url = procs.sim(free_ports(1)[0], "--max-model-len", "20")
+    path, prompt = (("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}) if route == "chat"
+                    else ("/v1/completions", {"prompt": "a fairly long prompt text"}))
+    status, raw = http_post(url + path, {**prompt, "max_tokens": None})
+    assert status == 200, raw
+    usage = json.loads(raw)["usage"]
+    assert usage["total_tokens"] == 20 and usage["completion_tokens"] < 16, usage  # the context left
+    if route == "chat":  # max_completion_tokens null defers to max_tokens, as in vLLM
+        status, raw = http_post(url + path, {**prompt, "max_completion_tokens": None, "max_tokens": 3})
+        assert status == 200 and json.loads(raw)["usage"]["completion_tokens"] == 3, raw
+    unbounded = procs.sim(free_ports(1)[0])
+    status, raw = http_post(unbounded + path, {**prompt, "max_tokens": None})
+    assert status == 200 and json.loads(raw)["usage"]["completion_tokens"] == 16, raw

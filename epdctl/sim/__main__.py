@@ -150,7 +150,9 @@ async def _serve(config, app, args, log) -> int:
 
     if args.sim_startup_ms:
         await asyncio.sleep(args.sim_startup_ms / 1000)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    # handler_cancellation: a client that disconnects cancels its handler, which frees its slot in
+    # the step loop, as vLLM aborts such a request (aiohttp's default lets it run to the end).
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, handler_cancellation=True)
     await runner.setup()
     # SO_REUSEADDR, as uvicorn sets it for vLLM: a restart must not wait out the TIME_WAITs of
     # its last connections. (It never lets two listeners share a port on Linux.)

@@ -187,7 +187,7 @@ class SimEngine:
         keys = []
         try:
             for item in items:
-                if item.uuid:
+                if item.uuid is not None:
                     keys.append(check_media_key(item.uuid))
                     continue
                 path = local_media_path(item.locator, self.config.allowed_local_media_path)
@@ -260,10 +260,11 @@ class SimEngine:
         model = body.get("model")
         if model is not None and model not in self.config.served_names:
             raise BadRequest(f"The model `{model}` does not exist.", 404, "NotFoundError")
+        # As vLLM: max_completion_tokens unless null, else max_tokens; null or absent sets no limit.
         max_tokens = body.get("max_completion_tokens") if chat else None
         if max_tokens is None:
-            max_tokens = body.get("max_tokens", DEFAULT_MAX_TOKENS)
-        if not _is_int(max_tokens) or max_tokens < 1:
+            max_tokens = body.get("max_tokens")
+        if max_tokens is not None and (not _is_int(max_tokens) or max_tokens < 1):
             raise BadRequest("max_tokens must be a positive integer")
         n = body.get("n", 1)
         if n is not None and n != 1:
@@ -290,19 +291,25 @@ class SimEngine:
         # Media payloads are not prompt text: an image costs TOKENS_PER_MEDIA_ITEM, whatever its bytes.
         text_chars = len(text) - sum(len(item.locator) for item in items)
         prompt_tokens = max(1, text_chars // 4) + TOKENS_PER_MEDIA_ITEM * len(items)
-        self._check_context(prompt_tokens, max_tokens)
+        max_tokens = self._answer_length(prompt_tokens, max_tokens)
         return Ask(body, model, max_tokens, stream, text, self._media_keys(items), prompt_tokens, kv_in)
 
-    def _check_context(self, prompt_tokens: int, max_tokens: int) -> None:
-        """vLLM's own refusals (and wording): a prompt or an answer beyond the context is never started."""
+    def _answer_length(self, prompt_tokens: int, max_tokens: Optional[int]) -> int:
+        """The tokens to answer, refused as vLLM refuses (and worded): a prompt or an answer beyond
+        the context is never started. With no limit given vLLM answers up to the context left, and a
+        real model stops at its end of sequence long before; the sim, which has none, stops at
+        DEFAULT_MAX_TOKENS (within the context left, as vLLM bounds its own default)."""
         limit = self.config.max_model_len
         if prompt_tokens >= limit:
             raise BadRequest(f"This model's maximum context length is {limit} tokens. However, your request has "
                              f"{prompt_tokens} input tokens. Please reduce the length of the input messages.")
+        if max_tokens is None:
+            return min(DEFAULT_MAX_TOKENS, limit - prompt_tokens)
         if prompt_tokens + max_tokens > limit:
             raise BadRequest(f"'max_tokens' or 'max_completion_tokens' is too large: {max_tokens}. This model's "
                              f"maximum context length is {limit} tokens and your request has {prompt_tokens} input "
                              f"tokens ({max_tokens} > {limit} - {prompt_tokens}).")
+        return max_tokens
 
     async def handle(self, request: web.Request, chat: bool) -> web.StreamResponse:
         arrived = asyncio.get_running_loop().time()  # vLLM times a request from its arrival, EC I/O included
