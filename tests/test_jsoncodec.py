@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from conftest import http_post
@@ -33,39 +31,12 @@ def test_deep_nesting_is_a_recursion_error_as_with_the_standard_library():
         jsoncodec.loads(b"[" * 5000 + b"]" * 5000)
 
 
-class _Recorder(BaseHTTPRequestHandler):
-    bodies: list[bytes] = []
-
-    def do_GET(self):  # /health, /v1/models
-        self._answer(b'{"object":"list","data":[{"id":"m"}]}')
-
-    def do_POST(self):
-        self.bodies.append(self.rfile.read(int(self.headers["Content-Length"])))
-        self._answer(b'{"id":"x","object":"chat.completion","choices":[{"index":0,"message":'
-                     b'{"role":"assistant","content":"ok"},"finish_reason":"length"}]}')
-
-    def _answer(self, body: bytes):
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-
-def test_the_proxy_passes_a_huge_seed_on_exactly_to_encoder_and_decoder(procs):
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        backend = f"http://127.0.0.1:{server.server_address[1]}"
-        url = start_proxy(procs, encode=[backend], decode=[backend])
-        body = {"messages": messages(image(1)), "max_tokens": 2, "seed": 123456789012345678901234567890}
-        status, _ = http_post(url + "/v1/chat/completions", body)
-        assert status == 200
-        seeds = [json.loads(raw).get("seed") for raw in _Recorder.bodies]
-        assert seeds == [123456789012345678901234567890] * 2, seeds  # the encoder's call, then the decoder's
-        assert b"123456789012345678901234567890" in _Recorder.bodies[-1]
-    finally:
-        server.shutdown()
+def test_the_proxy_passes_a_huge_seed_on_exactly_to_encoder_and_decoder(procs, recorder):
+    backend = recorder()
+    url = start_proxy(procs, encode=[backend.url], decode=[backend.url])
+    body = {"messages": messages(image(1)), "max_tokens": 2, "seed": 123456789012345678901234567890}
+    status, _ = http_post(url + "/v1/chat/completions", body)
+    assert status == 200
+    seeds = [json.loads(raw).get("seed") for raw in backend.bodies]
+    assert seeds == [123456789012345678901234567890] * 2, seeds  # the encoder's call, then the decoder's
+    assert b"123456789012345678901234567890" in backend.bodies[-1]

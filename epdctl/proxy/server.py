@@ -23,10 +23,12 @@ import struct
 import time
 import uuid
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any, Optional
 
 import aiohttp
 from aiohttp import web
+from aiohttp.http import HttpProcessingError
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -67,6 +69,8 @@ STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5
 FORWARDED_HEADERS = ("Authorization",)
 SKIPPED_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding")
 SSE_DONE = b"data: [DONE]\n\n"
+# Fields only the proxy sets: dropped from a client's request before any instance sees it.
+CLIENT_TRANSFER_FIELDS = ("ec_transfer_params", "kv_transfer_params")
 
 
 @dataclass
@@ -230,6 +234,12 @@ class Proxy:
                     # size) would otherwise stall for its own timeout, a second for curl.
                     if expect.lower() != "100-continue":
                         return error_response(f"unsupported Expect: {expect[:100]}", 417)
+                    if (request.content_length or 0) > limit:
+                        # Refused before the client sends its body: "Connection: close", as whether
+                        # that body follows now is the client's choice (aiohttp discards it, if so).
+                        response = error_response(_too_large(limit), 413)
+                        response.force_close()
+                        return response
                     await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
                     request.writer.output_size = 0  # the answer's own size starts after it
                 return await handler(request)
@@ -245,7 +255,7 @@ class Proxy:
 
         # handler_cancellation: a client that disconnects cancels its handler, and with it the
         # upstream requests, instead of letting them run to completion for nobody.
-        return web.Server(dispatch, request_factory=make_request, handler_cancellation=True, access_log=None)
+        return _Server(dispatch, request_factory=make_request, handler_cancellation=True, access_log=None)
 
     async def start(self) -> None:
         # One long-lived session (and connection pool) per role: no per-request handshakes,
@@ -356,8 +366,7 @@ class Proxy:
             try:
                 raw = await request.read()
             except web.HTTPRequestEntityTooLarge:
-                raise StageError(413, f"request body larger than {self.config.max_body_bytes} bytes "
-                                      "(raise the proxy's max_body_mb)") from None
+                raise StageError(413, _too_large(self.config.max_body_bytes)) from None
             try:
                 body = jsoncodec.loads(raw)
             except (ValueError, UnicodeDecodeError) as exc:
@@ -370,8 +379,9 @@ class Proxy:
             items = self._media_items(body) if route == "chat" else []
             weight = 1.0 + max(0, len(raw) - sum(len(item.locator) for item in items)) / 4096.0
 
-            # Encoder handles are the proxy's to give: a client's could send a consumer to any host.
-            forged = body.pop("ec_transfer_params", None) is not None
+            # Transfer parameters are the proxy's to give: a client's could send a consumer or a
+            # decoder to any host and engine.
+            dropped = [body.pop(field) for field in CLIENT_TRANSFER_FIELDS if field in body]
             encode = bool(items) and bool(self.encode)  # without encoders, PD encodes its own media
             consumer = self._ec_consumer() if encode else None
             if encode:
@@ -382,7 +392,7 @@ class Proxy:
                 body["kv_transfer_params"] = await self._prefill(body, path, request_id, headers, weight, consumer)
                 body.pop("ec_transfer_params", None)  # D is no EC consumer
             # Re-serialise only when something changed: a text request to PD goes out as it came.
-            payload = jsoncodec.dumps(body) if (encode or self.prefill or forged) else raw
+            payload = jsoncodec.dumps(body) if (encode or self.prefill or dropped) else raw
             return await self._decode(request, payload, path, stream, request_id, headers, weight, outcome,
                                       only=None if self.prefill else consumer)
         except StageError as exc:
@@ -407,13 +417,11 @@ class Proxy:
                                       f"{self.config.max_media_items} (the proxy's max_media_items)")
             for item in items:
                 local_media_path(item.locator, self.config.allowed_local_media_path)
-                given = item.part.get("uuid")
-                if given is not None:
+                if item.uuid is not None:
                     # vLLM's ECExampleConnector makes the key a folder name: only plain names pass.
-                    if not isinstance(given, str):
-                        raise MediaError(f"media uuid must be a string (got {type(given).__name__})")
-                    check_media_key(given)
-                if self.encode and not item.uuid:
+                    # Sent on as the string vLLM would make of it (`5` is "5"), the key checked here.
+                    item.part["uuid"] = check_media_key(item.uuid)
+                elif self.encode:
                     # vLLM keys its caches (and the EC file) by a given uuid, so encoder and
                     # decoder agree on the mm_hash without hashing the pixels twice.
                     item.part["uuid"] = content_hash(item.locator)
@@ -621,6 +629,39 @@ class Proxy:
             await out.write(f"data: {event}\n\ndata: [DONE]\n\n".encode())
         await out.write_eof()
         return out
+
+
+class _JsonErrors(web.RequestHandler):
+    """aiohttp's own error answers as the OpenAI-style JSON of every other error: a request its HTTP
+    parser refused (two Content-Lengths, Content-Length with Transfer-Encoding, an obs-fold, a
+    header line over 8 KiB, a bad method), and a handler's exception. aiohttp still frames the
+    answer, and closes the connection after it."""
+
+    def handle_error(self, request: web.BaseRequest, status: int = 500, exc: Optional[BaseException] = None,
+                     message: Optional[str] = None) -> web.StreamResponse:
+        if isinstance(exc, HttpProcessingError):
+            # A client's malformed bytes: one line in the log, not aiohttp's ERROR with a traceback.
+            reason = (message or str(exc)).strip().split("\n", 1)[0].rstrip(":")[:120]
+            log.info("refused a malformed HTTP request from %s: %s", request.remote, reason)
+            text = f"malformed HTTP request: {reason}"
+        else:
+            super().handle_error(request, status, exc, message)  # logs it, and refuses once bytes are out
+            text = HTTPStatus(status).phrase
+        response = error_response(text, status)
+        response.force_close()
+        return response
+
+
+class _Server(web.Server):
+    """web.Server whose connections answer aiohttp's own errors in JSON (_JsonErrors)."""
+
+    def __call__(self) -> web.RequestHandler:
+        # As web.Server makes its RequestHandler, with the subclass instead.
+        return _JsonErrors(self, loop=self._loop, **self._kwargs)
+
+
+def _too_large(limit: int) -> str:
+    return f"request body larger than {limit} bytes (raise the proxy's max_body_mb)"
 
 
 def _others(pool: Pool, only: Optional[Backend]) -> list[Backend]:
