@@ -9,7 +9,14 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from epdctl.logfiles import display
+
 EVENTS_FILE = "events.jsonl"
+# Events have their own bound, apart from `logs.max_mb`: a tiny log cap must not cost the history
+# `epdctl events` shows. Past EVENTS_MAX_BYTES the file moves to events.jsonl.1 (the one older copy
+# kept, shown first) and starts again; a restart loop adds a few hundred bytes a minute.
+EVENTS_MAX_BYTES = 16 * 1024 * 1024
+EVENTS_KEEP = 1
 
 
 def now_iso() -> str:
@@ -31,7 +38,9 @@ def append_event(path: Path, process: str, event: str, **detail: Any) -> Optiona
 
 
 def format_event(line: str) -> Optional[str]:
-    """One line of `epdctl events`: time, process, event, then the details."""
+    """One line of `epdctl events`: time, process, event, then the details; safe to print.
+
+    The filter runs on the decoded text: the JSON may spell an escape sequence as \\u001b."""
     try:
         record = json.loads(line)
         if not isinstance(record, dict):
@@ -39,4 +48,4 @@ def format_event(line: str) -> Optional[str]:
     except ValueError:
         return None
     detail = " ".join(f"{k}={v}" for k, v in record.items() if k not in ("time", "process", "event"))
-    return f"{record.get('time', '?')}  {record.get('process', '?'):<10} {record.get('event', '?'):<10} {detail}".rstrip()
+    return display(f"{record.get('time', '?')}  {record.get('process', '?'):<10} {record.get('event', '?'):<10} {detail}".rstrip())

@@ -9,12 +9,15 @@ between the copy and the truncate are lost, a few bytes in practice.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
+import stat
+import tempfile
 from collections import deque
 from pathlib import Path
-from typing import Union
+from typing import Iterator, Optional, Union
 
 PathLike = Union[str, Path]
 
@@ -53,23 +56,54 @@ def display(line: str, colour: bool = False) -> str:
 
 
 def rotate_if_needed(path: PathLike, max_bytes: int, keep: int) -> bool:
-    """Rotate `path` once it is larger than `max_bytes`. Returns whether it rotated."""
+    """Rotate `path` once it is larger than `max_bytes`. Returns whether it rotated.
+
+    The state folder is ours, but a name in it may have been planted (a symlink at NAME.log.1, a
+    folder): no copy is ever written through it, and what it points at is never touched. A name
+    that cannot be replaced is skipped, and the log is emptied all the same: the size bound holds.
+    """
     path = os.fspath(path)
     try:
-        if os.lstat(path).st_size <= max_bytes:
-            return False
-    except FileNotFoundError:
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:  # gone, or not a file of ours to rotate (a symlink, a FIFO we may not open)
         return False
+    with os.fdopen(fd, "r+b") as log:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size <= max_bytes:
+            return False
+        if keep > 0:
+            _shift_copies(path, keep)
+            _copy_beside(log, f"{path}.1")
+        log.truncate(0)
+    return True
+
+
+def _shift_copies(path: str, keep: int) -> None:
+    """NAME.log.N -> NAME.log.N+1, oldest first; a rename moves a symlink itself, never its target."""
     for index in range(keep - 1, 0, -1):
         older = f"{path}.{index}"
         if os.path.lexists(older):
-            os.replace(older, f"{path}.{index + 1}")
-    if keep > 0:
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
-        with open(path, "rb") as source, os.fdopen(os.open(f"{path}.1", flags, 0o600), "wb") as copy:
+            try:
+                os.replace(older, f"{path}.{index + 1}")
+            except OSError:  # a folder in the way: leave both where they are
+                pass
+
+
+def _copy_beside(source, target: str) -> None:
+    """Copy `source` to `target` through a new file in the same folder renamed over it: whatever
+    is at `target` (a planted symlink included) is replaced, never written through."""
+    folder, name = os.path.split(target)
+    temporary = None
+    try:
+        fd, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder or ".")
+        with os.fdopen(fd, "wb") as copy:
+            source.seek(0)
             shutil.copyfileobj(source, copy)
-    os.truncate(path, 0)
-    return True
+        os.replace(temporary, target)
+    except OSError:  # a folder at `target`, or a full disk: skip the copy, keep the bound
+        if temporary is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
 
 
 def tail_lines(path: PathLike, count: int, colour: bool = False) -> list[str]:
@@ -81,29 +115,52 @@ def tail_lines(path: PathLike, count: int, colour: bool = False) -> list[str]:
         return []
 
 
+# Files are read a chunk at a time: a log may be 100 MB, events.jsonl tens of MB. A "line" longer
+# than MAX_LINE_BYTES is shown in pieces of that size rather than held whole.
+CHUNK_BYTES = 64 * 1024
+MAX_LINE_BYTES = 1024 * 1024
+
+
 class Follower:
     """New complete lines of a growing log, surviving its rotation (the file shrinking); safe to
-    print (display())."""
+    print (display()), or as written with `raw` (for a reader that decodes them and shows the result
+    through display() itself, as `epdctl events` does)."""
 
-    def __init__(self, path: PathLike, offset: int = 0, colour: bool = False):
+    def __init__(self, path: PathLike, offset: int = 0, colour: bool = False, raw: bool = False):
         self.path = path
         self.offset = offset
         self.partial = b""
         self.colour = colour
+        self.raw = raw
 
     def read_lines(self) -> list[str]:
+        return list(self.lines())
+
+    def lines(self, until: Optional[int] = None, final: bool = False) -> Iterator[str]:
+        """The lines from where the last call stopped to the end (or to byte `until`), one at a time.
+        `final`: the last line counts even without its newline (the file is read once, not followed)."""
         try:
-            with open(self.path, "rb") as handle:
-                size = os.fstat(handle.fileno()).st_size
-                if size < self.offset:  # rotated (copied and truncated): start again at the top
-                    self.offset, self.partial = 0, b""
-                handle.seek(self.offset)
-                data = handle.read()
+            handle = open(self.path, "rb")
         except OSError:
-            return []
-        if not data:
-            return []
-        self.offset += len(data)
-        data = self.partial + data
-        *lines, self.partial = data.split(b"\n")
-        return [display(line.decode(errors="replace"), self.colour) for line in lines]
+            return
+        with handle:
+            if os.fstat(handle.fileno()).st_size < self.offset:  # rotated (copied and truncated): start again
+                self.offset, self.partial = 0, b""
+            handle.seek(self.offset)
+            for chunk in iter(lambda: handle.read(self._next_read(until)), b""):
+                self.offset += len(chunk)
+                *complete, self.partial = (self.partial + chunk).split(b"\n")
+                yield from map(self._shown, complete)
+                while len(self.partial) > MAX_LINE_BYTES:
+                    yield self._shown(self.partial[:MAX_LINE_BYTES])
+                    self.partial = self.partial[MAX_LINE_BYTES:]
+        if final and self.partial:
+            yield self._shown(self.partial)
+            self.partial = b""
+
+    def _next_read(self, until: Optional[int]) -> int:
+        return CHUNK_BYTES if until is None else max(0, min(CHUNK_BYTES, until - self.offset))
+
+    def _shown(self, line: bytes) -> str:
+        text = line.decode(errors="replace")
+        return text if self.raw else display(text, self.colour)

@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 from epdctl.errors import EXIT_NOTHING_RUNNING, EXIT_USAGE, EpdctlError
 from epdctl.state import StateDir, list_state_dirs, verified_process
-from epdctl.logfiles import Follower, display, tail_lines, wants_colour
+from epdctl.logfiles import Follower, tail_lines, wants_colour
 from epdctl.supervisor import Runtime
 
 
@@ -144,8 +144,7 @@ def show_logs(name: str, instance: Optional[str], follow: bool, tail: Optional[i
         if tail is not None:
             lines = tail_lines(path, tail, colour) if tail > 0 else []  # from the end: logs can be 100 MB
         else:
-            text = path.read_bytes()[:size].decode(errors="replace") if size else ""
-            lines = [display(line, colour) for line in text.removesuffix("\n").split("\n")] if text else []
+            lines = Follower(path, colour=colour).lines(until=size, final=True)  # a chunk at a time
         for line in lines:
             out.write(f"{proc_name:<{width}} | {line}\n")
         followers[proc_name] = Follower(path, offset=size, colour=colour)
@@ -191,21 +190,28 @@ def _strays_hint(name: Optional[str]) -> str:
 
 
 def show_events(name: str, follow: bool, out=None) -> None:
-    """`epdctl events NAME [-f]`: starts, health changes, exits and restarts, oldest first."""
+    """`epdctl events NAME [-f]`: starts, health changes, exits and restarts, oldest first (the
+    rotated copy first), read a chunk at a time."""
     from epdctl.events import EVENTS_FILE, format_event
     out = out or sys.stdout
     state_dir = StateDir(name)
     if state_dir.read() is None:
         raise EpdctlError(f"no topology named {name!r} (see `epdctl status`)", EXIT_USAGE)
-    follower = Follower(state_dir.path / EVENTS_FILE)
+    path = state_dir.path / EVENTS_FILE
+
+    def write(lines) -> None:
+        for line in lines:
+            text = format_event(line)
+            if text:
+                out.write(text + "\n")
+        out.flush()
+
+    write(Follower(f"{path}.1", raw=True).lines(final=True))
+    follower = Follower(path, raw=True)
     finished = False
     try:
         while True:
-            for line in follower.read_lines():
-                text = format_event(line)
-                if text:
-                    out.write(text + "\n")
-            out.flush()
+            write(follower.lines())
             if not follow or finished:
                 return
             finished = not state_dir.exists() or not _anything_alive(state_dir)

@@ -25,7 +25,7 @@ from urllib.parse import urlparse
 import psutil
 
 from epdctl import logfiles, storage
-from epdctl.events import EVENTS_FILE, append_event, now_iso
+from epdctl.events import EVENTS_FILE, EVENTS_KEEP, EVENTS_MAX_BYTES, append_event, now_iso
 from epdctl.errors import EXIT_RUNTIME, EXIT_USAGE, EpdctlError
 from epdctl.plan import Plan, ProcessSpec
 from epdctl.ports import busy_ports
@@ -635,11 +635,11 @@ class Supervisor:
         return None
 
     def _rotate_logs(self) -> None:
-        paths = [c.log_path for c in self.children] + [self.state_dir.log_file("supervisor"),
-                                                        self.state_dir.path / EVENTS_FILE]
-        for path in paths:
+        bounds = [(path, self.plan.log_max_bytes, self.plan.log_keep)
+                  for path in [c.log_path for c in self.children] + [self.state_dir.log_file("supervisor")]]
+        for path, max_bytes, keep in bounds + [(self.state_dir.path / EVENTS_FILE, EVENTS_MAX_BYTES, EVENTS_KEEP)]:
             try:
-                logfiles.rotate_if_needed(path, self.plan.log_max_bytes, self.plan.log_keep)
+                logfiles.rotate_if_needed(path, max_bytes, keep)
             except OSError as exc:
                 self.note(f"cannot rotate {path}: {exc.strerror or exc}")
 
