@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import secrets
 import statistics
 import sys
@@ -34,7 +33,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from epdctl.cliparse import CommandParser
+from epdctl.cliparse import CommandParser, number
 from epdctl.errors import EXIT_RUNTIME, EXIT_USAGE, EpdctlError
 
 ENCODE_ITEMS = (1, 2, 4)
@@ -55,20 +54,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="Also write the twin: the topology's file with engine: sim and sim_profile: the profile "
                              "(needs -o).")
     parser.add_argument("--json", action="store_true", help="Print the profile as JSON.")
-    parser.add_argument("--repeats", type=int, default=3, help="Times each probe is run; the median counts (default 3).")
-    parser.add_argument("--image-size", type=int, default=224,
+    parser.add_argument("--repeats", type=number(int, 1, 50), default=3, help="Times each probe is run; the median counts (default 3).")
+    parser.add_argument("--image-size", type=number(int, 16, 4096), default=224,
                         help="Side of the probe images in pixels; encode cost depends on it (default 224, as bench).")
-    parser.add_argument("--max-batch", type=int, default=8, help="Most requests at once in a probe (default 8).")
-    parser.add_argument("--decode-tokens", type=int, default=32, help="Tokens per decode probe stream (default 32).")
-    parser.add_argument("--timeout-s", type=float, default=300.0, help="Per probe request (default 300).")
+    parser.add_argument("--max-batch", type=number(int, 1, 256), default=8, help="Most requests at once in a probe (default 8).")
+    parser.add_argument("--decode-tokens", type=number(int, 3, 4096), default=32, help="Tokens per decode probe stream (default 32).")
+    parser.add_argument("--timeout-s", type=number(float, 0, 86_400, above=True), default=300.0, help="Per probe request (default 300).")
     args = parser.parse_args(argv)
-    for flag, low, high in (("repeats", 1, 50), ("image_size", 16, 4096), ("max_batch", 1, 256),
-                            ("decode_tokens", 3, 4096)):
-        value = getattr(args, flag)
-        if not low <= value <= high:
-            parser.error(f"--{flag.replace('_', '-')} must be between {low} and {high} (got {value})")
-    if not (math.isfinite(args.timeout_s) and args.timeout_s > 0):
-        parser.error("--timeout-s must be a positive number")
     if args.twin and not args.output:
         parser.error("--twin needs -o: the twin names the profile file")
     return args

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 import sys
 from pathlib import Path
@@ -20,6 +19,17 @@ from typing import Annotated, Callable, Optional
 from epdctl.errors import EXIT_RUNTIME, EXIT_USAGE, EpdctlError
 
 _verbose = False
+# The ranges of the numbers these commands take (bench, sweep, calibrate and proxy: cliparse.number).
+# Typer takes them as text: cliparse parses and checks them, so that any bad one is one line.
+WAIT_SECONDS = (0, 86_400)  # --wait-timeout (more than 0), down -t
+MAX_TAIL_LINES = 10 ** 9
+
+
+def _number(flag: str, text: Optional[str], kind: type, low, high, above: bool = False):
+    """The number an option gives, or a one-line usage error (exit 2): cliparse.option."""
+    from epdctl.cliparse import option  # argparse: kept off validate's and plan's fast path
+
+    return option(flag, text, kind, low, high, above)
 
 
 def _global_options(
@@ -136,19 +146,22 @@ def plan(
 def _print_plan_text(the_plan) -> None:
     import shlex
 
+    from epdctl.logfiles import display  # values from the file may hold what a terminal acts on
+
     print(f"# topology {the_plan.name}: engine {the_plan.engine}, platform {the_plan.platform}")
     for spec in the_plan.processes:
         where = f"{spec.role}, devices {list(spec.devices)}" if spec.role != "proxy" else "proxy"
         print(f"\n## {spec.name} ({where}) -> {spec.url}")
         env = " ".join(shlex.quote(f"{k}={v}") for k, v in spec.env.items())
-        print((env + " " if env else "") + " ".join(shlex.quote(a) for a in spec.argv))
+        print(display((env + " " if env else "") + " ".join(shlex.quote(a) for a in spec.argv)))
 
 
 @_command
 def up(
     file: Annotated[Path, typer.Argument(help="The topology YAML file.", show_default=False)],
     detach: Annotated[bool, typer.Option("-d", "--detach", help="Return once everything is healthy; a supervisor stays behind.")] = False,
-    wait_timeout: Annotated[Optional[float], typer.Option("--wait-timeout", help="Seconds to wait for health (default: the topology's health.timeout_s).")] = None,
+    wait_timeout: Annotated[Optional[str], typer.Option("--wait-timeout", metavar="SECONDS", show_default=False,
+                                                        help="Seconds to wait for health (default: the topology's health.timeout_s).")] = None,
 ) -> None:
     """Launch the topology: spawn, health-gate, then stream logs (or detach with -d).
 
@@ -156,8 +169,9 @@ def up(
     """
     from epdctl.supervisor import up as run_up
 
+    seconds = _number("--wait-timeout", wait_timeout, float, *WAIT_SECONDS, above=True)
     topology, the_plan = _plan(file)
-    raise SystemExit(run_up(topology, the_plan, detach=detach, wait_timeout=wait_timeout, source=file))
+    raise SystemExit(run_up(topology, the_plan, detach=detach, wait_timeout=seconds, source=file))
 
 
 @_command
@@ -176,25 +190,26 @@ def logs(
     name: Annotated[str, typer.Argument(help="Topology name.")],
     instance: Annotated[Optional[str], typer.Argument(help="One instance (e.g. encode-0, proxy); default: all.")] = None,
     follow: Annotated[bool, typer.Option("-f", "--follow", help="Keep printing new lines.")] = False,
-    tail: Annotated[Optional[int], typer.Option("--tail", "-n", help="Only the last N lines of each log.")] = None,
+    tail: Annotated[Optional[str], typer.Option("--tail", "-n", metavar="N", show_default=False,
+                                                help="Only the last N lines of each log.")] = None,
 ) -> None:
     """Print the logs of a topology, prefixed by instance name."""
-    from epdctl.status import show_logs  # which refuses a negative --tail
+    from epdctl.status import show_logs
 
-    show_logs(name, instance, follow=follow, tail=tail)
+    lines = _number("--tail", tail, int, 0, MAX_TAIL_LINES)
+    show_logs(name, instance, follow=follow, tail=lines)
 
 
 @_command
 def down(
     target: Annotated[Optional[str], typer.Argument(help="Topology name or file (default: the only one running).")] = None,
-    grace: Annotated[float, typer.Option("-t", "--timeout", help="Seconds between SIGTERM and SIGKILL.")] = 10.0,
+    grace: Annotated[str, typer.Option("-t", "--timeout", metavar="SECONDS", help="Seconds between SIGTERM and SIGKILL.")] = "10",
 ) -> None:
     """Stop a topology: SIGTERM each process group, SIGKILL after GRACE, sweep descendants."""
-    if not (math.isfinite(grace) and grace >= 0):
-        raise EpdctlError(f"-t/--timeout: must be 0 or more seconds (got {grace:g})", EXIT_USAGE)
+    seconds = _number("-t/--timeout", grace, float, *WAIT_SECONDS)
     from epdctl.supervisor import down as run_down
 
-    raise SystemExit(run_down(target, grace=grace))
+    raise SystemExit(run_down(target, grace=seconds))
 
 
 @_command
@@ -245,13 +260,15 @@ def smoke(
     file: Annotated[Path, typer.Argument(help="The topology YAML file.", show_default=False)],
     keep_up: Annotated[bool, typer.Option("--keep-up", help="Leave the topology running afterwards.")] = False,
     junit: Annotated[Optional[Path], typer.Option("--junit", help="Write a JUnit XML report here.")] = None,
-    wait_timeout: Annotated[Optional[float], typer.Option("--wait-timeout", help="Seconds to wait for health.")] = None,
+    wait_timeout: Annotated[Optional[str], typer.Option("--wait-timeout", metavar="SECONDS", show_default=False,
+                                                        help="Seconds to wait for health.")] = None,
 ) -> None:
     """Bring the topology up, send golden requests, prove each role did its part, bring it down."""
     from epdctl.smoke import run_smoke
 
+    seconds = _number("--wait-timeout", wait_timeout, float, *WAIT_SECONDS, above=True)
     topology, the_plan = _plan(file)
-    raise SystemExit(run_smoke(topology, the_plan, source=file, keep_up=keep_up, junit=junit, wait_timeout=wait_timeout))
+    raise SystemExit(run_smoke(topology, the_plan, source=file, keep_up=keep_up, junit=junit, wait_timeout=seconds))
 
 
 @_command

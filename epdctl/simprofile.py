@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Literal, Mapping, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -79,15 +79,17 @@ class SimProfile(_Model):
     fits: dict[Literal["encode", "prefill", "decode", "consumer"], Fit] = {}
 
 
-def load_profile(path: Path) -> SimProfile:
-    """Read and check a profile. Errors are one line each, `FILE:LINE: field: message` (exit 2)."""
+def load_profile(path: Path, environ: Optional[Mapping[str, str]] = None) -> SimProfile:
+    """Read and check a profile. Errors are one line each, `FILE:LINE: field: message` (exit 2).
+
+    `${VARS}` expand as in the topology that names it (from `environ`, by default this process's)."""
     from epdctl.topology import _format_validation, read_topology_file
     from epdctl.yamlmarks import error_line, load_marked
 
     text = read_topology_file(path, "sim profile")  # a bounded read of a regular file (no FIFO, no device)
     if not text.strip():
         raise EpdctlError(error_line(str(path), 1, "the profile is empty"), EXIT_USAGE)
-    data, marks = load_marked(text, str(path), environ={})  # a profile has no ${VARS}: they stay as written
+    data, marks = load_marked(text, str(path), environ)
     if not isinstance(data, dict):
         raise EpdctlError(error_line(str(path), 1, "a sim profile is a mapping (kind, model, cost, ...)"), EXIT_USAGE)
     try:
@@ -101,7 +103,19 @@ def dump_profile(profile: SimProfile) -> str:
 
     header = ("# epdctl sim profile: the simulated engine's costs (ms), fitted by `epdctl calibrate`.\n"
               "# Use it with `engine: sim` and `sim_profile: THIS_FILE` in a topology.\n")
-    return header + yaml.safe_dump(profile.model_dump(mode="json"), sort_keys=False, width=120)
+    return header + yaml.safe_dump(_literal(profile.model_dump(mode="json")), sort_keys=False, width=120)
+
+
+def _literal(value):
+    """`value` with each `$` in a string written `$$`: a profile's values expand ${VARS} when read, so
+    what calibrate wrote (a model path, a source file) must read back as it was."""
+    if isinstance(value, str):
+        return value.replace("$", "$$")
+    if isinstance(value, dict):
+        return {key: _literal(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_literal(item) for item in value]
+    return value
 
 
 def rounded(value: float, digits: int = 4) -> float:

@@ -27,6 +27,8 @@ from epdctl.topology import ROLES, Topology, effective_memory_fraction
 _SPLIT = re.compile(r"(?:(?P<e>\d+)e)?(?:(?P<p>\d+)p(?P<d>\d+)d|(?P<pd>\d*)pd)")
 ROLE_LETTERS = {"encode": "e", "prefill": "p", "decode": "d", "pd": "pd"}
 DEFAULT_WARMUP = 8
+MAX_DEVICE_ID = 4095  # a device index on one host (CUDA_VISIBLE_DEVICES and the like)
+MAX_SPLIT_INSTANCES = 256  # of one role in a split
 
 
 class Interrupted(Exception):
@@ -51,6 +53,8 @@ def parse_split(text: str) -> dict[str, int]:
         counts["pd"] = int(match["pd"] or 1)
     if any(counts[role] == 0 for role in counts if role != "encode") or (match["e"] is not None and not counts["encode"]):
         raise EpdctlError(f"--splits: {text!r} has a role with 0 instances", EXIT_USAGE)
+    if max(counts.values()) > MAX_SPLIT_INSTANCES:
+        raise EpdctlError(f"--splits: {text!r}: at most {MAX_SPLIT_INSTANCES} instances of a role", EXIT_USAGE)
     return {role: n for role, n in counts.items() if n}
 
 
@@ -266,8 +270,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, argparse.Namespace]
             args.device_list = [int(d) for d in args.devices.split(",") if d.strip()]
         except ValueError:
             raise EpdctlError(f"sweep: --devices {args.devices!r}: comma-separated integers expected", EXIT_USAGE) from None
-        if len(set(args.device_list)) != len(args.device_list) or any(d < 0 for d in args.device_list):
-            raise EpdctlError(f"sweep: --devices {args.devices!r}: distinct device ids of 0 or more expected", EXIT_USAGE)
+        if len(set(args.device_list)) != len(args.device_list) or any(not 0 <= d <= MAX_DEVICE_ID for d in args.device_list):
+            raise EpdctlError(f"sweep: --devices {args.devices!r}: distinct device ids between 0 and {MAX_DEVICE_ID} "
+                              "expected", EXIT_USAGE)
     else:
         args.device_list = None
     return args, bench_args

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import stat
+import unicodedata
 from collections import defaultdict
 from pathlib import Path
 from typing import Annotated, Any, Callable, Iterator, Literal, Mapping, NamedTuple, Optional, Union
@@ -150,13 +151,18 @@ class InstanceSpec(_Model):
     _restart = field_validator("restart", mode="before")(_restart_shorthand)
 
 
+MAX_PROXY_TIMEOUT_S = 7 * 86_400
+
+
 class ProxySpec(_Model):
     host: str = Field("127.0.0.1", min_length=1, max_length=253)
     port: Port = 10001
     policy: Literal["least-loaded", "round-robin"] = "least-loaded"
-    encode_timeout_s: float = Field(300, gt=0)
-    prefill_timeout_s: float = Field(600, gt=0)
-    decode_timeout_s: float = Field(600, gt=0)
+    # The proxy's own command line takes at most a week (epdctl/proxy/__main__.py): more, or .inf, would
+    # make it refuse to start.
+    encode_timeout_s: float = Field(300, gt=0, le=MAX_PROXY_TIMEOUT_S)
+    prefill_timeout_s: float = Field(600, gt=0, le=MAX_PROXY_TIMEOUT_S)
+    decode_timeout_s: float = Field(600, gt=0, le=MAX_PROXY_TIMEOUT_S)
     # Below 1 MB a float rounds the byte limit towards 0, which aiohttp reads as "no limit".
     max_body_mb: float = Field(64, ge=1, le=4096)
     # Each media item is one encoder call (and one open connection) per request: bound it.
@@ -411,12 +417,13 @@ def parse_topology(
         lines = [topology.error_at(loc, message, prefer_key) for loc, message, prefer_key in problems]
         raise EpdctlError("\n".join(lines), EXIT_USAGE)
     if topology.sim_profile:
-        topology = _with_sim_profile(topology, filename, marks, source)
+        topology = _with_sim_profile(topology, filename, marks, source, environ)
     topology._source = source
     return topology
 
 
-def _with_sim_profile(topology: Topology, filename: str, marks: Marks, source: Path | None) -> Topology:
+def _with_sim_profile(topology: Topology, filename: str, marks: Marks, source: Path | None,
+                      environ: Mapping[str, str] | None) -> Topology:
     """Resolve `sim_profile` against the topology's folder and read it (its errors name both files)."""
     from epdctl.simprofile import load_profile
 
@@ -432,7 +439,7 @@ def _with_sim_profile(topology: Topology, filename: str, marks: Marks, source: P
         path = (source.parent if source is not None else Path.cwd()) / path
     path = Path(os.path.abspath(path))
     try:
-        profile = load_profile(path)
+        profile = load_profile(path, environ)
     except EpdctlError as exc:
         first = exc.message.splitlines()[0]
         raise EpdctlError(error_line(filename, line, f"sim_profile: {first}"), EXIT_USAGE) from None
@@ -687,6 +694,9 @@ def _setting_words(loc: tuple, args: Mapping[str, Any], env: Mapping[str, str]) 
 def _word_problem(loc: tuple, word: str) -> Optional[Problem]:
     if "\0" in word:
         return loc, "contains a NUL byte, which no process argument or environment can hold", False
+    control = _control_character(word, names=loc[0] in ("model", "vllm_command"))
+    if control:
+        return loc, f"contains {control}, a control character: a terminal would act on it where epdctl shows it", False
     try:
         os.fsencode(word)
     except UnicodeEncodeError as exc:
@@ -694,6 +704,16 @@ def _word_problem(loc: tuple, word: str) -> Optional[Problem]:
     size = _exec_size(word)
     if size > MAX_ARG_BYTES:
         return loc, f"is {size} bytes as one argument; Linux takes at most {MAX_ARG_BYTES}", False
+    return None
+
+
+def _control_character(word: str, names: bool) -> Optional[str]:
+    """The first character that `plan` or `status` would hand a terminal to act on (ESC, BEL, a carriage
+    return hiding what precedes it), as U+XXXX. Tabs and newlines are text in an argument (an inline chat
+    template); a name (the model, the command) is one line of printable text."""
+    for char in word:
+        if not char.isprintable() and (names or unicodedata.category(char) == "Cc" and char not in "\t\n"):
+            return f"U+{ord(char):04X}"
     return None
 
 

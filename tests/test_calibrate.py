@@ -131,7 +131,7 @@ def test_calibrate_refuses_what_it_cannot_do(tmp_path, state_dir):
     result = epdctl("calibrate", "x", "--twin", "t.yaml")
     assert result.returncode == 2 and "--twin needs -o" in result.stderr
     result = epdctl("calibrate", "x", "--repeats", "0")
-    assert result.returncode == 2 and "--repeats must be between 1 and 50" in result.stderr
+    assert result.returncode == 2 and "--repeats: must be between 1 and 50 (got 0)" in result.stderr
     result = epdctl("calibrate", "../etc")
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
 
@@ -183,6 +183,22 @@ def test_a_bad_profile_is_one_line_naming_both_files(tmp_path, content, message)
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith(f"epdctl: {tmp_path}/t.yaml:8: sim_profile: "), result.stderr
     assert message in result.stderr and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+def test_a_profile_expands_variables_as_a_topology_does(tmp_path):
+    (tmp_path / "p.yaml").write_text(PROFILE.replace("model: m", 'model: "${HOME}"'))
+    epdctl("validate", _topology(tmp_path, "sim_profile: p.yaml"), env={"HOME": str(tmp_path)}, check=0)
+    (tmp_path / "p.yaml").write_text(PROFILE.replace("model: m", 'model: "${EPDCTL_UNSET_HERE}"'))
+    result = epdctl("validate", _topology(tmp_path, "sim_profile: p.yaml"))
+    assert result.returncode == 2 and "p.yaml:3: model: ${EPDCTL_UNSET_HERE} is not set" in result.stderr, result.stderr
+
+
+def test_a_written_profile_reads_back_as_written_dollars_included(tmp_path):
+    from epdctl.simprofile import Costs, SimProfile, dump_profile, load_profile
+
+    profile = SimProfile(model="/models/$weird", source={"topology": "/tmp/${x}/t.yaml"}, cost=Costs(decode_ms=1.5))
+    (tmp_path / "p.yaml").write_text(dump_profile(profile))
+    assert load_profile(tmp_path / "p.yaml", environ={}) == profile
 
 
 def test_a_profile_that_is_no_regular_file_is_refused_without_blocking(tmp_path):

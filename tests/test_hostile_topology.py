@@ -448,9 +448,9 @@ def test_version():
 
 
 @pytest.mark.parametrize("args,expected", [
-    (["down", "-t", "-1", "x"], "epdctl: -t/--timeout: must be 0 or more seconds (got -1)"),
-    (["down", "--timeout=nan"], "epdctl: -t/--timeout: must be 0 or more seconds (got nan)"),
-    (["logs", "x", "--tail", "-5"], "epdctl: --tail: must be 0 or more lines (got -5)"),
+    (["down", "-t", "-1", "x"], "epdctl: -t/--timeout: must be between 0 and 86400 (got -1)"),
+    (["down", "--timeout=nan"], "epdctl: -t/--timeout: must be between 0 and 86400 (got nan)"),
+    (["logs", "x", "--tail", "-5"], "epdctl: --tail: must be between 0 and 1000000000 (got -5)"),
 ])
 def test_negative_durations_and_counts_are_refused(args, expected, state_dir):
     assert cli_refusal(*args) == expected

@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import secrets
 import sys
 from typing import TYPE_CHECKING, Optional
 
-from epdctl.cliparse import CommandParser
+from epdctl.bench.dataset import MAX_IMAGE_SIZE
+from epdctl.cliparse import CommandParser, number
 from epdctl.errors import EXIT_USAGE, EpdctlError
 
 if TYPE_CHECKING:
     from epdctl.bench.dataset import BenchRequest
+
+MAX_MEDIA_ITEMS = 4096  # the most a proxy accepts in one request (its max_media_items)
+MAX_SLO_MS = 3_600_000.0
+BODY_OVERHEAD = 512  # what the runner adds to each body: model, stream, stream_options
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -24,50 +30,44 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--url", help="Target base URL instead of a topology, e.g. http://127.0.0.1:10001.")
     parser.add_argument("--compare", nargs="+", metavar="REPORT.json", help="Print saved reports side by side.")
     load = parser.add_argument_group("load")
-    load.add_argument("--num-prompts", type=int, default=100)
-    load.add_argument("--concurrency", type=int, help="Requests in flight at once (default 16 unless --request-rate).")
-    load.add_argument("--request-rate", type=float, help="Poisson arrivals per second, instead of --concurrency.")
-    load.add_argument("--warmup", type=int, default=0, help="Requests sent first and not counted.")
-    load.add_argument("--timeout-s", type=float, default=600.0, help="Per-request limit.")
+    load.add_argument("--num-prompts", type=number(int, 1, 1_000_000), default=100)
+    load.add_argument("--concurrency", type=number(int, 1, 100_000), help="Requests in flight at once (default 16 unless --request-rate).")
+    load.add_argument("--request-rate", type=number(float, 0, 1_000_000, above=True), help="Poisson arrivals per second, instead of --concurrency.")
+    load.add_argument("--warmup", type=number(int, 0, 1_000_000), default=0, help="Requests sent first and not counted.")
+    load.add_argument("--timeout-s", type=number(float, 0, 86_400, above=True), default=600.0, help="Per-request limit.")
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", default="synthetic", help="'synthetic' or a JSONL file of OpenAI chat requests.")
-    data.add_argument("--images-per-request", type=int, default=1)
-    data.add_argument("--image-size", type=int, default=224, help="Synthetic image side in pixels.")
-    data.add_argument("--repeat-ratio", type=float, default=0.0,
+    data.add_argument("--images-per-request", type=number(int, 0, MAX_MEDIA_ITEMS), default=1)
+    data.add_argument("--image-size", type=number(int, 1, MAX_IMAGE_SIZE), default=224,
+                      help=f"Synthetic image side in pixels (at most {MAX_IMAGE_SIZE}: vLLM resizes larger ones anyway).")
+    data.add_argument("--repeat-ratio", type=number(float, 0, 1), default=0.0,
                       help="Share of images reusing an earlier one of the same run (0..1).")
     data.add_argument("--reuse-images", action="store_true", help=(
         "Send the same synthetic images as earlier runs with this --seed, so the EC may already hold them (a warm "
         "run, on purpose). By default each run's images are new, so identical runs measure the same thing. "
         "A JSONL dataset's media are always sent as they are."))
-    data.add_argument("--prompt-len", type=int, default=32, help="Synthetic prompt length in words.")
-    data.add_argument("--max-tokens", type=int, default=64)
-    data.add_argument("--seed", type=int, default=0)
+    data.add_argument("--prompt-len", type=number(int, 0, 100_000), default=32, help="Synthetic prompt length in words.")
+    data.add_argument("--max-tokens", type=number(int, 1, 10_000_000), default=64)
+    data.add_argument("--seed", type=number(int, 0, 2 ** 32 - 1), default=0)
     out = parser.add_argument_group("output")
     out.add_argument("--json", action="store_true", help="Print the report as JSON.")
     out.add_argument("--save", metavar="DIR", help="Write the report (JSON) and a PNG of the latency CDFs here.")
     out.add_argument("--label", help="Name of the saved files (default: the topology name or 'bench').")
-    out.add_argument("--slo-ttft-ms", type=float, help="Goodput counts requests with TTFT at most this.")
-    out.add_argument("--slo-tpot-ms", type=float, help="Goodput counts requests with TPOT at most this.")
+    out.add_argument("--slo-ttft-ms", type=number(float, 0, MAX_SLO_MS, above=True), help="Goodput counts requests with TTFT at most this.")
+    out.add_argument("--slo-tpot-ms", type=number(float, 0, MAX_SLO_MS, above=True), help="Goodput counts requests with TPOT at most this.")
     args = parser.parse_args(argv)
     if not args.compare and bool(args.name) == bool(args.url):
         parser.error("give a topology NAME or --url URL (one of them)")
     if args.concurrency is not None and args.request_rate is not None:
         parser.error("--concurrency and --request-rate exclude each other")
-    for flag in ("num_prompts", "images_per_request", "image_size", "prompt_len", "max_tokens", "warmup"):
-        minimum = 1 if flag in ("num_prompts", "image_size", "max_tokens") else 0
-        if getattr(args, flag) < minimum:
-            parser.error(f"--{flag.replace('_', '-')} must be at least {minimum}")
-    if not 0 <= args.repeat_ratio <= 1:
-        parser.error("--repeat-ratio must be between 0 and 1")
     if args.concurrency is None and args.request_rate is None:
         args.concurrency = 16
-    if (args.concurrency is not None and args.concurrency < 1) or (args.request_rate is not None and args.request_rate <= 0):
-        parser.error("--concurrency and --request-rate must be positive")
     return args
 
 
-def proxy_url(name: str) -> tuple[str, bool]:
-    """The named topology's proxy URL, and whether it has encoders (without, no EC cache is in play)."""
+def proxy_url(name: str) -> tuple[str, bool, Optional[int]]:
+    """The named topology's proxy URL, whether it has encoders (without, no EC cache is in play), and
+    the largest request body its proxy takes (None: not known)."""
     from epdctl.state import StateDir
 
     state = StateDir(name).read()
@@ -77,32 +77,64 @@ def proxy_url(name: str) -> tuple[str, bool]:
     proxy = next((p for p in processes if p.get("role") == "proxy"), None)
     if proxy is None:
         raise EpdctlError(f"topology {name!r} has no proxy")
-    return proxy["url"], any(p.get("role") == "encode" for p in processes)
+    return proxy["url"], any(p.get("role") == "encode" for p in processes), body_limit(proxy.get("argv") or [])
 
 
-def requests_for(args: argparse.Namespace) -> list[BenchRequest]:
-    """The run's requests, warm-up first. Synthetic images are new on every call unless --reuse-images."""
+def body_limit(argv: list[str]) -> Optional[int]:
+    """The proxy's request body limit in bytes, from its command line (epdctl's proxy or vllm-router)."""
+    for flag, scale in (("--max-body-mb", 1024 * 1024), ("--max-payload-size", 1)):
+        if flag in argv[:-1]:
+            try:
+                return int(float(argv[argv.index(flag) + 1]) * scale)
+            except ValueError:
+                return None
+    return None
+
+
+def check_bodies_fit(requests: list[BenchRequest], limit: Optional[int]) -> None:
+    """Refuse a run whose requests the proxy would answer with 413, each of them."""
+    if limit is None:
+        return
+    largest = max(len(json.dumps(r.body)) for r in {id(r): r for r in requests}.values()) + BODY_OVERHEAD
+    if largest > limit:
+        raise EpdctlError(f"bench: a request would be {largest / 2 ** 20:.1f} MB, more than the proxy takes "
+                          f"({limit / 2 ** 20:g} MB, its max_body_mb): lower --image-size or --images-per-request",
+                          EXIT_USAGE)
+
+
+def requests_for(args: argparse.Namespace, max_body_bytes: Optional[int] = None) -> list[BenchRequest]:
+    """The run's requests, warm-up first. Synthetic images are new on every call unless --reuse-images.
+
+    A request larger than `max_body_bytes` is refused (check_bodies_fit); synthetic ones are judged
+    by a first one, before the whole run is generated."""
     from epdctl.bench.dataset import from_jsonl, synthetic
 
     total = args.num_prompts + args.warmup
     if args.dataset != "synthetic":
-        return from_jsonl(args.dataset, total, None)
-    return synthetic(total, images_per_request=args.images_per_request, image_size=args.image_size,
-                     repeat_ratio=args.repeat_ratio, prompt_len=args.prompt_len, max_tokens=args.max_tokens,
-                     seed=args.seed, nonce=b"" if args.reuse_images else secrets.token_bytes(16))
+        requests = from_jsonl(args.dataset, total, None)
+        check_bodies_fit(requests, max_body_bytes)
+        return requests
+    make = functools.partial(synthetic, images_per_request=args.images_per_request, image_size=args.image_size,
+                             repeat_ratio=args.repeat_ratio, prompt_len=args.prompt_len, max_tokens=args.max_tokens,
+                             seed=args.seed, nonce=b"" if args.reuse_images else secrets.token_bytes(16))
+    if max_body_bytes is not None:
+        check_bodies_fit(make(1), max_body_bytes)
+    return make(total)
 
 
-def measure(args: argparse.Namespace, url: str, label: Optional[str] = None, encoders: Optional[bool] = None) -> dict:
+def measure(args: argparse.Namespace, url: str, label: Optional[str] = None, encoders: Optional[bool] = None,
+            max_body_bytes: Optional[int] = None) -> dict:
     """One bench run against `url` with the load and data options of `args`: the full report, samples included.
 
     `epdctl sweep` calls it once per split; `label` names the target in the report. `encoders`:
     whether the target has any (False: the report says the EC cache is not in play; None: not known).
+    `max_body_bytes`: the proxy's body limit, when known (requests_for).
     """
     from epdctl.bench import report as reporting
     from epdctl.bench.ec_reuse import workload
     from epdctl.bench.runner import run
 
-    requests = requests_for(args)
+    requests = requests_for(args, max_body_bytes)
     try:
         import uvloop  # type: ignore
 
@@ -137,8 +169,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.compare:
         reporting.compare(args.compare, sys.stdout)
         return 0
-    url, encoders = (args.url, None) if args.url else proxy_url(args.name)
-    report = measure(args, url.rstrip("/"), encoders=encoders)
+    url, encoders, max_body_bytes = (args.url, None, None) if args.url else proxy_url(args.name)
+    report = measure(args, url.rstrip("/"), encoders=encoders, max_body_bytes=max_body_bytes)
     if args.save:
         written = reporting.save(report, args.save, args.label or args.name or "bench")
         print("saved " + ", ".join(map(str, written)), file=sys.stderr)

@@ -17,6 +17,11 @@ WORDS = ("image scene object color shape light shadow corner center detail textu
          "sky tree window door table chair animal water mountain road sign text number").split()
 
 
+# The generator holds each image's pixels and PNG while it makes them: 8192 px is 200 MB of pixels.
+# vLLM's processors resize larger images anyway, so nothing is lost by the cap.
+MAX_IMAGE_SIZE = 8192
+
+
 @dataclass
 class BenchRequest:
     body: dict  # an OpenAI chat request without model/stream (the runner sets those)
@@ -35,12 +40,13 @@ def png_data_url(key: int, size: int, nonce: bytes = b"") -> str:
 
     rng = random.Random(key)
     base = [rng.randrange(256) for _ in range(3)]
-    x = np.arange(size)[None, :]
-    y = np.arange(size)[:, None]
+    # In uint8 throughout (sums wrap around at 256): no temporary array larger than the pixels.
+    ramp = (np.arange(size) % 256).astype(np.uint8)
+    x, y = ramp[None, :], ramp[:, None]
     pixels = np.empty((size, size, 3), dtype=np.uint8)
-    pixels[..., 0] = (base[0] + x) % 256
-    pixels[..., 1] = (base[1] + y) % 256
-    pixels[..., 2] = (base[2] + x + y) % 256
+    pixels[..., 0] = x + np.uint8(base[0])
+    pixels[..., 1] = y + np.uint8(base[1])
+    pixels[..., 2] = x + y + np.uint8(base[2])
     stamp = np.frombuffer(hashlib.sha256(f"{key}|".encode() + nonce).digest(), dtype=np.uint8)
     flat = pixels.reshape(-1)
     flat[:len(stamp)] = stamp[:flat.size]

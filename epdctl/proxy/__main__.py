@@ -11,8 +11,11 @@ import signal
 import sys
 from typing import Optional
 
+from epdctl.cliparse import CommandParser, number
+
 DISABLED = ("", "disable", "disabled", "none")
 MAX_WORKERS = 64
+SECONDS = number(float, 0, 7 * 86_400, above=True)  # a topology's proxy timeouts have the same bound
 
 
 def _urls(value: str, flag: str, parser: argparse.ArgumentParser) -> list[str]:
@@ -26,7 +29,7 @@ def _urls(value: str, flag: str, parser: argparse.ArgumentParser) -> list[str]:
 
 
 def parse_args(argv: list[str]):
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="epdctl proxy",
         description="The EPD proxy: encoders (E), then prefill (P), then decode (D or PD), behind one OpenAI API.",
     )
@@ -36,14 +39,16 @@ def parse_args(argv: list[str]):
                         help="Comma-separated prefill URLs, or 'disable'/'none' (E+PD).")
     parser.add_argument("--decode-servers-urls", required=True, help="Comma-separated decode (or PD) URLs.")
     parser.add_argument("--host", default="127.0.0.1", help="Bind address (default 127.0.0.1).")
-    parser.add_argument("--port", type=int, default=8000, help="1-65535.")
+    # 0 would give each worker a random port of its own; above 65535 wraps around.
+    parser.add_argument("--port", type=number(int, 1, 65535), default=8000, help="1-65535.")
     parser.add_argument("--policy", choices=["least-loaded", "round-robin"], default="least-loaded")
-    parser.add_argument("--encode-timeout-s", type=float, default=300.0, help="Whole encoder call.")
-    parser.add_argument("--prefill-timeout-s", type=float, default=600.0, help="Whole prefill call.")
-    parser.add_argument("--decode-timeout-s", type=float, default=600.0,
+    parser.add_argument("--encode-timeout-s", type=SECONDS, default=300.0, help="Whole encoder call.")
+    parser.add_argument("--prefill-timeout-s", type=SECONDS, default=600.0, help="Whole prefill call.")
+    parser.add_argument("--decode-timeout-s", type=SECONDS, default=600.0,
                         help="Decode: the longest wait for the next byte (a stream may run longer in all).")
-    parser.add_argument("--max-body-mb", type=float, default=64.0, help="Larger request bodies get 413 (at least 1).")
-    parser.add_argument("--max-media-items", type=int, default=64,
+    # Below 1 MB the byte limit can round to 0, which aiohttp reads as "no limit at all".
+    parser.add_argument("--max-body-mb", type=number(float, 1, 4096), default=64.0, help="Larger request bodies get 413 (at least 1).")
+    parser.add_argument("--max-media-items", type=number(int, 1, 4096), default=64,
                         help="Requests with more images/audio/video items get 413 (default 64).")
     for role in ("encode", "prefill", "decode"):
         parser.add_argument(f"--{role}-servers-names", help=f"Comma-separated names of the {role} URLs, for logs "
@@ -62,20 +67,15 @@ def parse_args(argv: list[str]):
                         help="ECMooncakeConnector: comma-separated control addresses (tcp://HOST:PORT, TP rank 0) of "
                              "the EC consumers, one per prefill URL (E+P+D) or per decode URL (E+PD), in their order; "
                              "encoders are told to push to the consumer that then gets the request.")
-    parser.add_argument("--probe-interval-s", type=float, default=2.0, help="Background /health probe period.")
+    parser.add_argument("--probe-interval-s", type=number(float, 0, 3600, above=True), default=2.0, help="Background /health probe period.")
     parser.add_argument("--log-level", default="info")
-    parser.add_argument("--workers", type=int, default=1,
+    parser.add_argument("--workers", type=number(int, 1, MAX_WORKERS), default=1,
                         help="Proxy processes sharing the port (SO_REUSEPORT), for hosts with cores to spare; each "
                              "balances by its own requests (default 1).")
     # Internal: how the parent of several workers starts each of them.
-    parser.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--worker-parent", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-index", type=number(int, 0, MAX_WORKERS - 1), help=argparse.SUPPRESS)
+    parser.add_argument("--worker-parent", type=number(int, 1, 2 ** 31 - 1), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if not 1 <= args.port <= 65535:
-        # 0 would give each worker a random port of its own; above 65535 wraps around.
-        parser.error("--port: must be between 1 and 65535")
-    if not 1 <= args.workers <= MAX_WORKERS:
-        parser.error(f"--workers: must be between 1 and {MAX_WORKERS}")
     if (args.worker_index is None) != (args.worker_parent is None):
         parser.error("--worker-index and --worker-parent go together")
     args.encode_urls = _urls(args.encode_servers_urls, "--encode-servers-urls", parser)
@@ -83,11 +83,6 @@ def parse_args(argv: list[str]):
     args.decode_urls = _urls(args.decode_servers_urls, "--decode-servers-urls", parser)
     if not args.decode_urls:
         parser.error("--decode-servers-urls: at least one decode (or PD) URL is required")
-    # Below 1 MB the byte limit can round to 0, which aiohttp reads as "no limit at all".
-    if not 1 <= args.max_body_mb <= 4096:
-        parser.error("--max-body-mb: must be between 1 and 4096")
-    if not 1 <= args.max_media_items <= 4096:
-        parser.error("--max-media-items: must be between 1 and 4096")
     for role in ("encode", "prefill", "decode"):
         names = getattr(args, f"{role}_servers_names")
         urls = getattr(args, f"{role}_urls")
@@ -211,4 +206,10 @@ async def _serve(args) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from epdctl.errors import EpdctlError
+
+    try:
+        sys.exit(main())
+    except EpdctlError as exc:  # a usage error: one line, as from `epdctl proxy`
+        print(f"epdctl {exc.message}", file=sys.stderr)
+        sys.exit(exc.exit_code)
