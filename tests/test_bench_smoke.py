@@ -55,7 +55,7 @@ def test_bench_url_save_and_compare(topology_up, tmp_path):
     reports = sorted(saved.glob("*.json"))
     assert json.loads(reports[0].read_text())["completed"] == 8
     table = epdctl("bench", "--compare", *map(str, reports), check=0).stdout
-    assert "request_throughput" in table and "x)" in table
+    assert "requests/s +" in table and "x)" in table
 
 
 def test_bench_with_poisson_rate_and_jsonl_dataset(topology_up, tmp_path):
