@@ -386,7 +386,7 @@ async def _vllm_version(session, target: Target) -> str:
     return ""
 
 
-def calibrate(name: str, args: argparse.Namespace, say: Callable[[str], None]):
+def running_state(name: str) -> dict[str, Any]:
     from epdctl.state import StateDir, check_name
 
     state = StateDir(check_name(name)).read()
@@ -394,6 +394,22 @@ def calibrate(name: str, args: argparse.Namespace, say: Callable[[str], None]):
         raise EpdctlError(f"calibrate: no topology named {name!r} is up (see `epdctl status`)", EXIT_USAGE)
     if state.get("phase") not in (None, "running"):
         raise EpdctlError(f"calibrate: topology {name!r} is {state.get('phase')}, not running", EXIT_USAGE)
+    return state
+
+
+def check_outputs(args: argparse.Namespace, state: dict[str, Any]) -> None:
+    """Before probing: neither output may be a symlink, the probed topology's own file, or the other output."""
+    from epdctl.atomicfile import check_output
+
+    source = f"the file of the running topology {args.name!r}"
+    if args.output:
+        check_output(args.output, "calibrate: -o",
+                     not_over={source: state.get("source"), "also the --twin path": args.twin})
+    if args.twin:
+        check_output(args.twin, "calibrate: --twin", not_over={source: state.get("source")})
+
+
+def calibrate(name: str, state: dict[str, Any], args: argparse.Namespace, say: Callable[[str], None]):
     targets = pick_targets(state)
     engine = "sim" if any("epdctl.sim" in t.argv for t in targets.values()) else "vllm"
     model, encode, prefill, decode, consumer, version = asyncio.run(_probe(targets, args, say))
@@ -402,14 +418,14 @@ def calibrate(name: str, args: argparse.Namespace, say: Callable[[str], None]):
               "image_size": str(args.image_size)}
     if version:
         source["vllm_version"] = version
-    return fit_profile(model, targets, encode, prefill, decode, source, consumer), state
+    return fit_profile(model, targets, encode, prefill, decode, source, consumer)
 
 
 def write_twin(state: dict[str, Any], profile_path: Path, twin_path: Path) -> None:
     """The probed topology's file as data, with engine: sim and the profile: the same layout, ports and args."""
     import yaml
 
-    from epdctl.atomicfile import write_atomic
+    from epdctl.atomicfile import write_output
     from epdctl.topology import ROLES, load_topology
 
     source = state.get("source")
@@ -425,11 +441,11 @@ def write_twin(state: dict[str, Any], profile_path: Path, twin_path: Path) -> No
     header = (f"# The sim twin of {source}, written by `epdctl calibrate`: the same instances, ports and args on\n"
               f"# the simulated engine with the costs measured on the real one. Same ports: `epdctl down` the\n"
               f"# real topology first, or change them.\n")
-    write_atomic(twin_path, (header + yaml.safe_dump(data, sort_keys=False, width=120)).encode())
+    write_output(twin_path, header + yaml.safe_dump(data, sort_keys=False, width=120), "calibrate: --twin")
 
 
 def main(argv: list[str]) -> int:
-    from epdctl.atomicfile import write_atomic
+    from epdctl.atomicfile import write_output
     from epdctl.simprofile import dump_profile
 
     args = parse_args(argv)
@@ -437,15 +453,13 @@ def main(argv: list[str]) -> int:
     def say(message: str) -> None:
         print(f"calibrate: {message}", file=sys.stderr)
 
-    profile, state = calibrate(args.name, args, say)
+    state = running_state(args.name)
+    check_outputs(args, state)
+    profile = calibrate(args.name, state, args, say)
     if args.output:
-        path = Path(args.output)
-        try:
-            write_atomic(path, dump_profile(profile).encode())
-            if args.twin:
-                write_twin(state, path, Path(args.twin))
-        except OSError as exc:
-            raise EpdctlError(f"calibrate: cannot write {exc.filename or path}: {exc.strerror}", EXIT_RUNTIME) from None
+        write_output(args.output, dump_profile(profile), "calibrate: -o")
+        if args.twin:
+            write_twin(state, Path(args.output), Path(args.twin))
     if args.json:
         print(json.dumps(profile.model_dump(mode="json"), indent=2))
     elif args.output:

@@ -20,6 +20,7 @@ from typing import Any, Optional
 
 import yaml
 
+from epdctl.atomicfile import check_output, make_output_folder, write_output
 from epdctl.errors import EXIT_RUNTIME, EXIT_USAGE, EpdctlError
 from epdctl.plan import DEVICE_VARIABLE, ProcessSpec, build_plan, ec_consumer_zmq_addrs
 from epdctl.topology import EC_MOONCAKE, Topology
@@ -290,6 +291,42 @@ def validate(docs: list[dict[str, Any]]) -> tuple[str, list[str]]:
     return release, problems
 
 
+OPTION = "export k8s: -o"
+# The first line of every file export writes: how a re-export knows the files it may replace or remove.
+HEADER = "# Written by `epdctl export k8s`; a re-export replaces this file, or removes it when stale.\n"
+
+
+def _ours(path: Path) -> bool:
+    """A regular file (not a link) that a previous export wrote."""
+    if path.is_symlink() or not path.is_file():
+        return False
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(len(HEADER)) == HEADER.encode()
+    except OSError:
+        return False
+
+
+def _previous_export(output: Path) -> set[Path]:
+    """Before writing: OUTPUT may hold anything, but kustomization.yaml and every entry of manifests/
+    must be files a previous export wrote (else `kubectl apply` would deploy them with ours, or we
+    would replace a file of the user's). Returns those previous manifests."""
+    kustomization = check_output(output / "kustomization.yaml", OPTION)
+    if kustomization.exists() and not _ours(kustomization):
+        raise EpdctlError(f"{OPTION} {kustomization}: not written by epdctl export k8s; "
+                          f"not replacing it (remove it, or choose another folder)", EXIT_USAGE)
+    folder = output / "manifests"
+    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+        raise EpdctlError(f"{OPTION} {folder}: is a symbolic link or not a folder; not writing in it", EXIT_USAGE)
+    previous = sorted(folder.iterdir()) if folder.exists() else []
+    for path in previous:
+        check_output(path, OPTION)  # a symlink, a folder, another user's file
+        if not _ours(path):
+            raise EpdctlError(f"{OPTION} {path}: not written by epdctl export k8s, and `kubectl apply -f "
+                              f"{folder}` would deploy it; remove it, or choose another folder", EXIT_USAGE)
+    return set(previous)
+
+
 def export(topology: Topology, source: Path, output: Path, *, namespace: Optional[str] = None,
            image: Optional[str] = None, proxy_image: Optional[str] = None, storage_class: Optional[str] = None,
            check: bool = False, out=None) -> list[Path]:
@@ -297,6 +334,7 @@ def export(topology: Topology, source: Path, output: Path, *, namespace: Optiona
     import sys
 
     out = out or sys.stdout
+    stale = _previous_export(output)  # refused before any work, as every other check
     docs = manifests(topology, source.read_text(encoding="utf-8"), image=image, proxy_image=proxy_image,
                      storage_class=storage_class)
     if namespace:
@@ -309,22 +347,23 @@ def export(topology: Topology, source: Path, output: Path, *, namespace: Optiona
             raise EpdctlError("manifests do not validate:\n" + "\n".join(problems), EXIT_RUNTIME)
         checked = f", all valid against the Kubernetes {release} schema"
     folder = output / "manifests"
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise EpdctlError(f"-o {output}: cannot create the folder: {exc.strerror}") from None
+    make_output_folder(folder, OPTION)
     written = []
     for index, doc in enumerate(docs):
         # Numbered so `kubectl apply -f` creates config and storage before the pods that use them.
         path = folder / f"{index:02d}-{doc['kind'].lower()}-{doc['metadata']['name']}.yaml"
-        path.write_text(yaml.dump(doc, Dumper=_PlainDumper, sort_keys=False, width=120))
-        written.append(path)
+        written.append(write_output(path, HEADER + yaml.dump(doc, Dumper=_PlainDumper, sort_keys=False, width=120),
+                                    OPTION))
     kustomization: dict[str, Any] = {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization"}
     if namespace:
         kustomization["namespace"] = namespace
     kustomization["resources"] = [f"manifests/{p.name}" for p in written]
-    (output / "kustomization.yaml").write_text(yaml.safe_dump(kustomization, sort_keys=False))
-    written.append(output / "kustomization.yaml")
+    written.append(write_output(output / "kustomization.yaml", HEADER + yaml.safe_dump(kustomization, sort_keys=False),
+                                OPTION))
+    # A previous export's manifest this one did not rewrite (an instance since removed, an old
+    # proxy routing to it) would still be deployed by `kubectl apply -f`.
+    for path in stale - set(written):
+        path.unlink(missing_ok=True)
     print(f"epdctl: wrote {len(docs)} manifests to {folder} and {output / 'kustomization.yaml'}{checked}; "
           f"apply with `kubectl apply -k {output}` (or `kubectl apply -f {folder}`)", file=out)
     return written

@@ -453,8 +453,10 @@ def write_junit(path: Path, suite: str, checks: list[Check]) -> None:
                      f'time="{check.seconds:.3f}">{body}</testcase>')
     xml = (f'<?xml version="1.0" encoding="UTF-8"?>\n<testsuite name={quoteattr("epdctl smoke " + suite)} '
            f'tests="{len(checks)}" failures="{failures}" errors="0" skipped="{sum(c.ok is None for c in checks)}">\n' + "\n".join(cases) + "\n</testsuite>\n")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(xml)
+    from epdctl.atomicfile import make_output_folder, write_output
+
+    make_output_folder(path.parent, "smoke: --junit")
+    write_output(path, xml, "smoke: --junit")
 
 
 def run_smoke(topology, plan: Plan, *, source: Path, keep_up: bool, junit: Optional[Path],
@@ -463,6 +465,11 @@ def run_smoke(topology, plan: Plan, *, source: Path, keep_up: bool, junit: Optio
     from epdctl.state import StateDir
 
     out = out or sys.stdout
+    if junit:
+        from epdctl.atomicfile import check_output
+
+        # Before the topology comes up, not after the checks.
+        check_output(junit, "smoke: --junit", not_over={"the topology file": source})
     started_here = False
     if _running(plan):
         print(f"epdctl smoke: using the running {plan.name}", file=out, flush=True)

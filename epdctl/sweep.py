@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import os
 import re
@@ -116,7 +117,8 @@ def layout(base: Topology, counts: dict[str, int], devices: list[int]) -> dict[s
             raise NoFit(f"{encoders} encoder(s) at a memory budget of {budget:g} do not fit on the "
                         f"{len(free)} device(s) left after prefill/decode")
         for index in range(encoders):
-            instance = dict(template)
+            # A deep copy: encoders sharing one args/env dict came out of best.yaml as &id001 anchors.
+            instance = copy.deepcopy(template)
             if on_devices:
                 # Spread first, share only when encoders outnumber the free devices.
                 instance["devices"] = [free[index % len(free)]] if encoders <= len(free) else [free[index // per_device]]
@@ -317,6 +319,8 @@ def main(argv: list[str]) -> int:
         {d for ref in base.instances() for d in ref.spec.devices})
     if base.platform != "cpu" and not devices:
         raise EpdctlError("sweep: no devices: give --devices or devices in the base file", EXIT_USAGE)
+    if args.save:
+        _check_save(Path(args.save))
     # `up`/`down` narrate every process; the sweep reports one line per split instead (their
     # failures still arrive as errors, with their causes, in the split's reason).
     log = open(os.devnull, "w")
@@ -331,12 +335,12 @@ def main(argv: list[str]) -> int:
     summary = {"splits": [o.to_json() for o in ranked], "best": best.split if best else None}
     if stopped:
         summary["interrupted"] = signal.Signals(stopped).name
-    if args.save:
-        _save(Path(args.save), ranked, summary, best, bench_args)
+    # Printed before saving: a save that fails must not lose what was measured.
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
         print_table(ranked, best, bench_args, sys.stdout)
+    saved = not args.save or _saved(Path(args.save), ranked, summary, best)
     if stopped:
         print(f"epdctl: sweep interrupted by {signal.Signals(stopped).name}; "
               f"{len(outcomes)} of {len(args.split_list)} split(s) measured", file=sys.stderr)
@@ -349,7 +353,7 @@ def main(argv: list[str]) -> int:
             up(topology, plan, detach=True, wait_timeout=None, source=Path(f"<sweep {best.split}>"))
         print(f"epdctl: sweep: kept {best.split} running as {plan.name!r} (proxy {plan.proxy.url}; "
               f"`epdctl down {plan.name}`)", file=sys.stderr)
-    return 0 if best else 1
+    return 0 if best and saved else 1
 
 
 # ---------------------------------------------------------------- output
@@ -379,23 +383,44 @@ def print_table(ranked: list[Outcome], best: Optional[Outcome], bench_args, out)
         console.print(f"best: {best.split}")
 
 
-def _save(folder: Path, ranked: list[Outcome], summary: dict[str, Any], best: Optional[Outcome], bench_args) -> None:
+SAVED_NAMES = ("summary.json", "best.yaml", "sweep.png")
+
+
+def _check_save(folder: Path) -> None:
+    """--save DIR, before the first split: a folder we can make or write, no bad file at a fixed name."""
+    from epdctl.atomicfile import check_output, check_output_folder
+
+    check_output_folder(folder, "sweep: --save")
+    for name in SAVED_NAMES:
+        check_output(folder / name, "sweep: --save")
+
+
+def _saved(folder: Path, ranked: list[Outcome], summary: dict[str, Any], best: Optional[Outcome]) -> bool:
+    """Write the outputs; a failure (a symlink planted meanwhile, a full disk) is one line, and False."""
+    try:
+        _save(folder, ranked, summary, best)
+    except EpdctlError as exc:
+        print(f"epdctl: sweep: results not saved: {exc.message}", file=sys.stderr)
+        return False
+    return True
+
+
+def _save(folder: Path, ranked: list[Outcome], summary: dict[str, Any], best: Optional[Outcome]) -> None:
     import yaml
 
+    from epdctl.atomicfile import make_output_folder, write_output
     from epdctl.bench import report as reporting
 
-    folder.mkdir(parents=True, exist_ok=True)
+    make_output_folder(folder, "--save")
     written = []
     for outcome in ranked:
         if outcome.report:
             written += reporting.save(outcome.report, str(folder), outcome.split)
-    (folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    written.append(folder / "summary.json")
+    written.append(write_output(folder / "summary.json", json.dumps(summary, indent=2) + "\n", "--save"))
     if best:
-        (folder / "best.yaml").write_text(
-            f"# epdctl sweep: best split {best.split} ({best.goodput:.2f} req/s)\n"
-            + yaml.safe_dump(best.topology, sort_keys=False))
-        written.append(folder / "best.yaml")
+        written.append(write_output(folder / "best.yaml", f"# epdctl sweep: best split {best.split} "
+                                    f"({best.goodput:.2f} req/s)\n" + yaml.safe_dump(best.topology, sort_keys=False),
+                                    "--save"))
     png = _plot(folder / "sweep.png", ranked)
     if png:
         written.append(png)
@@ -415,6 +440,8 @@ def _plot(path: Path, ranked: list[Outcome]) -> Optional[Path]:
         return None
     import numpy as np
 
+    from epdctl.atomicfile import figure_bytes, write_output
+
     measured = [o for o in ranked if o.status == "ok"]
     if not measured:
         return None
@@ -429,6 +456,6 @@ def _plot(path: Path, ranked: list[Outcome]) -> Optional[Path]:
         ax.set_title(f"{title} CDF")
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
+    png = figure_bytes(fig)
     plt.close(fig)
-    return path
+    return write_output(path, png, "--save")

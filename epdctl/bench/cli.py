@@ -169,16 +169,21 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.compare:
         reporting.compare(args.compare, sys.stdout)
         return 0
+    if args.save:
+        from epdctl.atomicfile import check_output_folder
+
+        check_output_folder(args.save, "--save")  # before the run, not after it
     url, encoders, max_body_bytes = (args.url, None, None) if args.url else proxy_url(args.name)
     report = measure(args, url.rstrip("/"), encoders=encoders, max_body_bytes=max_body_bytes)
+    # Printed first: a save that fails must not lose the run.
+    if args.json:
+        print(json.dumps(reporting.public(report), indent=2))
+    else:
+        reporting.print_table(report, sys.stdout)
     if args.save:
         written = reporting.save(report, args.save, args.label or args.name or "bench")
         print("saved " + ", ".join(map(str, written)), file=sys.stderr)
         if not any(path.suffix == ".png" for path in written):  # save() plots only when matplotlib imports
             print("epdctl bench: no PNG of the latency CDFs: matplotlib is not installed (pip install 'epdctl[plot]')",
                   file=sys.stderr)
-    if args.json:
-        print(json.dumps(reporting.public(report), indent=2))
-    else:
-        reporting.print_table(report, sys.stdout)
     return 0 if report["completed"] else 1

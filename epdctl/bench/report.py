@@ -104,11 +104,11 @@ def print_table(report: dict[str, Any], out) -> None:
 
 def save(report: dict[str, Any], directory: str, label: str) -> list[Path]:
     """DIR/LABEL-TIMESTAMP.json, plus a PNG of the latency CDFs when matplotlib is installed."""
-    folder = Path(directory)
-    folder.mkdir(parents=True, exist_ok=True)
+    from epdctl.atomicfile import figure_bytes, make_output_folder, write_output
+
+    folder = make_output_folder(directory, "--save")
     stem = f"{label}-{time.strftime('%Y%m%d-%H%M%S')}"
-    written = [folder / f"{stem}.json"]
-    written[0].write_text(json.dumps(report, indent=2) + "\n")
+    written = [write_output(folder / f"{stem}.json", json.dumps(report, indent=2) + "\n", "--save")]
     try:
         import matplotlib
 
@@ -128,9 +128,9 @@ def save(report: dict[str, Any], directory: str, label: str) -> list[Path]:
     axes[0].set_ylabel("share of requests")
     fig.suptitle(f"{label}: {report['completed']} requests, {report['request_throughput']:.2f} req/s")
     fig.tight_layout()
-    written.append(folder / f"{stem}.png")
-    fig.savefig(written[1], dpi=100)
+    png = figure_bytes(fig, dpi=100)
     plt.close(fig)
+    written.append(write_output(folder / f"{stem}.png", png, "--save"))
     return written
 
 
