@@ -18,8 +18,6 @@ import yaml
 
 from conftest import assert_no_orphans, epdctl, free_ports, write_sim_topology
 
-from epdctl.atomicfile import UnsafeOutput, write_output
-
 PRECIOUS = "precious: the user's own file\n"
 
 
@@ -53,7 +51,14 @@ def assert_one_line(result, *needles: str, code: int = 2) -> None:
 # ---------------------------------------------------------------- the writer
 
 
+def _writer():
+    from epdctl.atomicfile import UnsafeOutput, write_output
+
+    return UnsafeOutput, write_output
+
+
 def test_the_writer_refuses_a_symlink_and_writes_nothing(tmp_path):
+    UnsafeOutput, write_output = _writer()
     target = precious(tmp_path)
     link = plant(tmp_path / "out.json", target)
     with pytest.raises(UnsafeOutput) as refused:
@@ -64,6 +69,7 @@ def test_the_writer_refuses_a_symlink_and_writes_nothing(tmp_path):
 
 
 def test_the_writer_keeps_a_files_mode_and_gives_a_new_one_the_umask_mode(tmp_path):
+    _, write_output = _writer()
     kept = tmp_path / "kept.yaml"
     kept.write_text("old")
     kept.chmod(0o640)
@@ -79,6 +85,7 @@ def test_the_writer_keeps_a_files_mode_and_gives_a_new_one_the_umask_mode(tmp_pa
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a file to another user")
 def test_the_writer_does_not_replace_another_users_file(tmp_path):
+    UnsafeOutput, write_output = _writer()
     theirs = precious(tmp_path, "theirs.yaml")
     os.chown(theirs, 12345, 12345)
     with pytest.raises(UnsafeOutput, match="belongs to another user"):
@@ -90,6 +97,7 @@ def test_a_bench_report_is_not_written_through_a_symlink_planted_at_its_name(tmp
     """bench --save and each of sweep's per-split reports: names with a timestamp, refused when written."""
     from epdctl.bench import report as reporting
 
+    UnsafeOutput, _ = _writer()
     monkeypatch.setattr(reporting.time, "strftime", lambda fmt: "20990101-000000")
     target = precious(tmp_path)
     link = plant(tmp_path / "out" / "pd-20990101-000000.json", target)
