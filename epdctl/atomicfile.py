@@ -120,7 +120,7 @@ def check_output(path: PathLike, option: str, *, not_over: Optional[Mapping[str,
     """Refuse, before any work, an output path that write_output would refuse or must not replace.
 
     `not_over`: files this output must not be, each with a description for the message
-    (e.g. {"the file of the running topology 'x'": SOURCE, "--twin": TWIN}).
+    (e.g. {"the file of the running topology 'x'": SOURCE, "also the --twin path": TWIN}).
     """
     path = Path(path)
     existing = _lstat(path)
@@ -151,10 +151,10 @@ def check_output_folder(folder: PathLike, option: str, *, for_file: Optional[Pat
 
 
 def _not_a_folder(option: str, shown: PathLike, nearest: Path) -> str:
-    what = "a regular file" if nearest.is_file() else "not a folder"
+    what = "a regular file, not a folder" if nearest.is_file() else "not a folder"
     if nearest == Path(shown):
-        return f"{option} {shown}: is {what}, not a folder"
-    return f"{option} {shown}: {nearest} is {what}, not a folder"
+        return f"{option} {shown}: is {what}"
+    return f"{option} {shown}: {nearest} is {what}"
 
 
 def make_output_folder(folder: PathLike, option: str) -> Path:

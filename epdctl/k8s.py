@@ -314,7 +314,7 @@ def _previous_export(output: Path) -> set[Path]:
     kustomization = check_output(output / "kustomization.yaml", OPTION)
     if kustomization.exists() and not _ours(kustomization):
         raise EpdctlError(f"{OPTION} {kustomization}: not written by epdctl export k8s; "
-                          f"not replacing it (remove it, or choose another folder)", EXIT_USAGE)
+                          "not replacing it (remove it, or choose another folder)", EXIT_USAGE)
     folder = output / "manifests"
     if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
         raise EpdctlError(f"{OPTION} {folder}: is a symbolic link or not a folder; not writing in it", EXIT_USAGE)
