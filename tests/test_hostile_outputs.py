@@ -298,3 +298,11 @@ def test_bench_save_on_a_file_is_refused_before_the_run(tmp_path):
                     "--save", str(blocker / "sub"))
     assert_one_line(result, f"--save {blocker / 'sub'}: {blocker} is a regular file, not a folder")
     assert_untouched(blocker)
+
+
+@pytest.mark.parametrize("label", ["../outside", "a/b", "..", ".hidden", ""])
+def test_bench_label_cannot_put_the_report_outside_the_save_folder(tmp_path, label):
+    result = epdctl("bench", "--url", f"http://127.0.0.1:{free_ports(1)[0]}", "--num-prompts", "1",
+                    "--save", str(tmp_path / "results"), "--label", label)
+    assert result.returncode == 2 and "--label" in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not any(tmp_path.iterdir()), "nothing is written"

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import functools
 import json
+import re
 import secrets
 import sys
 from typing import TYPE_CHECKING, Optional
@@ -52,7 +53,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     out = parser.add_argument_group("output")
     out.add_argument("--json", action="store_true", help="Print the report as JSON.")
     out.add_argument("--save", metavar="DIR", help="Write the report (JSON) and a PNG of the latency CDFs here.")
-    out.add_argument("--label", help="Name of the saved files (default: the topology name or 'bench').")
+    out.add_argument("--label", type=_file_label,
+                     help="Name of the saved files (default: the topology name or 'bench'); letters, digits, . _ -")
     out.add_argument("--slo-ttft-ms", type=number(float, 0, MAX_SLO_MS, above=True), help="Goodput counts requests with TTFT at most this.")
     out.add_argument("--slo-tpot-ms", type=number(float, 0, MAX_SLO_MS, above=True), help="Goodput counts requests with TPOT at most this.")
     args = parser.parse_args(argv)
@@ -63,6 +65,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.concurrency is None and args.request_rate is None:
         args.concurrency = 16
     return args
+
+
+def _file_label(text: str) -> str:
+    """--label names files inside --save: a `/` or `..` would put them elsewhere."""
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,99}", text):
+        raise argparse.ArgumentTypeError(f"must be a file name of letters, digits, '.', '_' and '-' (got {text!r})")
+    return text
 
 
 def proxy_url(name: str) -> tuple[str, bool, Optional[int]]:
