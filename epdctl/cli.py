@@ -67,7 +67,9 @@ def _command(fn):
         except KeyboardInterrupt:
             raise SystemExit(130) from None
         except BrokenPipeError:  # our reader left (`epdctl plan F | head`): nothing more to say
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # or the exit flush fails again
+            from epdctl.pipes import silence
+
+            silence(sys.stdout)  # or the exit flush fails again
             raise SystemExit(EXIT_RUNTIME) from None
         except Exception as exc:  # a bug: still one line unless -v
             _traceback_if_verbose()

@@ -10,6 +10,7 @@ SIGKILL of any epdctl process still leaves everything within reach of `epdctl do
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -297,7 +298,13 @@ class Supervisor:
         stamp = f"{_timestamp()} " if self.mode == "detached" else ""
         if self.mode == "detached" and stream is None and not os.path.isdir(self.state_dir.path):
             self.save()  # recreates the folder, and our log in it, before we write to it
-        print(f"{stamp}epdctl: {message}", file=stream or self.out, flush=True)
+        print(f"{stamp}epdctl: {message}", file=self._report_stream(stream), flush=True)
+
+    def _report_stream(self, stream=None):
+        """`stream`, or our output; stderr once our output's reader has left (`up | head`): what
+        the supervisor decides and how the teardown went still reach the terminal."""
+        out = stream or self.out
+        return sys.stderr if getattr(out, "gone", False) else out
 
     def event(self, child: Child, event: str, **detail: Any) -> None:
         append_event(self.state_dir.path / EVENTS_FILE, child.spec.name, event, pid=child.pid, **detail)
@@ -678,7 +685,7 @@ class Supervisor:
         else:
             lines += self.release_storage()
         for line in lines:
-            print(f"  {line}", file=report or self.out, flush=True)
+            print(f"  {line}", file=self._report_stream(report), flush=True)
         if not stopped.clean:
             return lines
         if remove_state:
@@ -838,6 +845,31 @@ def up(topology, plan: Plan, *, detach: bool, wait_timeout: Optional[float], sou
 
 def _up_foreground(plan: Plan, state_dir: StateDir, timeout: float, source: str,
                    adopt: Optional[dict[str, Any]] = None) -> int:
+    with _output_that_may_close(plan.name, state_dir):
+        return _supervise_foreground(plan, state_dir, timeout, source, adopt)
+
+
+@contextlib.contextmanager
+def _output_that_may_close(name: str, state_dir: StateDir):
+    """Stdout and stderr whose reader may leave (`up | head`, `up | tee` ended by Ctrl-C, a closed
+    terminal): then printing stops, and supervising goes on until a signal or `epdctl down`."""
+    from epdctl.pipes import ReaderTolerant
+
+    def stdout_closed() -> None:
+        append_event(state_dir.path / EVENTS_FILE, "supervisor", "output-closed", pid=os.getpid())
+        print(f"epdctl: the reader of the output left; {name} is still supervised and its logs are no longer "
+              f"printed (Ctrl-C or `epdctl down {name}` stops it)", file=sys.stderr, flush=True)
+
+    real = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = ReaderTolerant(real[0], stdout_closed), ReaderTolerant(real[1])
+    try:
+        yield
+    finally:
+        sys.stdout, sys.stderr = real
+
+
+def _supervise_foreground(plan: Plan, state_dir: StateDir, timeout: float, source: str,
+                          adopt: Optional[dict[str, Any]]) -> int:
     sup = Supervisor(plan, state_dir, "foreground", source=source)
     sup.install_signals()
     if adopt:
