@@ -32,13 +32,6 @@ MAX_DEVICE_ID = 4095  # a device index on one host (CUDA_VISIBLE_DEVICES and the
 MAX_SPLIT_INSTANCES = 256  # of one role in a split
 
 
-class Interrupted(Exception):
-    """SIGINT or SIGTERM mid-sweep: stop the current split cleanly and report what we have."""
-
-    def __init__(self, signum: int):
-        self.signum = signum
-
-
 # ---------------------------------------------------------------- splits and layout
 
 
@@ -192,8 +185,12 @@ def _load(data: dict[str, Any], split: str, device_count: Optional[int]):
 
 
 def run_split(split: str, data: dict[str, Any], bench_args: argparse.Namespace, platform: str,
-              device_count: Optional[int], log) -> Outcome:
-    """Up, warm-up + bench, down. Every failure becomes the split's reason; Ctrl-C propagates."""
+              device_count: Optional[int], log, stopped_by: list[int]) -> Outcome:
+    """Up, warm-up + bench, down. Every failure becomes the split's reason.
+
+    A signal (appended to `stopped_by` by the sweep's handler, by `up`'s, or by the bench's) skips
+    what is left of the split but its `down`: the split is then failed, "interrupted by SIG...".
+    """
     from epdctl.bench.cli import measure
     from epdctl.supervisor import SIGNAL_EXIT, down, up
 
@@ -205,13 +202,18 @@ def run_split(split: str, data: dict[str, Any], bench_args: argparse.Namespace, 
         return outcome
     started = False
     try:
-        with contextlib.redirect_stdout(log):
-            code = up(topology, plan, detach=True, wait_timeout=None, source=Path(f"<sweep {split}>"))
-        started = True
-        if code in SIGNAL_EXIT.values():
-            raise Interrupted({v: k for k, v in SIGNAL_EXIT.items()}[code])
-        outcome.report = measure(bench_args, plan.proxy.url, label=split,
-                                 encoders=any(spec.role == "encode" for spec in plan.instances))
+        if not stopped_by:
+            with contextlib.redirect_stdout(log):
+                code = up(topology, plan, detach=True, wait_timeout=None, source=Path(f"<sweep {split}>"))
+            started = True
+            if code in SIGNAL_EXIT.values():  # caught by `up` itself, while it watched the start
+                stopped_by.append({v: k for k, v in SIGNAL_EXIT.items()}[code])
+        if not stopped_by:
+            outcome.report = measure(bench_args, plan.proxy.url, label=split, stopped_by=stopped_by,
+                                     encoders=any(spec.role == "encode" for spec in plan.instances))
+        if stopped_by:
+            outcome.reason = f"interrupted by {signal.Signals(stopped_by[0]).name}"
+            return outcome
         if not outcome.report["completed"]:
             outcome.reason = "no request completed: " + "; ".join(outcome.report.get("errors", []))[:300]
             return outcome
@@ -283,29 +285,35 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, argparse.Namespace]
 def sweep(base: Topology, splits: list[str], devices: list[int], bench_args: argparse.Namespace,
           device_count: Optional[int], log, on_result=None) -> tuple[list[Outcome], Optional[int]]:
     """Every split in turn. Returns the outcomes and, when interrupted, the signal that did it."""
+    from epdctl.supervisor import SIGNAL_EXIT
+
     outcomes: list[Outcome] = []
+    stopped_by: list[int] = []
 
-    def interrupt(signum, frame):
-        raise Interrupted(signum)
+    def on_signal(signum, frame):
+        # Only noted: the split in progress checks it between its phases and still goes down.
+        # Raised from here, it cut `down` short, or (inside the bench's event loop) was a
+        # traceback after which the sweep went on.
+        stopped_by.append(signum)
 
-    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.signal(sig, on_signal) for sig in SIGNAL_EXIT}
     try:
         for split in splits:
+            if stopped_by:
+                break
             try:
                 data = derive(base, split, devices)
             except NoFit as reason:
                 outcome = Outcome(split, "skipped", str(reason))
             else:
-                outcome = run_split(split, data, bench_args, base.platform, device_count, log)
+                outcome = run_split(split, data, bench_args, base.platform, device_count, log, stopped_by)
             outcomes.append(outcome)
             if on_result:
                 on_result(outcome)
-    except Interrupted as stop:
-        return outcomes, stop.signum
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    return outcomes, None
+    return outcomes, stopped_by[0] if stopped_by else None
 
 
 def main(argv: list[str]) -> int:
@@ -342,9 +350,12 @@ def main(argv: list[str]) -> int:
         print_table(ranked, best, bench_args, sys.stdout)
     saved = not args.save or _saved(Path(args.save), ranked, summary, best)
     if stopped:
+        from epdctl.supervisor import SIGNAL_EXIT
+
+        measured = sum(1 for o in outcomes if o.status == "ok")
         print(f"epdctl: sweep interrupted by {signal.Signals(stopped).name}; "
-              f"{len(outcomes)} of {len(args.split_list)} split(s) measured", file=sys.stderr)
-        return 130 if stopped == signal.SIGINT else 143
+              f"{measured} of {len(args.split_list)} split(s) measured", file=sys.stderr)
+        return SIGNAL_EXIT[stopped]
     if args.keep_best and best:
         topology, plan = _load(best.topology, best.split, device_count)
         from epdctl.supervisor import up

@@ -3,6 +3,7 @@ either still supervised or torn down, and the exit code says which signal ended 
 
 from __future__ import annotations
 
+import json
 import os
 import pty
 import select
@@ -12,7 +13,7 @@ import sys
 
 import pytest
 
-from conftest import assert_no_orphans, epdctl, wait_for, wait_healthy, write_sim_topology
+from conftest import assert_no_orphans, epdctl, metrics, wait_for, wait_healthy, write_sim_topology
 from test_restart import FAST, _entry, _status
 
 SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129}
@@ -131,3 +132,45 @@ def test_a_closed_terminal_then_sighup_tears_down(tmp_path, state_dir, leave_not
     assert code == 129
     assert_no_orphans(str(state_dir), list(ports.values()))
     assert not (state_dir / "hangup").exists()
+
+
+def _chat_requests_done(proxy: str) -> float:
+    try:
+        return sum(value for key, value in metrics(proxy).items()
+                   if key.startswith("epdctl_proxy_requests_total") and "chat" in key)
+    except OSError:
+        return 0
+
+
+@pytest.mark.parametrize("sig,as_json", [(signal.SIGINT, True), (signal.SIGTERM, False)])
+def test_a_signal_during_bench_prints_what_was_measured(tmp_path, state_dir, leave_nothing, sig, as_json):
+    leave_nothing.append("partial")
+    topology, ports = write_sim_topology(tmp_path, "1e1pd", name="partial",
+                                         timings="sim-ttft-ms: 20, sim-tpot-ms: 1, sim-encode-ms: 5")
+    epdctl("up", "-d", str(topology), check=0)
+    proxy = f"http://127.0.0.1:{ports['proxy']}"
+    bench = subprocess.Popen([sys.executable, "-m", "epdctl", "bench", "partial", "--num-prompts", "20000",
+                              "--concurrency", "2", "--max-tokens", "2", "--images-per-request", "0",
+                              *(["--json"] if as_json else [])],
+                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        # With 2 in flight, a 5th request answered means the client has received 3 whole answers.
+        wait_for(lambda: bench.poll() is not None or _chat_requests_done(proxy) >= 5, 60, "5 requests answered")
+        bench.send_signal(sig)
+        out, err = bench.communicate(timeout=60)
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+            bench.communicate()
+    name = signal.Signals(sig).name
+    assert bench.returncode == SIGNAL_EXIT[sig], err
+    assert f"epdctl bench: interrupted by {name}" in err and "Traceback" not in err, err
+    if as_json:
+        report = json.loads(out)
+        assert report["interrupted"] is True
+        assert 3 <= report["completed"] < 20000 and report["duration_s"] > 0
+        assert report["ttft_ms"]["p50"] > 0
+    else:
+        assert "(interrupted: partial figures)" in out and "completed / failed" in out, out
+    epdctl("down", "partial", check=0)
+    assert_no_orphans(str(state_dir), list(ports.values()))

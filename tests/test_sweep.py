@@ -7,12 +7,11 @@ import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import PORT_RANGE, assert_no_orphans, epdctl
+from conftest import PORT_RANGE, assert_no_orphans, epdctl, metrics, wait_for
 
 from epdctl.errors import EpdctlError
 from epdctl.sweep import NoFit, derive, layout, parse_split
@@ -29,13 +28,14 @@ def _block(count: int) -> int:
             return start
 
 
-def base_file(tmp: Path, *, encode_ms: int = 60, budget: float = 0.45, extra: str = "") -> tuple[Path, int]:
+def base_file(tmp: Path, *, encode_ms: int = 60, budget: float = 0.45, extra: str = "",
+              ttft_ms: int = 5) -> tuple[Path, int]:
     start = _block(12)
     text = f"""name: base
 model: sim-model
 engine: sim
 platform: cuda
-defaults: {{args: {{sim-ttft-ms: 5, sim-tpot-ms: 1, sim-encode-ms: {encode_ms}}}}}
+defaults: {{args: {{sim-ttft-ms: {ttft_ms}, sim-tpot-ms: 1, sim-encode-ms: {encode_ms}}}}}
 ec_transfer: {{connector: ECExampleConnector, shared_storage_path: {tmp / 'ec'}}}
 kv_transfer: {{connector: NixlConnector, side_channel_port_base: {start + 20}}}
 encode: [{{devices: [0], port: {start}, gpu_memory_utilization: {budget}}}]
@@ -165,25 +165,36 @@ def test_a_failed_split_is_recorded_and_the_sweep_goes_on(tmp_path, state_dir):
     assert_no_orphans(str(state_dir), list(range(start, start + 12)))
 
 
-def test_ctrl_c_mid_sweep_stops_the_current_split_and_leaves_nothing(tmp_path, state_dir):
-    path, start = base_file(tmp_path, encode_ms=5)
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_during_a_splits_bench_stops_it_and_prints_the_partial_table(tmp_path, state_dir, sig):
+    # Answers that never come in time: whenever the signal lands, the bench is in progress.
+    path, start = base_file(tmp_path, encode_ms=5, ttft_ms=600_000)
     proc = subprocess.Popen([sys.executable, "-m", "epdctl", "sweep", str(path), "--splits", "1e1pd,2e1pd",
-                             "--devices", "0,1,2,3", "--num-prompts", "100000", "--concurrency", "2",
-                             "--max-tokens", "2"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                             "--devices", "0,1,2,3", "--num-prompts", "50", "--concurrency", "2", "--max-tokens", "2",
+                             "--images-per-request", "0"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proxy = f"http://127.0.0.1:{start + 10}"
     try:
-        deadline = time.monotonic() + 60
-        while not (state_dir / "base-1e1pd" / "state.json").exists() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        time.sleep(2)  # into the bench
-        proc.send_signal(signal.SIGINT)
+        wait_for(lambda: proc.poll() is not None or _in_flight(proxy), 60, "the bench's first request at the proxy")
+        proc.send_signal(sig)
         out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
-            proc.wait()
-    assert proc.returncode == 130, err
-    assert "sweep interrupted by SIGINT" in err
-    assert "Traceback" not in err
+            proc.communicate()
+        epdctl("down", "base-1e1pd", "-t", "1")  # nothing to stop when the sweep went down itself
+    name = signal.Signals(sig).name
+    assert proc.returncode == {signal.SIGINT: 130, signal.SIGTERM: 143}[sig], err
+    assert f"sweep interrupted by {name}; 0 of 2 split(s) measured" in err
+    assert "Traceback" not in err and "Exception" not in err, err
+    # The partial table: the split that was stopped, and none after it.
+    assert "1e1pd" in out and f"interrupted by {name}" in out and "2e1pd" not in out, out
     assert not (state_dir / "base-1e1pd").exists()
     assert_no_orphans(str(state_dir), list(range(start, start + 12)))
+
+
+def _in_flight(proxy: str) -> bool:
+    try:
+        return any(value > 0 for key, value in metrics(proxy).items() if key.startswith("epdctl_proxy_in_flight"))
+    except OSError:
+        return False

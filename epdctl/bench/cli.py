@@ -8,12 +8,14 @@ import functools
 import json
 import re
 import secrets
+import signal
 import sys
 from typing import TYPE_CHECKING, Optional
 
 from epdctl.bench.dataset import MAX_IMAGE_SIZE
 from epdctl.cliparse import CommandParser, number
 from epdctl.errors import EXIT_USAGE, EpdctlError
+from epdctl.supervisor import SIGNAL_EXIT  # the exit codes of signals, as `up` has them
 
 if TYPE_CHECKING:
     from epdctl.bench.dataset import BenchRequest
@@ -132,34 +134,31 @@ def requests_for(args: argparse.Namespace, max_body_bytes: Optional[int] = None)
 
 
 def measure(args: argparse.Namespace, url: str, label: Optional[str] = None, encoders: Optional[bool] = None,
-            max_body_bytes: Optional[int] = None) -> dict:
+            max_body_bytes: Optional[int] = None, stopped_by: Optional[list[int]] = None) -> dict:
     """One bench run against `url` with the load and data options of `args`: the full report, samples included.
 
     `epdctl sweep` calls it once per split; `label` names the target in the report. `encoders`:
     whether the target has any (False: the report says the EC cache is not in play; None: not known).
     `max_body_bytes`: the proxy's body limit, when known (requests_for).
+    SIGINT, SIGTERM or SIGHUP ends the run early: the report then covers the requests that finished,
+    with `interrupted: true`, and the signal is appended to `stopped_by` (nothing is sent when that
+    list already holds one).
     """
     from epdctl.bench import report as reporting
     from epdctl.bench.ec_reuse import workload
-    from epdctl.bench.runner import run
+    from epdctl.bench.runner import Run
 
-    requests = requests_for(args, max_body_bytes)
+    stopped_by = [] if stopped_by is None else stopped_by
+    previous = {sig: signal.getsignal(sig) for sig in SIGNAL_EXIT}
     try:
-        import uvloop  # type: ignore
-
-        uvloop.install()
-    except ImportError:
-        pass
-
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    progress = Progress(TextColumn(label or "bench"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        transient=True, disable=args.json or not sys.stderr.isatty())
-    with progress:
-        task = progress.add_task("requests", total=args.num_prompts)
-        result = asyncio.run(run(url, requests, concurrency=args.concurrency, request_rate=args.request_rate,
-                                 warmup=args.warmup, seed=args.seed, timeout_s=args.timeout_s,
-                                 on_done=lambda r: progress.advance(task)))
+        requests = _requests_unless_stopped(args, max_body_bytes, stopped_by)
+        if requests is None:
+            requests, result = [], Run(results=[], duration=0.0, model="", interrupted=True)
+        else:
+            result = _run_until_stopped(args, url, label, requests, stopped_by)
+    finally:
+        for sig, handler in previous.items():  # the caller's handlers (the sweep's, or none) are back
+            signal.signal(sig, handler)
     config = {
         "target": label or args.name or url, "url": url, "num_prompts": args.num_prompts,
         "concurrency": args.concurrency, "request_rate": args.request_rate, "dataset": args.dataset,
@@ -169,6 +168,83 @@ def measure(args: argparse.Namespace, url: str, label: Optional[str] = None, enc
     }
     return reporting.summarize(result, config, args.slo_ttft_ms, args.slo_tpot_ms, workload(requests, args.warmup),
                               encoders)
+
+
+class _Stopped(Exception):
+    """A signal while the requests are being built."""
+
+
+def _requests_unless_stopped(args: argparse.Namespace, max_body_bytes: Optional[int],
+                             stopped_by: list[int]) -> Optional[list[BenchRequest]]:
+    """The run's requests, or None when a signal comes first: building many images takes a while.
+
+    Raising from the signal handler is safe here (plain computation, no event loop, nothing to
+    undo); from then until the event loop takes the signals over, they are only noted.
+    """
+    def stop(signum, frame):
+        stopped_by.append(signum)
+        raise _Stopped
+
+    def note(signum, frame):
+        stopped_by.append(signum)
+
+    if stopped_by:
+        return None
+    try:
+        try:
+            for sig in SIGNAL_EXIT:
+                signal.signal(sig, stop)
+            return requests_for(args, max_body_bytes)
+        finally:
+            for sig in SIGNAL_EXIT:
+                signal.signal(sig, note)
+    except _Stopped:
+        return None
+
+
+def _run_until_stopped(args: argparse.Namespace, url: str, label: Optional[str], requests: list[BenchRequest],
+                       stopped_by: list[int]):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from epdctl.bench.runner import run
+
+    try:
+        import uvloop  # type: ignore
+
+        uvloop.install()
+    except ImportError:
+        pass
+    progress = Progress(TextColumn(label or "bench"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        transient=True, disable=args.json or not sys.stderr.isatty())
+    with progress:
+        task = progress.add_task("requests", total=args.num_prompts)
+        return asyncio.run(_until_stopped(
+            run(url, requests, concurrency=args.concurrency, request_rate=args.request_rate, warmup=args.warmup,
+                seed=args.seed, timeout_s=args.timeout_s, on_done=lambda r: progress.advance(task)),
+            stopped_by))
+
+
+async def _until_stopped(bench, stopped_by: list[int]):
+    """Await `bench`, cancelled by the first SIGINT, SIGTERM or SIGHUP (or at once if `stopped_by`
+    already holds one). The event loop runs the handler as one of its callbacks: nothing is raised
+    from a signal handler (under uvloop, that was a traceback and the run went on)."""
+    loop = asyncio.get_running_loop()
+    me = asyncio.current_task()
+
+    def stop(signum: int) -> None:
+        stopped_by.append(signum)
+        if len(stopped_by) == 1:  # a second Ctrl-C must not cut short the wrapping up of the first
+            me.cancel()
+
+    for sig in SIGNAL_EXIT:
+        loop.add_signal_handler(sig, stop, sig)
+    try:
+        if stopped_by:
+            me.cancel()
+        return await bench
+    finally:
+        for sig in SIGNAL_EXIT:
+            loop.remove_signal_handler(sig)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -183,7 +259,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
         check_output_folder(args.save, "--save")  # before the run, not after it
     url, encoders, max_body_bytes = (args.url, None, None) if args.url else proxy_url(args.name)
-    report = measure(args, url.rstrip("/"), encoders=encoders, max_body_bytes=max_body_bytes)
+    stopped_by: list[int] = []
+    report = measure(args, url.rstrip("/"), encoders=encoders, max_body_bytes=max_body_bytes, stopped_by=stopped_by)
     # Printed first: a save that fails must not lose the run.
     if args.json:
         print(json.dumps(reporting.public(report), indent=2))
@@ -195,4 +272,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         if not any(path.suffix == ".png" for path in written):  # save() plots only when matplotlib imports
             print("epdctl bench: no PNG of the latency CDFs: matplotlib is not installed (pip install 'epdctl[plot]')",
                   file=sys.stderr)
+    if stopped_by:
+        print(f"epdctl bench: interrupted by {signal.Signals(stopped_by[0]).name}: the figures cover the "
+              f"{report['completed'] + report['failed']} of {args.num_prompts} request(s) that finished", file=sys.stderr)
+        return SIGNAL_EXIT[stopped_by[0]]
     return 0 if report["completed"] else 1

@@ -56,6 +56,8 @@ def summarize(run: Run, config: dict[str, Any], slo_ttft_ms: Optional[float] = N
         "itl_ms": stats(itl),
         "e2e_ms": stats(e2e),
     }
+    if run.interrupted:  # Ctrl-C: the figures cover only the requests that finished before it
+        report["interrupted"] = True
     if slo_ttft_ms is not None or slo_tpot_ms is not None:
         good = 0
         for r in done:
@@ -81,7 +83,8 @@ def print_table(report: dict[str, Any], out) -> None:
     from rich.table import Table
 
     console = Console(file=out)
-    table = Table(title=f"epdctl bench: {report['config'].get('target', '')}", title_justify="left")
+    partial = " (interrupted: partial figures)" if report.get("interrupted") else ""
+    table = Table(title=f"epdctl bench: {report['config'].get('target', '')}{partial}", title_justify="left")
     table.add_column("metric")
     table.add_column("value", justify="right")
     table.add_row("completed / failed", f"{report['completed']} / {report['failed']}")
@@ -95,7 +98,8 @@ def print_table(report: dict[str, Any], out) -> None:
         table.add_row(f"{key[:-3].upper()} ms mean / p50 / p90 / p99",
                       f"{s['mean']:.2f} / {s['p50']:.2f} / {s['p90']:.2f} / {s['p99']:.2f}")
     console.print(table)
-    ec_line = ec_reuse.describe(report["ec"], bool(report["config"].get("reuse_images")))
+    ec_line = ("EC cache: not counted (the run was interrupted)" if report.get("interrupted")
+               else ec_reuse.describe(report["ec"], bool(report["config"].get("reuse_images"))))
     if ec_line:
         console.print(ec_line, markup=False, highlight=False)
     for error in report.get("errors", []):

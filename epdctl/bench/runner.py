@@ -40,6 +40,7 @@ class Run:
     duration: float
     model: str
     ec_reused: Optional[float] = None  # EC items the proxy reused during the measured requests; None: unknown
+    interrupted: bool = False  # cancelled (Ctrl-C): `results` are the requests that finished before
 
 
 async def discover_model(session: aiohttp.ClientSession, url: str) -> str:
@@ -106,38 +107,53 @@ async def send(session: aiohttp.ClientSession, url: str, request: BenchRequest, 
 
 async def run(url: str, requests: list[BenchRequest], *, concurrency: Optional[int], request_rate: Optional[float],
               warmup: int, seed: int, timeout_s: float, on_done: Callable[[Result], None] = lambda r: None) -> Run:
+    """Warm-up, then the measured requests. Cancelled, it returns what finished before, marked interrupted."""
+    measured = Run(results=[], duration=0.0, model="")
+    try:
+        await _run(measured, url, requests, concurrency=concurrency, request_rate=request_rate, warmup=warmup,
+                   seed=seed, timeout_s=timeout_s, on_done=on_done)
+    except asyncio.CancelledError:
+        measured.interrupted = True
+    return measured
+
+
+async def _run(measured: Run, url: str, requests: list[BenchRequest], *, concurrency: Optional[int],
+               request_rate: Optional[float], warmup: int, seed: int, timeout_s: float,
+               on_done: Callable[[Result], None]) -> None:
     connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
     timeout = aiohttp.ClientTimeout(total=timeout_s)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        model = await discover_model(session, url)
+        measured.model = await discover_model(session, url)
         # Warm-up requests go first, one at a time, through the same session, and are not counted.
         for request in requests[:warmup]:
-            await send(session, url, request, model)
+            await send(session, url, request, measured.model)
         requests = requests[warmup:]
         limit = asyncio.Semaphore(concurrency) if concurrency else None
         rng = random.Random(seed)
-        results: list[Result] = []
 
         async def one(request: BenchRequest) -> None:
             if limit is None:
-                result = await send(session, url, request, model)
+                result = await send(session, url, request, measured.model)
             else:
                 async with limit:
-                    result = await send(session, url, request, model)
-            results.append(result)
+                    result = await send(session, url, request, measured.model)
+            measured.results.append(result)
             on_done(result)
 
         reused_before = await read_reused(session, url)
         started = time.perf_counter()
         tasks = []
-        for request in requests:
-            tasks.append(asyncio.create_task(one(request)))
-            if request_rate:
-                await asyncio.sleep(rng.expovariate(request_rate))  # Poisson arrivals
-        await asyncio.gather(*tasks)
-        duration = time.perf_counter() - started
+        try:
+            for request in requests:
+                tasks.append(asyncio.create_task(one(request)))
+                if request_rate:
+                    await asyncio.sleep(rng.expovariate(request_rate))  # Poisson arrivals
+            await asyncio.gather(*tasks)
+        finally:  # also when cancelled: the figures then cover what finished until then
+            measured.duration = time.perf_counter() - started
+            for task in tasks:  # the requests still in flight end with the run, not after it
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
         reused_after = await read_reused(session, url)
-        reused = None
         if reused_before is not None and reused_after is not None and reused_after >= reused_before:
-            reused = reused_after - reused_before  # a counter that went down means the proxy restarted: unknown
-        return Run(results, duration, model, reused)
+            measured.ec_reused = reused_after - reused_before  # a counter that went down means the proxy restarted: unknown
