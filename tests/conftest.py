@@ -122,6 +122,19 @@ def signal_and_wait(proc: subprocess.Popen, sig: int, timeout: float = 30) -> st
     return out
 
 
+def signal_when(proc: subprocess.Popen, ready, sig: int, what: str, timeout: float = 60) -> tuple[str, str]:
+    """Once `ready()` holds (or `proc` has ended), send `sig`; return `proc`'s stdout and stderr
+    (both piped). Kills it if it will not end."""
+    try:
+        wait_for(lambda: proc.poll() is not None or ready(), timeout, what)
+        proc.send_signal(sig)
+        return proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
 class Procs:
     """Processes a test started; all are killed (with their groups) at teardown."""
 

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from conftest import assert_no_orphans, epdctl, metrics, wait_for, wait_healthy, write_sim_topology
+from conftest import assert_no_orphans, epdctl, metrics, signal_when, wait_for, wait_healthy, write_sim_topology
 from test_restart import FAST, _entry, _status
 
 SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129}
@@ -153,15 +153,8 @@ def test_a_signal_during_bench_prints_what_was_measured(tmp_path, state_dir, lea
                               "--concurrency", "2", "--max-tokens", "2", "--images-per-request", "0",
                               *(["--json"] if as_json else [])],
                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        # With 2 in flight, a 5th request answered means the client has received 3 whole answers.
-        wait_for(lambda: bench.poll() is not None or _chat_requests_done(proxy) >= 5, 60, "5 requests answered")
-        bench.send_signal(sig)
-        out, err = bench.communicate(timeout=60)
-    finally:
-        if bench.poll() is None:
-            bench.kill()
-            bench.communicate()
+    # With 2 in flight, a 5th request answered means the client has received 3 whole answers.
+    out, err = signal_when(bench, lambda: _chat_requests_done(proxy) >= 5, sig, "5 requests answered")
     name = signal.Signals(sig).name
     assert bench.returncode == SIGNAL_EXIT[sig], err
     assert f"epdctl bench: interrupted by {name}" in err and "Traceback" not in err, err

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PORT_RANGE, assert_no_orphans, epdctl, metrics, wait_for
+from conftest import PORT_RANGE, assert_no_orphans, epdctl, metrics, signal_when
 
 from epdctl.errors import EpdctlError
 from epdctl.sweep import NoFit, derive, layout, parse_split
@@ -175,13 +175,8 @@ def test_a_signal_during_a_splits_bench_stops_it_and_prints_the_partial_table(tm
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     proxy = f"http://127.0.0.1:{start + 10}"
     try:
-        wait_for(lambda: proc.poll() is not None or _in_flight(proxy), 60, "the bench's first request at the proxy")
-        proc.send_signal(sig)
-        out, err = proc.communicate(timeout=60)
+        out, err = signal_when(proc, lambda: _in_flight(proxy), sig, "the bench's first request at the proxy")
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
         epdctl("down", "base-1e1pd", "-t", "1")  # nothing to stop when the sweep went down itself
     name = signal.Signals(sig).name
     assert proc.returncode == {signal.SIGINT: 130, signal.SIGTERM: 143}[sig], err
