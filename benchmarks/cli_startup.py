@@ -18,8 +18,8 @@ from _harness import REPO
 
 COMMANDS = {
     "epdctl --help": ["--help"],
-    "epdctl plan 1e1p1d.yaml --json": ["plan", str(REPO / "topologies" / "1e1p1d.yaml"), "--json"],
-    "epdctl validate sim-1e1pd.yaml": ["validate", str(REPO / "topologies" / "sim-1e1pd.yaml")],
+    "epdctl plan 1e1p1d.yaml --json": ["plan", str(REPO / "epdctl" / "topologies" / "1e1p1d.yaml"), "--json"],
+    "epdctl validate sim-1e1pd.yaml": ["validate", str(REPO / "epdctl" / "topologies" / "sim-1e1pd.yaml")],
     "epdctl --version": ["--version"],
 }
 HEAVY = ("aiohttp", "vllm", "torch", "epdctl.proxy", "epdctl.sim", "numpy", "prometheus_client")

