@@ -47,7 +47,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "Probe each role of a running topology (straight to its instances), fit the simulated engine's cost "
         "model, and write a sim profile. A topology with `engine: sim` and `sim_profile: FILE` then runs as "
         "the twin of the probed one."))
-    parser.add_argument("name", help="A running topology (see `epdctl status`).")
+    parser.add_argument("name", help="A running topology's name, or its YAML file (see `epdctl status`).")
     parser.add_argument("-o", "--output", metavar="PROFILE.yaml",
                         help="Write the profile here (default: print it as YAML).")
     parser.add_argument("--twin", metavar="TOPOLOGY.yaml",
@@ -446,6 +446,7 @@ def write_twin(state: dict[str, Any], profile_path: Path, twin_path: Path) -> No
 
 def main(argv: list[str]) -> int:
     from epdctl.atomicfile import write_output
+    from epdctl.names import topology_name
     from epdctl.simprofile import dump_profile
 
     args = parse_args(argv)
@@ -453,6 +454,7 @@ def main(argv: list[str]) -> int:
     def say(message: str) -> None:
         print(f"calibrate: {message}", file=sys.stderr)
 
+    args.name = topology_name(args.name)  # a NAME, or a FILE naming the topology in it
     state = running_state(args.name)
     check_outputs(args, state)
     profile = calibrate(args.name, state, args, say)

@@ -105,14 +105,33 @@ def _plan(file: Path):
     return topology, build_plan(topology, python=python_command(), router=router_command())
 
 
+def _topology_file(argument: str) -> Path:
+    """A FILE argument, or a NAME: `./NAME.yaml` when here, else the shipped topology (see epdctl.names)."""
+    from epdctl.names import topology_file
+
+    return topology_file(argument)
+
+
+def _topology_name(argument: Optional[str]) -> Optional[str]:
+    """A NAME argument, or a FILE whose `name:` is read (see epdctl.names)."""
+    from epdctl.names import topology_name
+
+    return topology_name(argument) if argument is not None else None
+
+
 # The annotations below are strings until `_typer_app` imports typer and typer reads them.
+# A topology argument is a str, not a Path: Path("./x") would drop the `/` that makes it a FILE.
+
+FILE_HELP = "The topology YAML file, or the name of a shipped one (see `epdctl topologies`)."
+NAME_HELP = "Topology name, or its YAML file."
 
 
 @_command
-def validate(file: Annotated[Path, typer.Argument(help="The topology YAML file.", show_default=False)]) -> None:
+def validate(file: Annotated[str, typer.Argument(help=FILE_HELP, show_default=False)]) -> None:
     """Check a topology file. Exit 0 when it is valid, 2 with FILE:LINE: errors when not."""
     from epdctl.yamlmarks import one_line
 
+    file = _topology_file(file)
     topology = _load(file)
     roles = ", ".join(f"{len(getattr(topology, r))} {r}" for r in ("encode", "prefill", "decode", "pd") if getattr(topology, r))
     print(one_line(f"{file}: ok: topology {topology.name!r}, engine {topology.engine}, platform {topology.platform}: {roles}; proxy on {topology.proxy.host}:{topology.proxy.port}"))
@@ -123,8 +142,8 @@ PLAN_FORMATS = ("text", "json", "sh")
 
 @_command
 def plan(
-    file: Annotated[Path, typer.Argument(help="The topology YAML file.", show_default=False)],
-    as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON (DESIGN §4); the same as --format json.")] = False,
+    file: Annotated[str, typer.Argument(help=FILE_HELP, show_default=False)],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON (name, engine, platform, instances, proxy); the same as --format json.")] = False,
     format: Annotated[Optional[str], typer.Option("--format", help="text (the default), json, or sh (a standalone bash script).",
                                                   show_default=False)] = None,
 ) -> None:
@@ -133,6 +152,7 @@ def plan(
         raise EpdctlError(f"--format: unknown format {format!r} (text, json or sh)", EXIT_USAGE)
     if as_json and format not in (None, "json"):
         raise EpdctlError(f"--json and --format {format} ask for different outputs: give one of them", EXIT_USAGE)
+    file = _topology_file(file)
     topology, the_plan = _plan(file)
     format = "json" if as_json else format or "text"
     if format == "json":
@@ -160,7 +180,7 @@ def _print_plan_text(the_plan) -> None:
 
 @_command
 def up(
-    file: Annotated[Path, typer.Argument(help="The topology YAML file.", show_default=False)],
+    file: Annotated[str, typer.Argument(help=FILE_HELP, show_default=False)],
     detach: Annotated[bool, typer.Option("-d", "--detach", help="Return once everything is healthy; a supervisor stays behind.")] = False,
     wait_timeout: Annotated[Optional[str], typer.Option("--wait-timeout", metavar="SECONDS", show_default=False,
                                                         help="Seconds to wait for health (default: the topology's health.timeout_s).")] = None,
@@ -172,24 +192,25 @@ def up(
     from epdctl.supervisor import up as run_up
 
     seconds = _number("--wait-timeout", wait_timeout, float, *WAIT_SECONDS, above=True)
+    file = _topology_file(file)
     topology, the_plan = _plan(file)
     raise SystemExit(run_up(topology, the_plan, detach=detach, wait_timeout=seconds, source=file))
 
 
 @_command
 def status(
-    name: Annotated[Optional[str], typer.Argument(help="Topology name (default: all).")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON (DESIGN §4).")] = False,
+    name: Annotated[Optional[str], typer.Argument(help="Topology name, or its YAML file (default: all).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON: state, health, reasons, and each instance and the proxy.")] = False,
 ) -> None:
-    """Show each instance: pid, port, url, state. Exit 3 when nothing is running."""
+    """Show each instance: pid, port, url, state. Exit 0 healthy, 1 degraded or failed, 3 nothing running."""
     from epdctl.status import show_status
 
-    raise SystemExit(show_status(name, as_json=as_json))
+    raise SystemExit(show_status(_topology_name(name), as_json=as_json))
 
 
 @_command
 def logs(
-    name: Annotated[str, typer.Argument(help="Topology name.")],
+    name: Annotated[str, typer.Argument(help=NAME_HELP)],
     instance: Annotated[Optional[str], typer.Argument(help="One instance (e.g. encode-0, proxy); default: all.")] = None,
     follow: Annotated[bool, typer.Option("-f", "--follow", help="Keep printing new lines.")] = False,
     tail: Annotated[Optional[str], typer.Option("--tail", "-n", metavar="N", show_default=False,
@@ -199,30 +220,31 @@ def logs(
     from epdctl.status import show_logs
 
     lines = _number("--tail", tail, int, 0, MAX_TAIL_LINES)
-    show_logs(name, instance, follow=follow, tail=lines)
+    show_logs(_topology_name(name), instance, follow=follow, tail=lines)
 
 
 @_command
 def down(
-    target: Annotated[Optional[str], typer.Argument(help="Topology name or file (default: the only one running).")] = None,
+    target: Annotated[Optional[str], typer.Argument(help="Topology name or file (default: the only one up).")] = None,
     grace: Annotated[str, typer.Option("-t", "--timeout", metavar="SECONDS", help="Seconds between SIGTERM and SIGKILL.")] = "10",
+    ignore_missing: Annotated[bool, typer.Option("--ignore-missing", help="Exit 0 when NAME is not up (for cleanup scripts); without it, exit 1.")] = False,
 ) -> None:
     """Stop a topology: SIGTERM each process group, SIGKILL after GRACE, sweep descendants."""
     seconds = _number("-t/--timeout", grace, float, *WAIT_SECONDS)
     from epdctl.supervisor import down as run_down
 
-    raise SystemExit(run_down(target, grace=seconds))
+    raise SystemExit(run_down(target, grace=seconds, ignore_missing=ignore_missing))
 
 
 @_command
 def events(
-    name: Annotated[str, typer.Argument(help="Topology name.")],
+    name: Annotated[str, typer.Argument(help=NAME_HELP)],
     follow: Annotated[bool, typer.Option("-f", "--follow", help="Keep printing new events.")] = False,
 ) -> None:
     """Starts, health changes, exits and restarts of every process (events.jsonl)."""
     from epdctl.status import show_events
 
-    show_events(name, follow=follow)
+    show_events(_topology_name(name), follow=follow)
 
 
 @_command
@@ -259,7 +281,7 @@ def calibrate(ctx: typer.Context) -> None:
 
 @_command
 def smoke(
-    file: Annotated[Path, typer.Argument(help="The topology YAML file.", show_default=False)],
+    file: Annotated[str, typer.Argument(help=FILE_HELP, show_default=False)],
     keep_up: Annotated[bool, typer.Option("--keep-up", help="Leave the topology running afterwards.")] = False,
     junit: Annotated[Optional[Path], typer.Option("--junit", help="Write a JUnit XML report here.")] = None,
     wait_timeout: Annotated[Optional[str], typer.Option("--wait-timeout", metavar="SECONDS", show_default=False,
@@ -269,13 +291,14 @@ def smoke(
     from epdctl.smoke import run_smoke
 
     seconds = _number("--wait-timeout", wait_timeout, float, *WAIT_SECONDS, above=True)
+    file = _topology_file(file)
     topology, the_plan = _plan(file)
     raise SystemExit(run_smoke(topology, the_plan, source=file, keep_up=keep_up, junit=junit, wait_timeout=seconds))
 
 
 @_command
 def export_k8s(
-    file: Annotated[Path, typer.Argument(help="The topology YAML file.", show_default=False)],
+    file: Annotated[str, typer.Argument(help=FILE_HELP, show_default=False)],
     output: Annotated[Path, typer.Option("-o", "--output", help="Folder for the manifests.")] = Path("k8s"),
     namespace: Annotated[Optional[str], typer.Option("--namespace", help="Namespace for every object.")] = None,
     image: Annotated[Optional[str], typer.Option("--image", help="Container image for the vLLM instances.")] = None,
@@ -286,9 +309,30 @@ def export_k8s(
     """Write kubectl-apply-ready manifests (and a kustomization.yaml) for the topology."""
     from epdctl.k8s import export
 
+    file = _topology_file(file)
     topology = _load(file, on_this_machine=False)  # its devices and folders are the cluster's
     export(topology, file, output, namespace=namespace, image=image, proxy_image=proxy_image,
            storage_class=storage_class, check=check)
+
+
+@_command
+def topologies() -> None:
+    """List the shipped topologies (name, engine, platform, roles): `epdctl up NAME` runs one from any folder."""
+    from epdctl.names import describe_shipped
+
+    print("\n".join(describe_shipped()))
+
+
+@_command
+def init(
+    name: Annotated[str, typer.Argument(help="A shipped topology (see `epdctl topologies`).", show_default=False)],
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Where to write it (default: ./NAME.yaml); never over an existing file.", show_default=False)] = None,
+) -> None:
+    """Copy a shipped topology out, to edit and run as your own."""
+    from epdctl.names import as_file_argument, copy_shipped
+
+    written = copy_shipped(name, output)
+    print(f"wrote {written}; edit it, then `epdctl up {as_file_argument(written)}`")
 
 
 def _typer_app():
@@ -304,7 +348,7 @@ def _typer_app():
         rich_markup_mode=None,
     )
     app.callback()(_global_options)
-    for command in (validate, plan, up, status, logs, events, down):
+    for command in (validate, plan, up, status, logs, events, down, topologies, init):
         app.command()(command)
     passthrough = {"context_settings": {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
                    "add_help_option": False}
@@ -351,7 +395,7 @@ def _fast_command(args: list[str]) -> Optional[Callable[[], None]]:
         return None
     _verbose = verbose
     command = validate if args[0] == "validate" else plan
-    return functools.partial(command, Path(files[0]), **options)
+    return functools.partial(command, files[0], **options)
 
 
 def main() -> None:

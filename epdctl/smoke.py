@@ -491,7 +491,7 @@ def run_smoke(topology, plan: Plan, *, source: Path, keep_up: bool, junit: Optio
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         if started_here and not keep_up:
-            supervisor.down(plan.name, out=out)
+            supervisor.down(plan.name, out=out, ignore_missing=True)
     if junit:
         write_junit(junit, plan.name, checks)
     failed = [c for c in checks if c.ok is False]

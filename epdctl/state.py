@@ -16,7 +16,7 @@ import secrets
 import stat
 import sys
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Mapping, Optional
 
 import psutil
 
@@ -31,11 +31,14 @@ CREATE_TIME_TOLERANCE_S = 0.05
 MAX_STATE_BYTES = 8 * 1024 * 1024
 
 
-def state_root() -> Path:
-    explicit = os.environ.get("EPDCTL_STATE_DIR")
+def state_root(environ: Optional[Mapping[str, str]] = None) -> Path:
+    """Our state root, or (given its environment) the one a child of another epdctl records to."""
+    environ = os.environ if environ is None else environ
+    explicit = environ.get("EPDCTL_STATE_DIR")
     if explicit:
         return Path(explicit)
-    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    home = environ.get("HOME") or os.path.expanduser("~")
+    base = environ.get("XDG_STATE_HOME") or os.path.join(home, ".local", "state")
     return Path(base) / "epdctl"
 
 
@@ -273,8 +276,11 @@ def new_run_token(name: str) -> str:
     return f"{name}-{secrets.token_hex(8)}"
 
 
-def _tagged(matches) -> list[psutil.Process]:
+def _tagged(matches, this_root: bool = False) -> list[tuple[psutil.Process, str]]:
+    """Live processes of ours whose run tag `matches`, each with its tag; with `this_root`, only
+    those started under our state root (another root's topologies are not ours to list)."""
     found = []
+    root = os.path.abspath(state_root())
     me, uid = os.getpid(), os.getuid()
     for proc in psutil.process_iter(["uids"]):
         if proc.pid == me:
@@ -283,9 +289,12 @@ def _tagged(matches) -> list[psutil.Process]:
             # Another user's process is never ours to signal, whatever its environment says.
             if proc.info["uids"] is None or proc.info["uids"].real != uid:
                 continue
-            tag = proc.environ().get(RUN_ENV)
+            environ = proc.environ()
+            tag = environ.get(RUN_ENV)
+            if this_root and tag and os.path.abspath(state_root(environ)) != root:
+                continue
             if tag and matches(tag) and proc.status() != psutil.STATUS_ZOMBIE:
-                found.append(proc)
+                found.append((proc, tag))
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, OSError):
             continue
     return found
@@ -293,7 +302,16 @@ def _tagged(matches) -> list[psutil.Process]:
 
 def tagged_processes(run_token: str) -> list[psutil.Process]:
     """Every live process of ours carrying this run's tag, wherever it was reparented to."""
-    return _tagged(lambda tag: tag == run_token)
+    return [proc for proc, _ in _tagged(lambda tag: tag == run_token)]
+
+
+# A run tag is `<name>-<16 hex>` (new_run_token): the name is everything before the token.
+_RUN_TAG = re.compile(r"(" + _NAME.pattern + r")-[0-9a-f]{16}")
+
+
+def _topology_of_tag(tag: str) -> Optional[str]:
+    match = _RUN_TAG.fullmatch(tag)
+    return match[1] if match else None
 
 
 def processes_of_topology(name: str) -> dict[str, list[psutil.Process]]:
@@ -302,11 +320,36 @@ def processes_of_topology(name: str) -> dict[str, list[psutil.Process]]:
     What `down` falls back on when the state folder is gone: the tag is `<name>-<16 hex>`,
     matched whole, so topology `a` never takes `a-b`'s processes.
     """
-    pattern = re.compile(re.escape(name) + r"-[0-9a-f]{16}")
     runs: dict[str, list[psutil.Process]] = {}
-    for proc in _tagged(pattern.fullmatch):
-        try:
-            runs.setdefault(proc.environ()[RUN_ENV], []).append(proc)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, KeyError):
-            continue
+    for proc, tag in _tagged(lambda tag: _topology_of_tag(tag) == name):
+        runs.setdefault(tag, []).append(proc)
     return runs
+
+
+def tagged_topologies() -> dict[str, int]:
+    """Every topology name with live tagged processes of ours under our state root, and how many:
+    found with or without its state folder (`status` and `down` name those whose state is gone)."""
+    counts: dict[str, int] = {}
+    for _, tag in _tagged(_topology_of_tag, this_root=True):
+        name = _topology_of_tag(tag)
+        counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+def topology_of(pid: int) -> Optional[str]:
+    """The epdctl topology a process of ours belongs to, by its run tag (None: not one of ours)."""
+    try:
+        proc = psutil.Process(pid)
+        return _topology_of_tag(proc.environ().get(RUN_ENV, "")) if _ours(proc) else None
+    except (psutil.Error, OSError):
+        return None
+
+
+def is_up(state_dir: StateDir, state: dict[str, Any]) -> bool:
+    """Is this topology up: its supervisor holds the lock, or one of its processes still runs?
+
+    A failed start (or a stopped foreground `up`) keeps its state for `status` and `logs`, but
+    is not up: `down` with no name does not count it.
+    """
+    records = state.get("processes", []) + [state.get("supervisor") or {}]
+    return state_dir.is_locked() or any(verified_process(r.get("pid"), r.get("create_time")) for r in records)

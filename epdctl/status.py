@@ -8,14 +8,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional
 
-from epdctl.errors import EXIT_NOTHING_RUNNING, EXIT_USAGE, EpdctlError
+from epdctl.errors import EXIT_NOTHING_RUNNING, EXIT_RUNTIME, EXIT_USAGE, EpdctlError
 from epdctl.state import StateDir, list_state_dirs, verified_process
 from epdctl.logfiles import Follower, tail_lines, wants_colour
 from epdctl.supervisor import Runtime
 
 
 def live_status(state: dict[str, Any], runtime: Optional[Runtime] = None) -> dict[str, Any]:
-    """DESIGN §4 `status --json` for one topology, probing every live process's /health."""
+    """`status --json` for one topology, probing every live process's /health."""
     runtime = runtime or Runtime()
     records = state.get("processes", [])
     phase = state.get("phase")
@@ -56,6 +56,8 @@ def live_status(state: dict[str, Any], runtime: Optional[Runtime] = None) -> dic
         overall = "running"
     elif phase == "starting" and "exited" not in states:
         overall = "starting"  # instances still loading are not a degraded topology
+    elif phase == "failed" and not any(s in RUNNING_STATES for s in states):
+        overall = "failed"  # a start that did not complete: not up, but shown until `down NAME`
     elif any(s != "exited" for s in states):
         overall = "degraded"
     else:
@@ -64,10 +66,43 @@ def live_status(state: dict[str, Any], runtime: Optional[Runtime] = None) -> dic
     report = {"name": state["name"], "state": overall, "instances": instances, "proxy": proxy,
               "supervisor": {"pid": sup.get("pid"), "mode": sup.get("mode"),
                              "state": "running" if supervised else "gone"}}
-    if not supervised and overall != "stopped" and sup.get("pid"):
+    report["health"], report["reasons"] = health(report, state.get("error"))
+    if not supervised and overall not in ("stopped", "failed") and sup.get("pid"):
         report["warning"] = (f"the supervisor (pid {sup['pid']}) is gone: nothing restarts or records exits; "
                              f"`epdctl up {state.get('source') or 'FILE'}` adopts the running processes")
     return report
+
+
+RUNNING_STATES = ("healthy", "unhealthy", "starting", "restarting")
+
+
+def health(report: dict[str, Any], error: Optional[str]) -> tuple[str, list[str]]:
+    """Whether the topology serves as designed, and why not.
+
+    healthy: every instance and the proxy is healthy. failed: the start failed, nothing runs,
+    or (once started) the proxy or a whole role has no healthy process, so no request can be
+    served. degraded: anything else not healthy (still starting, or an instance down while its
+    role still serves).
+    """
+    entries = report["instances"] + ([dict(report["proxy"], role="proxy")] if report["proxy"] else [])
+    if report["state"] == "running":
+        return "healthy", []
+    if report["state"] in ("failed", "stopped"):
+        return "failed", [error or ("the start failed" if report["state"] == "failed" else "nothing is running")]
+    reasons = [f"{e['name']} is {e['state']}" + (f" ({e['error']})" if e.get("error") else "")
+               for e in entries if e["state"] != "healthy"]
+    roles = dict.fromkeys(e["role"] for e in entries)
+    unserved = [role for role in roles if not any(e["role"] == role and e["state"] == "healthy" for e in entries)]
+    if report["state"] != "starting" and unserved:
+        return "failed", reasons + [f"no healthy {role} process: requests cannot be served" for role in unserved]
+    return "degraded", reasons
+
+
+def _exit_code(report: dict[str, Any]) -> int:
+    """0 healthy, 1 degraded or failed, 3 nothing running: what `epdctl status NAME && ...` tests."""
+    if report["health"] == "healthy":
+        return 0
+    return EXIT_NOTHING_RUNNING if report["state"] == "stopped" else EXIT_RUNTIME
 
 
 def show_status(name: Optional[str], as_json: bool, out=None) -> int:
@@ -77,11 +112,13 @@ def show_status(name: Optional[str], as_json: bool, out=None) -> int:
         states = [state] if state else []
     else:
         states = [s for s in (d.read() for d in list_state_dirs()) if s]
+    strays = _unknown_state_note(name, {s.get("name") for s in states})
     if not states:
         if as_json:
-            print(json.dumps({"name": name, "state": "stopped", "instances": [], "proxy": None} if name else []), file=out)
-        else:
-            print(f"epdctl: nothing is running{f' under the name {name!r}' if name else ''}{_strays_hint(name)}",
+            print(json.dumps({"name": name, "state": "stopped", "health": "failed", "reasons": ["nothing is running"],
+                              "instances": [], "proxy": None} if name else []), file=out)
+        if not as_json or strays:
+            print(f"epdctl: nothing is running{f' under the name {name!r}' if name else ''}{'; ' + strays if strays else ''}",
                   file=sys.stderr)
         return EXIT_NOTHING_RUNNING
     reports = [live_status(state) for state in states]
@@ -89,7 +126,10 @@ def show_status(name: Optional[str], as_json: bool, out=None) -> int:
         print(json.dumps(reports[0] if name else reports, indent=2), file=out)
     else:
         _print_table(reports, states, out)
-    return 0 if any(r["state"] != "stopped" for r in reports) else EXIT_NOTHING_RUNNING
+    if strays:
+        print(f"epdctl: {strays}", file=sys.stderr)
+    codes = {_exit_code(r) for r in reports}
+    return EXIT_RUNTIME if EXIT_RUNTIME in codes else 0 if 0 in codes else EXIT_NOTHING_RUNNING
 
 
 def _print_table(reports, states, out) -> None:
@@ -100,7 +140,10 @@ def _print_table(reports, states, out) -> None:
     console = Console(file=out, no_color=not out.isatty(), width=140)
     for report, state in zip(reports, states):
         # Errors are shown as they are: `[router]` in an install hint is not a style tag.
-        table = Table(title=escape(f"{report['name']}: {report['state']}" + (f" ({state.get('error')})" if state.get("error") else "")),
+        title = f"{report['name']}: {report['state']}"
+        if report["state"] not in (report["health"], "stopped"):
+            title += f", {report['health']}"  # e.g. `running, healthy`, `degraded, failed`
+        table = Table(title=escape(title + (f" ({state.get('error')})" if state.get("error") else "")),
                       title_justify="left")
         for column in ("name", "role", "pid", "port", "url", "state", "restarts", "exit code"):
             table.add_column(column)
@@ -177,16 +220,17 @@ def _anything_alive(state_dir: StateDir) -> bool:
     return any(verified_process(r.get("pid"), r.get("create_time")) for r in records)
 
 
-def _strays_hint(name: Optional[str]) -> str:
-    """Processes of a topology whose state folder was deleted are still ours to report."""
-    if not name:
-        return ""
-    from epdctl.state import RUN_ENV, processes_of_topology
+def _unknown_state_note(name: Optional[str], known: set) -> str:
+    """Processes of ours tagged with a topology whose state folder is gone are still ours to report."""
+    from epdctl.state import RUN_ENV, tagged_topologies
 
-    count = sum(len(procs) for procs in processes_of_topology(name).values())
-    if not count:
+    strays = {n: count for n, count in tagged_topologies().items() if n not in known and name in (None, n)}
+    if not strays:
         return ""
-    return f", but {count} process(es) carry its {RUN_ENV} tag (its state is gone): `epdctl down {name}` stops them"
+    listed = ", ".join(f"{n} ({count} process(es))" for n, count in sorted(strays.items()))
+    stop = f"epdctl down {next(iter(strays))}" if len(strays) == 1 else "epdctl down NAME"
+    return (f"processes of an unknown state remain: {listed}, found by their {RUN_ENV} tag (the state folder "
+            f"is gone); `{stop}` stops them")
 
 
 def show_events(name: str, follow: bool, out=None) -> None:

@@ -32,8 +32,8 @@ from epdctl.plan import Plan, ProcessSpec
 from epdctl.ports import busy_ports
 from epdctl.restart import RestartBook
 from epdctl.state import (
-    INSTANCE_ENV, RUN_ENV, StateDir, check_name, is_alive, list_state_dirs, new_run_token, processes_of_topology,
-    state_root, tagged_processes, verified_process, write_json_atomic,
+    INSTANCE_ENV, RUN_ENV, StateDir, is_alive, is_up, list_state_dirs, new_run_token, processes_of_topology,
+    tagged_processes, tagged_topologies, verified_process, write_json_atomic,
 )
 from epdctl.teardown import stop_processes
 
@@ -712,8 +712,10 @@ def check_ports(plan: Plan) -> None:
         return f"{spec.name}'s NIXL side channel" if port == spec.side_channel_port else f"{spec.name}'s EC port"
 
     problems = busy_ports((port, what(spec, port)) for spec in plan.processes for port in spec.ports())
+    if len(problems) == 1:
+        raise EpdctlError(problems[0])
     if problems:
-        raise EpdctlError("; ".join(problems))
+        raise EpdctlError("\n".join([f"epdctl: {plan.name}: planned ports are in use:"] + [f"  {p}" for p in problems]))
 
 
 class LogTailer:
@@ -1029,32 +1031,59 @@ def _supervise_detached(plan: Plan, state_dir: StateDir, lock_fd: int, timeout: 
 
 
 def resolve_name(target: Optional[str]) -> Optional[str]:
-    """A topology name from a name, a topology file, or (None) the only one running."""
-    if target and (target.endswith((".yaml", ".yml")) or os.path.sep in target):
-        from epdctl.topology import load_topology
+    """A topology name from a NAME, a FILE (its `name:`), or (None) the only one that is up.
 
-        return load_topology(target).name
+    A failed start keeps its state for `status` and `logs` but is not up: it is never the default.
+    """
+    from epdctl.names import topology_name
+
     if target:
-        return check_name(target)
-    root = state_root()
-    names = sorted(p.parent.name for p in root.glob("*/state.json")) if root.is_dir() else []
-    if len(names) > 1:
-        raise EpdctlError(f"several topologies are up ({', '.join(names)}); name one", EXIT_USAGE)
-    return names[0] if names else None
+        return topology_name(target)
+    up = [d.name for d, state in _states() if is_up(d, state)]
+    if len(up) > 1:
+        raise EpdctlError(f"several topologies are up ({', '.join(up)}); name one", EXIT_USAGE)
+    return up[0] if up else None
 
 
-def down(target: Optional[str], grace: float = DEFAULT_GRACE_S, out=None) -> int:
+def _states() -> list[tuple[StateDir, dict[str, Any]]]:
+    return [(d, state) for d in list_state_dirs() if (state := d.read())]
+
+
+def _nothing_up_lines() -> list[str]:
+    """`down` with no NAME and nothing up: what is left that `down NAME` would clear."""
+    lines = ["epdctl: nothing to stop"]
+    states = _states()
+    left = [f"{d.name} ({state.get('phase') or 'stopped'})" for d, state in states]
+    if left:
+        lines.append(f"  not up, state kept: {', '.join(left)} (`epdctl status` shows why; `epdctl down NAME` clears one)")
+    strays = set(tagged_topologies()) - {d.name for d, _ in states}
+    if strays:
+        lines.append(f"  processes whose state folder is gone: {', '.join(sorted(strays))} (`epdctl down NAME` stops them)")
+    return lines
+
+
+def _missing(name: str) -> EpdctlError:
+    """`down NAME` of a name with no state and no processes: a typo is not success."""
+    from epdctl.names import did_you_mean
+
+    known = sorted({d.name for d, _ in _states()} | set(tagged_topologies()))
+    where = f"; existing topologies: {', '.join(known)}{did_you_mean(name, known)}" if known else "; there is none"
+    return EpdctlError(f"no topology named {name!r} is up or has processes left{where} "
+                       f"(--ignore-missing: exit 0 for this)", EXIT_RUNTIME)
+
+
+def down(target: Optional[str], grace: float = DEFAULT_GRACE_S, out=None, ignore_missing: bool = False) -> int:
     out = out or sys.stdout
     if not grace >= 0:  # also refuses NaN
         raise EpdctlError(f"--timeout: the grace period must be 0 or more seconds (got {grace:g})", EXIT_USAGE)
     name = resolve_name(target)
     if name is None:
-        print("epdctl: nothing to stop", file=out)
+        print("\n".join(_nothing_up_lines()), file=out)
         return 0
     state_dir = StateDir(name)
     state = state_dir.read()
     if state is None:
-        return _down_without_state(state_dir, grace, out)
+        return _down_without_state(state_dir, grace, out, ignore_missing)
     started = time.monotonic()
     supervisor = _hand_over(state.get("supervisor") or {})
     report = stop_processes(state.get("processes", []), state.get("run_token"), grace)
@@ -1104,7 +1133,7 @@ def _wait_supervisor(supervisor: Optional[psutil.Process]) -> None:
         pass
 
 
-def _down_without_state(state_dir: StateDir, grace: float, out) -> int:
+def _down_without_state(state_dir: StateDir, grace: float, out, ignore_missing: bool) -> int:
     """The state is gone (deleted by hand, or a start that failed before writing it).
 
     Every child carries `EPDCTL_RUN=<name>-<token>`: stop the processes of ours that carry
@@ -1117,8 +1146,10 @@ def _down_without_state(state_dir: StateDir, grace: float, out) -> int:
         if leftover:
             state_dir.remove()
             print(f"epdctl: nothing to stop for {name!r}; removed its leftover state folder {state_dir.path}", file=out)
-        else:
+        elif ignore_missing:
             print(f"epdctl: nothing to stop for {name!r}", file=out)
+        else:
+            raise _missing(name)
         return 0
     started = time.monotonic()
     print(f"epdctl: stopping {name}: its state is gone; found {sum(map(len, runs.values()))} process(es) "

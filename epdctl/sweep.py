@@ -230,7 +230,7 @@ def run_split(split: str, data: dict[str, Any], bench_args: argparse.Namespace, 
         if started:
             with contextlib.redirect_stdout(log):
                 try:
-                    down(plan.name, grace=5.0)
+                    down(plan.name, grace=5.0, ignore_missing=True)
                 except EpdctlError as exc:
                     print(f"epdctl: sweep: down of {split}: {exc.message}", file=sys.stderr)
     return outcome
@@ -251,7 +251,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, argparse.Namespace]
         "Bring each split of a base topology up, bench it with one workload, bring it down, and rank the "
         "splits by goodput. Every `epdctl bench` load/data option is accepted (--num-prompts, --concurrency, "
         "--request-rate, --images-per-request, --max-tokens, --dataset, --slo-ttft-ms, --slo-tpot-ms, ...)."))
-    parser.add_argument("file", help="The base topology file.")
+    parser.add_argument("file", help="The base topology file, or the name of a shipped one (see `epdctl topologies`).")
     parser.add_argument("--splits", required=True, help="Comma-separated splits, e.g. 1e1pd,2e1pd,1e1p1d,pd.")
     parser.add_argument("--devices", help="Comma-separated device ids to lay splits out on (default: the base file's).")
     parser.add_argument("--save", metavar="DIR", help="Write each split's bench report, summary.json, a PNG and best.yaml.")
@@ -318,10 +318,11 @@ def sweep(base: Topology, splits: list[str], devices: list[int], bench_args: arg
 
 def main(argv: list[str]) -> int:
     from epdctl.devices import detect_device_count
+    from epdctl.names import topology_file
     from epdctl.topology import load_topology
 
     args, bench_args = parse_args(argv)
-    base = load_topology(args.file)
+    base = load_topology(topology_file(args.file))
     device_count = detect_device_count(base.platform)
     devices = args.device_list if args.device_list is not None else sorted(
         {d for ref in base.instances() for d in ref.spec.devices})

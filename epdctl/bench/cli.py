@@ -29,7 +29,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = CommandParser(prog="epdctl bench", description=(
         "Load-test a topology through its proxy (or any OpenAI-compatible URL) with streamed chat requests, "
         "and report what `vllm bench serve` reports: throughput, TTFT, TPOT, ITL and E2E latency."))
-    parser.add_argument("name", nargs="?", help="A running topology's name (its proxy is the target).")
+    parser.add_argument("name", nargs="?", help="A running topology's name, or its YAML file (its proxy is the target).")
     parser.add_argument("--url", help="Target base URL instead of a topology, e.g. http://127.0.0.1:10001.")
     parser.add_argument("--compare", nargs="+", metavar="REPORT.json", help="Print saved reports side by side.")
     load = parser.add_argument_group("load")
@@ -254,6 +254,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.compare:
         reporting.compare(args.compare, sys.stdout)
         return 0
+    if args.name:
+        from epdctl.names import topology_name
+
+        args.name = topology_name(args.name)  # a FILE names the topology in it
     if args.save:
         from epdctl.atomicfile import check_output_folder
 
