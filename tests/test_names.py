@@ -275,8 +275,8 @@ def test_up_of_a_shipped_name_from_an_empty_folder_after_pip_install(tmp_path, s
     shutil.copy(REPO / "README.md", source)
     shutil.copytree(REPO / "epdctl", source / "epdctl", ignore=shutil.ignore_patterns("__pycache__"))
     wheels = tmp_path / "wheels"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(source),
-                    "-w", str(wheels)], check=True, capture_output=True, timeout=300)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-index", "--no-build-isolation",
+                    str(source), "-w", str(wheels)], check=True, capture_output=True, timeout=300)
     wheel = next(wheels.glob("epdctl-*.whl"))
     import zipfile
 
