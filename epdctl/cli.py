@@ -62,7 +62,7 @@ def _command(fn):
             return fn(*args, **kwargs)
         except EpdctlError as exc:
             _traceback_if_verbose()
-            print(f"epdctl: {exc.message}" if "\n" not in exc.message else exc.message, file=sys.stderr)
+            print(_error_text(exc), file=sys.stderr)
             raise SystemExit(exc.exit_code) from None
         except KeyboardInterrupt:
             raise SystemExit(130) from None
@@ -77,6 +77,15 @@ def _command(fn):
             raise SystemExit(EXIT_RUNTIME) from None
 
     return wrapper
+
+
+def _error_text(exc: EpdctlError) -> str:
+    """`epdctl: ` before each error, so every line of a report of several problems names us;
+    a message with detail lines (a log tail) gets it once, unless it already starts with it."""
+    lines = exc.message.splitlines() or [""]
+    if exc.one_per_line or len(lines) == 1:
+        return "\n".join(f"epdctl: {line}" for line in lines)
+    return exc.message if exc.message.startswith("epdctl") else f"epdctl: {exc.message}"
 
 
 def _traceback_if_verbose() -> None:

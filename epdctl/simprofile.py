@@ -95,7 +95,7 @@ def load_profile(path: Path, environ: Optional[Mapping[str, str]] = None) -> Sim
     try:
         return SimProfile.model_validate(data)
     except ValidationError as exc:
-        raise EpdctlError(_format_validation(exc, str(path), marks), EXIT_USAGE) from None
+        raise EpdctlError(_format_validation(exc, str(path), marks, SimProfile), EXIT_USAGE, one_per_line=True) from None
 
 
 def dump_profile(profile: SimProfile) -> str:

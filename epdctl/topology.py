@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import re
@@ -9,11 +10,14 @@ import stat
 import unicodedata
 from collections import defaultdict
 from pathlib import Path
-from typing import Annotated, Any, Callable, Iterator, Literal, Mapping, NamedTuple, Optional, Union
+from typing import (Annotated, Any, Callable, Iterable, Iterator, Literal, Mapping, NamedTuple, Optional, Union,
+                    get_args)
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError, field_validator,
+                      model_validator)
 
 from epdctl.errors import EXIT_USAGE, EpdctlError
+from epdctl.simflags import SIM_FLAGS, value_problem
 from epdctl.yamlmarks import Marks, dotted, error_line, load_marked, one_line
 
 ROLES = ("encode", "prefill", "decode", "pd")
@@ -233,6 +237,14 @@ class Topology(_Model):
 
     _restart = field_validator("restart", mode="before")(_restart_shorthand)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _sim_runs_on_cpu(cls, data: Any) -> Any:
+        """The sim needs no device: without a `platform:` it is cpu (an explicit one still wins)."""
+        if isinstance(data, dict) and data.get("engine") == "sim" and "platform" not in data:
+            return {**data, "platform": "cpu"}
+        return data
+
     _source: Optional[Path] = PrivateAttr(None)
     _where: Optional[tuple[str, Marks]] = PrivateAttr(None)  # (file name, marks): FILE:LINE for later checks
     _sim_costs: dict[str, dict[str, float]] = PrivateAttr(default_factory=dict)  # role -> sim flags
@@ -408,14 +420,14 @@ def parse_topology(
     try:
         topology = Topology.model_validate(data)
     except ValidationError as exc:
-        raise EpdctlError(_format_validation(exc, filename, marks), EXIT_USAGE) from None
+        raise EpdctlError(_format_validation(exc, filename, marks), EXIT_USAGE, one_per_line=True) from None
     topology._where = (filename, marks)  # model_copy (sim_profile below) keeps it
     if callable(device_count):
         device_count = device_count(topology.platform)
     problems = cross_check(topology, device_count=device_count, check_folders=check_folders)
     if problems:
         lines = [topology.error_at(loc, message, prefer_key) for loc, message, prefer_key in problems]
-        raise EpdctlError("\n".join(lines), EXIT_USAGE)
+        raise EpdctlError("\n".join(lines), EXIT_USAGE, one_per_line=True)
     if topology.sim_profile:
         topology = _with_sim_profile(topology, filename, marks, source, environ)
     topology._source = source
@@ -454,13 +466,14 @@ def _name_from_stem(stem: str) -> str:
     return name or "topology"
 
 
-def _format_validation(exc: ValidationError, filename: str, marks: Marks) -> str:
+def _format_validation(exc: ValidationError, filename: str, marks: Marks, root: type[BaseModel] = Topology) -> str:
+    """One `FILE:LINE: field: message` line per error of `root.model_validate`."""
     lines = []
     for error in exc.errors():
         loc = tuple(error["loc"])
         kind = error["type"]
         if kind == "extra_forbidden":
-            message = "unknown key"
+            message = "unknown key" + did_you_mean(str(loc[-1]), _keys_at(root, loc[:-1]))
             line = marks.line_for(loc, prefer_key=True)
         elif kind == "missing":
             message = "required but missing"
@@ -472,8 +485,33 @@ def _format_validation(exc: ValidationError, filename: str, marks: Marks) -> str
             if "input" in error and not isinstance(error["input"], (dict, list)):
                 message += f" (got {_shortened(repr(error['input']))})"
             line = marks.line_for(loc)
-        lines.append(error_line(filename, line, f"{dotted(loc) or '<top>'}: {message}"))
-    return "\n".join(dict.fromkeys(lines))
+        lines.append((line, error_line(filename, line, f"{dotted(loc) or '<top>'}: {message}")))
+    return "\n".join(dict.fromkeys(text for _, text in sorted(lines, key=lambda entry: entry[0])))
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """` (did you mean X?)` for the choice closest to a misspelt `word`, as compose and cargo say it; else ""."""
+    match = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean {match[0]}?)" if match else ""
+
+
+def _keys_at(root: type[BaseModel], path: tuple) -> list[str]:
+    """The keys the model allows where `path` (an error's location, less the key) leads."""
+    model: Optional[type[BaseModel]] = root
+    for part in path:
+        if model is None:
+            return []
+        if isinstance(part, str) and part in model.model_fields:
+            model = _model_in(model.model_fields[part].annotation)
+        # else a list index or a mapping's key (`fits.encode`): the items are of the same model
+    return list(model.model_fields) if model is not None else []
+
+
+def _model_in(annotation: Any) -> Optional[type[BaseModel]]:
+    """The model a field holds, through Optional, tuple[...] and dict[...]; None for plain values."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return next(filter(None, map(_model_in, get_args(annotation))), None)
 
 
 def _shortened(text: str, limit: int = 60) -> str:
@@ -517,10 +555,10 @@ def cross_check(topology: Topology, device_count: int | None = None, check_folde
     problems += _ec_connector_problems(topology)
     problems += _router_problems(topology)
 
+    problems += _sim_flag_problems(topology)
+
     reserved = {"port": "the instance's port key", "model": "the top-level model key"}
-    for loc, args in [(("defaults", "args"), topology.defaults.args)] + [
-        ((ref.role, ref.index, "args"), ref.spec.args) for ref in topology.instances()
-    ]:
+    for loc, args in _args_levels(topology):
         for key in args:
             flag = key.replace("_", "-").lstrip("-")
             if flag in reserved:
@@ -597,6 +635,32 @@ def cross_check(topology: Topology, device_count: int | None = None, check_folde
                     ((role, int(index), "gpu_memory_utilization"),
                      f"device {device} is shared with a memory budget of {total:g} > 1.0 ({detail})", True)
                 )
+    return problems
+
+
+def _args_levels(topology: Topology) -> list[tuple[tuple, Mapping[str, Any]]]:
+    """Each `args:` of the file, with where it is: the defaults', then each instance's."""
+    return [(("defaults", "args"), topology.defaults.args)] + [
+        ((ref.role, ref.index, "args"), ref.spec.args) for ref in topology.instances()]
+
+
+def _sim_flag_problems(topology: Topology) -> list[Problem]:
+    """The sim's own `sim-*` flags against its table: at `up` the sim would ignore a misspelt one
+    (a note in its log) and stop on a bad value with a usage text."""
+    if topology.engine != "sim":
+        return []
+    from epdctl.plan import normalize_flag  # plan imports this module
+
+    problems: list[Problem] = []
+    for loc, args in _args_levels(topology):
+        for key, value in args.items():
+            flag, value = normalize_flag(key, value)
+            if not flag.startswith("sim-"):
+                continue  # a vLLM flag: the sim accepts it and ignores it, as the README says
+            if flag not in SIM_FLAGS:
+                problems.append((loc + (key,), f"the sim has no flag --{flag}{did_you_mean(flag, SIM_FLAGS)}", True))
+            elif problem := value_problem(SIM_FLAGS[flag], value):
+                problems.append((loc + (key,), problem, False))
     return problems
 
 

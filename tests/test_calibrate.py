@@ -231,11 +231,11 @@ def test_the_profile_loader_resolves_against_the_topology_folder_not_the_cwd(tmp
 
 def test_every_profile_cost_is_a_flag_the_sim_models():
     """The sim ignores flags it does not know: a profile cost without a sim flag would silently do nothing."""
-    from epdctl.sim.__main__ import COST_FLAGS as SIM_FLAGS
+    from epdctl.simflags import COST_FLAGS
     from epdctl.simprofile import Costs
 
-    sim_flags = {flag for flag, _, _ in SIM_FLAGS}
+    sim_flags = {flag.name for flag in COST_FLAGS}
     for role in ("encode", "prefill", "decode", "pd"):
         flags = Costs().flags(role)
-        assert {f"--{flag}" for flag in flags} <= sim_flags, role
+        assert set(flags) <= sim_flags, role
     assert len(Costs().flags("encode")) == len(Costs.model_fields)  # every cost reaches some instance

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import subprocess
@@ -23,6 +24,7 @@ from epdctl.devices import detect_device_count
 from epdctl.errors import EXIT_USAGE, EpdctlError
 from epdctl.plan import build_plan
 from epdctl.shellscript import render_script
+from epdctl.simflags import SIM_FLAGS
 from epdctl.topology import MAX_ARG_BYTES, load_topology, parse_topology
 
 from conftest import TOPOLOGIES, epdctl
@@ -77,7 +79,25 @@ def assert_runnable(topology) -> None:
             assert "\0" not in word and len(os.fsencode(word)) <= MAX_ARG_BYTES
         assert all(ENV_NAME.fullmatch(name) for name in spec.env)
         assert all(1 <= port <= 65535 for port in spec.ports())
+    if topology.engine == "sim":
+        for spec in plan.instances:
+            assert_sim_takes_its_flags(spec.argv[spec.argv.index("epdctl.sim") + 1:])
     render_script(plan, "t.yaml")
+
+
+def assert_sim_takes_its_flags(argv) -> None:
+    """The sim's own parser accepts every `--sim-*` flag validate let through (other flags are vLLM's business)."""
+    import contextlib
+    import io
+
+    from epdctl.sim.__main__ import parse_args
+
+    stderr = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(stderr):
+            parse_args(list(argv))
+    except SystemExit:
+        assert "--sim-" not in stderr.getvalue(), (argv, stderr.getvalue())
 
 
 def cli_refusal(*args: str, env: dict | None = None) -> str:
@@ -462,6 +482,43 @@ def test_flow_variable_hint_through_the_cli(tmp_path):
     assert "quote a variable" in cli_refusal("validate", str(path))
 
 
+# ---------------------------------------------------------------- checks made at validate, not at up (#28)
+
+
+def test_a_misspelt_sim_flag_is_refused_before_anything_starts(tmp_path, state_dir):
+    """It used to start, the sim noting "ignoring flags" in its log; a negative one died at up with argparse's usage."""
+    from conftest import assert_no_orphans, write_sim_topology
+
+    for timings, problem in (("sim-ttft-ms: 5, sim-encode-msx: 5",
+                              "defaults.args.sim-encode-msx: the sim has no flag --sim-encode-msx "
+                              "(did you mean sim-encode-ms?)"),
+                             ("sim-ttft-ms: 5, sim-encode-ms: -5",
+                              "defaults.args.sim-encode-ms: must be a number of milliseconds, 0 or more (got -5)")):
+        path, ports = write_sim_topology(tmp_path, "1e1pd", name="flags", timings=timings)
+        assert cli_refusal("validate", str(path)) == f"epdctl: {path}:5: {problem}"
+        assert cli_refusal("up", "-d", str(path)) == f"epdctl: {path}:5: {problem}"
+        assert_no_orphans(str(state_dir), list(ports.values()))
+
+
+def test_every_line_of_a_report_of_several_problems_names_epdctl(tmp_path):
+    path = tmp_path / "t.yaml"
+    path.write_text(GOOD.replace("encode: [", "encoder: [").replace("{port: 9002}", "{port: 9002, prot: 1}"))
+    result = epdctl("validate", str(path), timeout=60)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.splitlines() == [f"epdctl: {path}:5: encoder: unknown key (did you mean encode?)",
+                                          f"epdctl: {path}:6: pd[0].prot: unknown key (did you mean port?)"]
+    path.write_text(GOOD.replace("{port: 9002}", "{port: 9001, args: {sim-tpot-ms: -1}}"))
+    lines = epdctl("validate", str(path), timeout=60, check=2).stderr.splitlines()
+    assert len(lines) == 2 and all(line.startswith(f"epdctl: {path}:6: pd[0].") for line in lines), lines
+
+
+def test_a_sim_topology_without_a_platform_plans_on_cpu(tmp_path):
+    path = tmp_path / "t.yaml"
+    path.write_text(GOOD.replace("platform: cpu\n", ""))
+    plan = json.loads(epdctl("plan", str(path), "--json", timeout=60, check=0).stdout)
+    assert plan["platform"] == "cpu"
+
+
 # ---------------------------------------------------------------- fuzzing the loader
 
 
@@ -507,6 +564,7 @@ SLOTS = {
     ("last", "env"): st.dictionaries(hostile_text, scalars, max_size=3),
     ("last", "gpu_memory_utilization"): st.floats(),
 }
+sim_flag_names = st.sampled_from(sorted(SIM_FLAGS) + ["sim-encode-msx", "sim_ttft_ms", "--sim-tpot-ms", "no-sim-ignore-sigterm"])
 
 
 @st.composite
@@ -541,5 +599,14 @@ def test_fuzz_structured_topologies(data, flow):
     except yaml.YAMLError:  # e.g. a lone surrogate PyYAML cannot write
         text = yaml.safe_dump(data, default_flow_style=flow, allow_unicode=False)
     result = outcome(text)
+    if not isinstance(result, str):
+        assert_runnable(result)
+
+
+@FUZZ
+@given(st.dictionaries(sim_flag_names, values, max_size=4))
+def test_fuzz_sim_flags(args):
+    """Whatever validate lets through, the sim's own parser takes: a bad `sim-*` value never waits for `up`."""
+    result = outcome(yaml.safe_dump({**yaml.safe_load(GOOD), "defaults": {"args": args}}))
     if not isinstance(result, str):
         assert_runnable(result)

@@ -131,6 +131,29 @@ BAD = [
      "t.yaml:1: model: ${MODEL_PATH} is not set: point it at the weights"),
     ("device-outside-machine", "model: m\npd: [{port: 1, devices: [3]}]\n",
      "t.yaml:2: pd[0].devices: device 3 is outside this machine (2 devices: 0..1)"),
+    # Issue #28: what `up` used to find out (or never did), and "did you mean".
+    ("misspelt-sim-flag", GOOD_1E1PD + "defaults: {args: {sim-encode-msx: 5}}\n",
+     "t.yaml:7: defaults.args.sim-encode-msx: the sim has no flag --sim-encode-msx (did you mean sim-encode-ms?)"),
+    ("negative-sim-flag", GOOD_1E1PD.replace("{port: 9002}", "{port: 9002, args: {sim-encode-ms: -5}}"),
+     "t.yaml:6: pd[0].args.sim-encode-ms: must be a number of milliseconds, 0 or more (got -5)"),
+    ("nan-sim-flag", GOOD_1E1PD + "defaults:\n  args:\n    sim_ttft_ms: .nan\n",
+     "t.yaml:9: defaults.args.sim_ttft_ms: must be a number of milliseconds, 0 or more (got nan)"),
+    ("infinite-sim-flag", GOOD_1E1PD + "defaults: {args: {--sim-exit-after-s: .inf}}\n",
+     "t.yaml:7: defaults.args.--sim-exit-after-s: must be a number of seconds, 0 or more (got inf)"),
+    ("sim-flag-of-wrong-type", GOOD_1E1PD + "defaults: {args: {sim-tpot-ms: fast}}\n",
+     "t.yaml:7: defaults.args.sim-tpot-ms: must be a number of milliseconds, 0 or more (got 'fast')"),
+    ("sim-flag-as-a-switch", GOOD_1E1PD + "defaults: {args: {sim-tpot-ms: true}}\n",
+     "t.yaml:7: defaults.args.sim-tpot-ms: must be a number of milliseconds, 0 or more (got True)"),
+    ("sim-switch-with-a-number", GOOD_1E1PD.replace("{port: 9001}", "{port: 9001, args: {sim-ignore-sigterm: 1}}"),
+     "t.yaml:5: encode[0].args.sim-ignore-sigterm: must be true or false (got 1)"),
+    ("sim-choice", GOOD_1E1PD.replace("{port: 9001}", "{port: 9001, args: {sim-spawn-child: thread}}"),
+     "t.yaml:5: encode[0].args.sim-spawn-child: must be one of group, session (got 'thread')"),
+    ("unknown-key-did-you-mean", GOOD_1E1PD.replace("encode: [", "encoder: ["),
+     "t.yaml:5: encoder: unknown key (did you mean encode?)"),
+    ("nested-unknown-key-did-you-mean", GOOD_1E1PD.replace("{port: 9002}", "{prot: 9002, port: 9002}"),
+     "t.yaml:6: pd[0].prot: unknown key (did you mean port?)"),
+    ("restart-key-did-you-mean", GOOD_1E1PD + "restart: {max_restart: 3}\n",
+     "t.yaml:7: restart.max_restart: unknown key (did you mean max_restarts?)"),
 ]
 
 
@@ -141,6 +164,30 @@ def test_bad_topology_is_one_clear_line(text, expected):
     for line in message.splitlines():
         assert line.startswith("t.yaml:"), line
         assert "Traceback" not in line
+
+
+def test_an_unknown_key_like_no_other_gets_no_suggestion():
+    assert error_of(GOOD_1E1PD + "gpus: 3\n") == "t.yaml:7: gpus: unknown key"
+
+
+def test_good_sim_flags_pass_at_every_level():
+    text = GOOD_1E1PD.replace("{port: 9001}", "{port: 9001, args: {sim-encode-ms: '30', sim-spawn-child: group}}")
+    text += ("defaults: {args: {sim_ttft_ms: 0, --sim-tpot-ms: 2.5, sim-ignore-sigterm: false, "
+             "no-sim-ignore-sigterm: true, sim-exit-after-s: null, max-num-seqs: 4, enforce-eager: true}}\n")
+    assert load(text).defaults.args["sim_ttft_ms"] == 0
+
+
+def test_sim_flags_are_the_sims_business_only():
+    """A vLLM topology's args go to vLLM, which refuses what it does not know by itself."""
+    text = "model: m\nplatform: cpu\npd: [{port: 1, args: {sim-encode-msx: -5}}]\n"
+    assert load(text).pd[0].args == {"sim-encode-msx": -5}
+
+
+def test_a_sim_topology_runs_on_cpu_unless_it_says_otherwise():
+    topology = load("model: m\nengine: sim\npd: [{port: 1}]\n")
+    assert topology.platform == "cpu"
+    assert "devices: required on platform cuda" in error_of("model: m\nengine: sim\nplatform: cuda\npd: [{port: 1}]\n")
+    assert load("model: m\npd: [{port: 1, devices: [0]}]\n").platform == "cuda"  # vllm's default stays
 
 
 def test_all_cross_field_problems_reported_together():

@@ -21,20 +21,8 @@ contracts so a disaggregated topology can run and be proven on a machine with no
 Flags of `vllm serve` that it does not model are accepted and ignored."""
 
 from epdctl.sim.costmodel import DEFAULT_MAX_NUM_BATCHED_TOKENS, DEFAULT_MAX_NUM_SEQS
+from epdctl.simflags import COST_FLAGS, TESTING_FLAGS, SimFlag, value_problem
 
-# The cost model's flags (ms): (flag, default, what it costs).
-COST_FLAGS = (
-    ("--sim-ttft-ms", 20.0, "Time of a step that prefills: a request alone gets its first token after it; "
-                            "prompts prefilled together share it"),
-    ("--sim-prefill-request-ms", 0.0, "Added to a prefill step per request it prefills"),
-    ("--sim-prefill-token-ms", 0.0, "Added to a step per prompt token it prefills"),
-    ("--sim-encode-ms", 10.0, "Encode time per media item not loaded from the EC; items in one step add up"),
-    ("--sim-encode-base-ms", 0.0, "Added once to a step that encodes anything"),
-    ("--sim-ec-load-ms", 0.0, "Added to a step per media item a consumer loads from the EC"),
-    ("--sim-tpot-ms", 2.0, "Time of a step that decodes: time per output token after the first"),
-    ("--sim-step-per-seq-ms", 0.0, "Added to each step per running request: what batching costs"),
-    ("--sim-request-ms", 0.0, "The API server's work per request, one request at a time, before the step loop"),
-)
 _IDLE_CHILD = "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nwhile True: time.sleep(1)\n"
 
 
@@ -53,8 +41,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--limit-mm-per-prompt", type=_mm_limits, default={}, metavar="JSON",
                         help='Media items per prompt, as vLLM: \'{"image": 4}\' (default 999 per modality).')
     sim = parser.add_argument_group("simulation (epdctl/sim/costmodel.py; README: the simulated engine)")
-    for flag, default, text in COST_FLAGS:
-        sim.add_argument(flag, type=float, default=default, help=f"{text} (default {default:g}).")
+    for flag in COST_FLAGS:
+        _add_flag(sim, flag)
     parser.add_argument("--max-num-seqs", type=int, default=DEFAULT_MAX_NUM_SEQS,
                         help=f"Requests running at once, as vLLM's flag; the rest wait, first come first served "
                              f"(default {DEFAULT_MAX_NUM_SEQS}, vLLM's for a GPU server).")
@@ -62,11 +50,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                         help=f"Tokens per step, as vLLM's flag: longer prompts are prefilled in chunks "
                              f"(default {DEFAULT_MAX_NUM_BATCHED_TOKENS}).")
     testing = parser.add_argument_group("testing the supervisor")
-    testing.add_argument("--sim-startup-ms", type=float, default=0.0, help="Wait before listening (a slow start).")
-    testing.add_argument("--sim-exit-after-s", type=float, help="Exit with code 3 after this many seconds (a crash).")
-    testing.add_argument("--sim-ignore-sigterm", action="store_true", help="Ignore SIGTERM (needs SIGKILL).")
-    testing.add_argument("--sim-spawn-child", choices=["group", "session"],
-                         help="Start a child that ignores SIGTERM, in our process group or its own session (like vLLM's EngineCore).")
+    for flag in TESTING_FLAGS:
+        _add_flag(testing, flag)
     model = None
     if argv and not argv[0].startswith("-"):
         model, argv = argv[0], argv[1:]
@@ -77,10 +62,22 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     for flag in ("max_num_seqs", "max_num_batched_tokens"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
-    for flag, _, _ in COST_FLAGS:
-        if not getattr(args, flag[2:].replace("-", "_")) >= 0:  # also refuses nan
-            parser.error(f"{flag} must be a number >= 0")
+    for flag in COST_FLAGS + TESTING_FLAGS:
+        value = getattr(args, flag.name.replace("-", "_"))
+        problem = value_problem(flag, value)
+        if problem:  # nan, inf and negative times: validate refuses the same values (epdctl/simflags.py)
+            parser.error(f"--{flag.name} {problem}")
     return args, unknown
+
+
+def _add_flag(group, flag: SimFlag) -> None:
+    if flag.kind == "switch":
+        group.add_argument(f"--{flag.name}", action="store_true", help=f"{flag.help}.")
+    elif flag.kind == "choice":
+        group.add_argument(f"--{flag.name}", choices=flag.choices, help=f"{flag.help}.")
+    else:
+        default = "" if flag.default is None else f" (default {flag.default:g})"
+        group.add_argument(f"--{flag.name}", type=float, default=flag.default, help=f"{flag.help}{default}.")
 
 
 def _mm_limits(raw: str) -> dict[str, int]:
