@@ -18,7 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import assert_no_orphans, epdctl, http_post, wait_healthy, write_sim_topology
+from conftest import assert_no_orphans, epdctl, free_ports, http_post, wait_healthy, write_sim_topology
 
 ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give files to another uid")
 OTHER_UID = 54321  # no such user is needed: root can chown to any uid
@@ -180,9 +180,8 @@ def test_state_planted_by_another_user_is_not_trusted(tmp_path, state_dir):
 @ROOT_ONLY
 def test_our_own_state_never_signals_another_users_process(tmp_path, state_dir):
     """Even a state file of ours (say, edited by hand) cannot make epdctl signal another user."""
-    other = _sleeper(uid=OTHER_UID)
+    other = _sleeper(uid=OTHER_UID)  # Popen returns once it has exec'd: its uid and start time are set
     try:
-        time.sleep(0.1)
         created = psutil.Process(other.pid).create_time()
         folder = state_dir / "mine"
         folder.mkdir(parents=True, mode=0o700)
@@ -374,10 +373,13 @@ def test_ctrl_c_during_start_up_says_it_is_stopping(tmp_path, state_dir):
 
 def test_status_after_command_not_found_names_the_reason(tmp_path, state_dir):
     topology = tmp_path / "nobin.yaml"
-    port, proxy = 23000 + os.getpid() % 500, 23600 + os.getpid() % 500
+    # Free ports, not ports made from our pid: another run's instance on one made `up` fail on the
+    # busy port before it tried the command, and left status no instance to show (an IndexError).
+    port, proxy = free_ports(2)
     topology.write_text(f"model: m\nplatform: cpu\nvllm_command: [no-such-vllm-binary, serve]\npd: [{{port: {port}}}]\n"
                         f"proxy: {{port: {proxy}}}\n")
-    epdctl("up", "-d", str(topology))
+    up = epdctl("up", "-d", str(topology))
+    assert up.returncode == 1 and "cannot start 'no-such-vllm-binary': command not found" in up.stderr, up.stderr
     status = json.loads(epdctl("status", "nobin", "--json").stdout)
     pd = status["instances"][0]
     assert pd["pid"] is None and pd["exit_code"] is None
