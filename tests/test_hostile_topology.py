@@ -113,9 +113,7 @@ def cli_refusal(*args: str, env: dict | None = None) -> str:
 
 
 def test_billion_laughs_is_refused_at_once():
-    started = time.monotonic()
-    message = error_of(billion_laughs())
-    assert time.monotonic() - started < 5
+    message = error_of(billion_laughs())  # expanded, it would never end: refused by the budget while composing
     assert message.startswith("t.yaml:") and "once aliases are expanded" in message
 
 
@@ -123,9 +121,7 @@ def test_billion_laughs_through_the_cli(tmp_path):
     path = tmp_path / "laughs.yaml"
     path.write_text(billion_laughs())
     assert len(path.read_bytes()) < 1024
-    started = time.monotonic()
     line = cli_refusal("validate", str(path))
-    assert time.monotonic() - started < 5 + 10  # generous: interpreter start-up on a busy machine
     assert line.startswith(f"epdctl: {path}:") and "aliases" in line
 
 

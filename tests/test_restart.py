@@ -113,20 +113,17 @@ def test_sigkill_of_an_instance_or_the_proxy_heals_within_seconds(victim, tmp_pa
     proxy = f"http://127.0.0.1:{ports['proxy']}"
     try:
         with Load(proxy, IMAGE_CHAT) as load:
-            time.sleep(0.5)
+            wait_for(lambda: len(load.codes) >= 3, 20, "the load to be answered")
             before = _entry(_status(name), victim)
             os.kill(before["pid"], signal.SIGKILL)
-            killed_at = time.monotonic()
             healed = wait_for(lambda: (lambda e: e if e["state"] == "healthy" and e["restarts"] == 1 else None)(
                 _entry(_status(name), victim)), 20, f"{victim} to be restarted and healthy")
-            took = time.monotonic() - killed_at
             assert healed["pid"] != before["pid"] and healed["last_exit"]["code"] == -signal.SIGKILL
             # Requests succeed again once it is back (the proxy takes a restarted backend back by its probes).
             wait_for(lambda: http_post(proxy + "/v1/chat/completions", IMAGE_CHAT)[0] == 200, 10, "a 200 again")
             count = len(load.codes)
-            time.sleep(1.0)
+            wait_for(lambda: len(load.codes) >= count + 10, 30, "ten more answers")
             assert load.codes[count:] and all(code == 200 for code in load.codes[count:]), load.codes[count:]
-        assert took < 15, f"healing took {took:.1f}s"
         events = [json.loads(line) for line in (state_dir / name / "events.jsonl").read_text().splitlines()]
         mine = [e["event"] for e in events if e["process"] == victim]
         assert mine[-4:] == ["exited", "restarting", "started", "restarted"] or \
@@ -217,8 +214,8 @@ def test_up_again_adopts_the_processes_of_a_killed_supervisor(tmp_path, state_di
     try:
         state = json.loads((state_dir / "adopt" / "state.json").read_text())
         os.kill(state["supervisor"]["pid"], signal.SIGKILL)
-        time.sleep(0.3)
-        status = _status("adopt")
+        status = wait_for(lambda: (lambda s: s if s["supervisor"]["state"] == "gone" else None)(_status("adopt")), 20,
+                          "status to see the supervisor gone")
         assert status["supervisor"]["state"] == "gone" and "adopts the running processes" in status["warning"]
         assert "the supervisor (pid" in epdctl("status", "adopt").stdout
         pids = {p["name"]: p["pid"] for p in state["processes"]}

@@ -7,7 +7,6 @@ import json
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 
 import pytest
@@ -81,7 +80,7 @@ def test_consumer_loads_what_the_producer_wrote_and_misses_otherwise(procs, tmp_
 def test_prefill_decode_pair_shows_a_remote_prefill(procs):
     p_port, d_port = free_ports(2)
     p = procs.sim(p_port, "--kv-transfer-config", kv_json("kv_producer"), "--sim-ttft-ms", "1500")
-    d = procs.sim(d_port, "--kv-transfer-config", kv_json("kv_consumer"), "--sim-ttft-ms", "1500")
+    d = procs.sim(d_port, "--kv-transfer-config", kv_json("kv_consumer"), "--sim-ttft-ms", "3600000")  # an hour
     body = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 1,
             "kv_transfer_params": {"do_remote_decode": True}}
     status, raw = http_post(p + "/v1/chat/completions", body)
@@ -89,15 +88,13 @@ def test_prefill_decode_pair_shows_a_remote_prefill(procs):
     kv = json.loads(raw)["kv_transfer_params"]
     assert kv["do_remote_prefill"] is True
     assert {"remote_engine_id", "remote_block_ids", "remote_host", "remote_port"} <= set(kv)
-    started = time.monotonic()
+    # Answered at all, the decoder did not do its hour of prefill: the KV came from P.
     status, raw = http_post(d + "/v1/chat/completions",
                             {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 2, "kv_transfer_params": kv})
-    elapsed = time.monotonic() - started
     assert status == 200
     m = metrics(d)
     assert m["epdctl_sim_remote_prefills_total"] == 1 and m["epdctl_sim_prefills_total"] == 0
     assert metrics(p)["epdctl_sim_prefills_total"] == 1
-    assert elapsed < 1.0, "the decoder did the 1.5 s prefill although the KV came from P"
 
 
 def test_openai_client_streaming_and_not(procs):
@@ -156,13 +153,11 @@ def test_busy_port_fails_fast_naming_the_port():
     holder.listen()
     port = holder.getsockname()[1]
     try:
-        started = time.monotonic()
         result = subprocess.run([sys.executable, "-m", "epdctl.sim", "m", "--port", str(port)],
                                 capture_output=True, text=True, timeout=30)
         assert result.returncode != 0
         assert f"port {port}" in result.stderr and "already in use" in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
-        assert time.monotonic() - started < 10
     finally:
         holder.close()
 

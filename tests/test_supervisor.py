@@ -111,12 +111,11 @@ def test_sigkill_of_the_detached_supervisor_then_down(tmp_path, state_dir):
 
 
 def test_child_dying_at_startup_fails_fast_and_leaves_nothing(tmp_path, state_dir):
-    topology, ports = write_sim_topology(tmp_path, "1e1pd", name="dies", health_timeout=60,
+    # A health deadline of an hour: `up` that came back at all did not wait it out.
+    topology, ports = write_sim_topology(tmp_path, "1e1pd", name="dies", health_timeout=3600,
                                          instance_args={"pd-0": {"sim-startup-ms": 300, "sim-exit-after-s": 0}})
-    started = time.monotonic()
     result = epdctl("up", "-d", str(topology))
     assert result.returncode == 1, result.stdout + result.stderr
-    assert time.monotonic() - started < 20
     assert "pd-0 exited with code 3 during start-up" in result.stderr
     assert "pd-0 | " in result.stderr  # the last lines of its log
     assert "Traceback" not in result.stderr
@@ -126,14 +125,12 @@ def test_child_dying_at_startup_fails_fast_and_leaves_nothing(tmp_path, state_di
 def test_child_dying_after_it_was_healthy_while_others_start_fails_fast(tmp_path, state_dir):
     # pd-0 is healthy at once and dies at 1 s; encode-0 takes 4 s to listen. The start must fail
     # on pd-0's death, not wait out the deadline of the proxy that waits on it.
-    topology, ports = write_sim_topology(tmp_path, "1e1pd", name="dies-later", health_timeout=60,
+    topology, ports = write_sim_topology(tmp_path, "1e1pd", name="dies-later", health_timeout=3600,
                                          instance_args={"pd-0": {"sim-exit-after-s": 1},
                                                         "encode-0": {"sim-startup-ms": 4000}},
                                          extra="restart: no")
-    started = time.monotonic()
     result = epdctl("up", "-d", str(topology))
     assert result.returncode == 1, result.stdout + result.stderr
-    assert time.monotonic() - started < 20
     assert "pd-0 exited with code 3 during start-up" in result.stderr, result.stderr
     assert_no_orphans(str(state_dir), list(ports.values()))
 
@@ -187,11 +184,8 @@ def test_sigterm_ignoring_child_is_killed_within_grace(tmp_path, state_dir):
     topology, ports = write_sim_topology(tmp_path, "1e1pd", name="stubborn",
                                          instance_args={"pd-0": {"sim-ignore-sigterm": True, "sim-spawn-child": "group"}})
     epdctl("up", "-d", str(topology), check=0)
-    started = time.monotonic()
     down = epdctl("down", "stubborn", "-t", "1", check=0)
-    took = time.monotonic() - started
-    assert "pd-0" in down.stdout and "SIGKILL" in down.stdout, down.stdout
-    assert took < 1 + 1 + 1.5, f"down took {took:.1f}s"  # grace + 1 s, plus the CLI's own start-up
+    assert "pd-0" in down.stdout and "killed with SIGKILL after the 1s grace" in down.stdout, down.stdout
     assert_no_orphans(str(state_dir), list(ports.values()))
 
 
