@@ -94,13 +94,18 @@ def test_calibrate_a_running_topology_writes_a_profile_and_a_twin_that_runs_on_i
 
     profile = yaml.safe_load(profile_path.read_text())
     cost = profile["cost"]
-    # The sim's own costs, measured over HTTP on a shared machine: close, not exact.
-    assert cost["prefill_ms"] == pytest.approx(40, rel=0.25), cost
-    assert cost["prefill_token_ms"] == pytest.approx(0.02, rel=0.5), cost
-    assert cost["encode_ms"] == pytest.approx(30, rel=0.25), cost
-    assert cost["decode_ms"] == pytest.approx(4, rel=0.3), cost
-    assert cost["per_seq_ms"] < 2, cost
-    assert cost["ec_load_ms"] == pytest.approx(6, abs=3), cost
+    # The sim's own costs, measured over HTTP: a sleep is never shorter than asked, so each fit is at
+    # least (about) the cost the sim was given; a busy machine only adds to it. The upper bounds only
+    # catch a fit of the wrong thing (another order of magnitude), not a slow machine.
+    def measured(key: str, given: float) -> None:
+        assert 0.8 * given <= cost[key] <= 4 * given + 2, (key, cost)
+
+    measured("prefill_ms", 40)
+    measured("encode_ms", 30)
+    measured("decode_ms", 4)
+    assert 0 <= cost["prefill_token_ms"] <= 0.2, cost
+    assert cost["per_seq_ms"] < 4, cost
+    assert 2 <= cost["ec_load_ms"] <= 40, cost
     assert {p["batch"] for p in profile["fits"]["decode"]["probes"]} == {1, 2, 4, 8}
     assert profile["fits"]["prefill"]["instance"] == "pd-0" and profile["fits"]["encode"]["instance"] == "encode-0"
 
@@ -117,8 +122,8 @@ def test_calibrate_a_running_topology_writes_a_profile_and_a_twin_that_runs_on_i
         report = json.loads(epdctl("bench", "cal-twin", "--num-prompts", "6", "--concurrency", "1", "--max-tokens", "4",
                                    "--image-size", "32", "--json", check=0).stdout)
         assert report["completed"] == 6
-        # Image TTFT on the twin: encode (5 + 30) + prefill (40 + 64 image tokens) as measured, give or take.
-        assert 60 <= report["ttft_ms"]["p50"] <= 150, report["ttft_ms"]
+        # Image TTFT on the twin: at least encode (5 + 30) + prefill (40 + 64 image tokens) as measured.
+        assert report["ttft_ms"]["p50"] >= 0.8 * (cost["encode_ms"] + cost["prefill_ms"]), report["ttft_ms"]
     finally:
         epdctl("down", "cal-twin", check=0)
         assert_no_orphans(str(state_dir), list(ports.values()))

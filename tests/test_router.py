@@ -109,12 +109,13 @@ def test_plan_runs_vllm_router_with_the_kv_handoff_and_pd_workers(tmp_path):
     assert "--policy round_robin" in joined and f"--max-payload-size {2 * 1024 * 1024}" in joined
     assert f"--prometheus-port {ports[4]}" in joined and "--worker-startup-timeout-secs 60" in joined
     assert plan.proxy.ports() == (ports[3], ports[4])  # up checks both free before it starts anything
-    # Whole seconds that fit the router's integer, whatever the file says (.inf is "never").
+    # Whole seconds that fit the router's integer, whatever the file says (.inf is "never"); a proxy
+    # timeout is at most a week (validate refuses more, as the built-in proxy would).
     endless = path.read_text().replace("health: {timeout_s: 60", "health: {timeout_s: .inf").replace(
-        "max_body_mb: 2", "max_body_mb: 2, decode_timeout_s: 1e30")
+        "max_body_mb: 2", "max_body_mb: 2, decode_timeout_s: 604799.5")
     argv = list(build_plan(parse_topology(endless, str(path))).proxy.argv)
-    assert argv[argv.index("--request-timeout-secs") + 1] == argv[argv.index("--worker-startup-timeout-secs") + 1] \
-        == "1000000000"
+    assert argv[argv.index("--worker-startup-timeout-secs") + 1] == "1000000000"
+    assert argv[argv.index("--request-timeout-secs") + 1] == "604800"
     pd = pd_file(tmp_path, roles=f"pd: [{{port: {ports[0]}}}, {{port: {ports[1]}}}]")[0]
     argv = list(build_plan(parse_topology(pd.read_text(), str(pd))).proxy.argv)
     assert "--vllm-pd-disaggregation" not in argv and argv[argv.index("--worker-urls") + 1].endswith(str(ports[0]))
