@@ -167,7 +167,7 @@ def plan(
     if format == "json":
         print(json.dumps(the_plan.to_json(), indent=2))
     elif format == "sh":
-        from epdctl.shellscript import render_script
+        from epdctl.export.sh import render_script
 
         print(render_script(the_plan, str(file)), end="")
     else:
@@ -316,7 +316,7 @@ def export_k8s(
     check: Annotated[bool, typer.Option("--check", help="Validate every manifest against the Kubernetes schema.")] = False,
 ) -> None:
     """Write kubectl-apply-ready manifests (and a kustomization.yaml) for the topology."""
-    from epdctl.k8s import export
+    from epdctl.export.k8s import export
 
     file = _topology_file(file)
     topology = _load(file, on_this_machine=False)  # its devices and folders are the cluster's

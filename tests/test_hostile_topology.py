@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from epdctl.devices import detect_device_count
 from epdctl.errors import EXIT_USAGE, EpdctlError
 from epdctl.plan import build_plan
-from epdctl.shellscript import render_script
+from epdctl.export.sh import render_script
 from epdctl.simflags import SIM_FLAGS
 from epdctl.topology import MAX_ARG_BYTES, load_topology, parse_topology
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from epdctl.k8s import DNS_LABEL, manifests, validate
+from epdctl.export.k8s import DNS_LABEL, manifests, validate
 from epdctl.topology import load_topology
 
 from conftest import TOPOLOGIES, epdctl

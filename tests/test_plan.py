@@ -201,7 +201,7 @@ def test_plan_json_matches_the_contract():
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 @pytest.mark.parametrize("name", ["1e1p1d.yaml", "sim-1e1pd.yaml"])
 def test_sh_script_is_valid_bash(name, tmp_path):
-    from epdctl.shellscript import render_script
+    from epdctl.export.sh import render_script
 
     script = tmp_path / "run.sh"
     script.write_text(render_script(plan_of(name), name))

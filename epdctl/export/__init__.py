@@ -1,0 +1,1 @@
+"""Exporters: a topology written out for another launcher (Kubernetes manifests, a shell script)."""
