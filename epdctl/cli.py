@@ -1,7 +1,7 @@
 """The `epdctl` command line. Thin: parse, call one function, print.
 
 Imports of anything heavy (aiohttp, the proxy, vllm, torch) happen inside the commands, so
-`epdctl --help` and `epdctl plan` start fast (DESIGN §7.9). Typer itself costs more to import
+`epdctl --help` and `epdctl plan` start fast (docs/design.md, Style rules). Typer itself costs more to import
 and set up than validating a file, so `validate`, `plan` and `--version` in their plain forms
 are parsed by `_fast_command` without it; everything else (help, errors in the arguments)
 goes to the typer app, which `_typer_app` builds on demand.

@@ -1,8 +1,8 @@
-"""The one error type library code raises (DESIGN §7.7)."""
+"""The one error type library code raises (docs/design.md, Style rules)."""
 
 from __future__ import annotations
 
-# Exit codes of DESIGN §4.
+# Exit codes (docs/design.md, Contracts).
 EXIT_RUNTIME = 1
 EXIT_USAGE = 2
 EXIT_NOTHING_RUNNING = 3

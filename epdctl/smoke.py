@@ -25,7 +25,7 @@ from epdctl.plan import Plan, ProcessSpec
 
 REQUEST_TIMEOUT_S = 600.0  # a real model's first request can take long to warm up
 
-# Counters the sim exports (DESIGN §5).
+# Counters the sim exports (docs/design.md, Separate processes: the proxy and the sim).
 SIM = {
     "requests": "epdctl_sim_requests_total",
     "encoded": "epdctl_sim_encoded_items_total",

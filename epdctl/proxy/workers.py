@@ -3,7 +3,7 @@
 Each worker binds the port with SO_REUSEPORT, so the kernel spreads client connections over
 them; the parent only starts, watches and stops its workers. Workers share nothing: each
 balances by its own in-flight requests, ejects failing instances and remembers encoder
-affinity on its own (README: The proxy). Their metrics are summed across workers through
+affinity on its own (docs/proxy.md). Their metrics are summed across workers through
 prometheus_client's multiprocess mode, in a private folder the parent makes and removes.
 
 A worker that dies takes the whole proxy down with a non-zero exit, so `up` reports it and the

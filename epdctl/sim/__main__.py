@@ -40,7 +40,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                         help="Context length: longer prompts, and max_tokens beyond it, get vLLM's 400.")
     parser.add_argument("--limit-mm-per-prompt", type=_mm_limits, default={}, metavar="JSON",
                         help='Media items per prompt, as vLLM: \'{"image": 4}\' (default 999 per modality).')
-    sim = parser.add_argument_group("simulation (epdctl/sim/costmodel.py; README: the simulated engine)")
+    sim = parser.add_argument_group("simulation (epdctl/sim/costmodel.py; docs/sim.md)")
     for flag in COST_FLAGS:
         _add_flag(sim, flag)
     parser.add_argument("--max-num-seqs", type=int, default=DEFAULT_MAX_NUM_SEQS,
