@@ -240,8 +240,8 @@ def _median_by(probes: list[dict[str, float]], key: Callable[[dict], tuple], val
 def fit_profile(model: str, targets: dict[str, Target], encode: list[dict], prefill: list[dict],
                 decode: list[dict], source: dict[str, str], consumer: Optional[list[dict]] = None):
     """The profile from probe data: decode first (its per_seq_ms enters the others), then prefill, then encode."""
+    from epdctl.config.profile import Costs, Fit, SimProfile, rounded
     from epdctl.costfit import fit_nonnegative
-    from epdctl.simprofile import Costs, Fit, SimProfile, rounded
 
     points = _median_by(decode, lambda p: (p["batch"],), "tpot_ms")
     dfit = fit_nonnegative([[1.0, b] for (b,), _ in points], [y for _, y in points])
@@ -426,7 +426,8 @@ def write_twin(state: dict[str, Any], profile_path: Path, twin_path: Path) -> No
     import yaml
 
     from epdctl.atomicfile import write_output
-    from epdctl.topology import ROLES, load_topology
+    from epdctl.config.load import load_topology
+    from epdctl.config.schema import ROLES
 
     source = state.get("source")
     if not source:
@@ -446,8 +447,8 @@ def write_twin(state: dict[str, Any], profile_path: Path, twin_path: Path) -> No
 
 def main(argv: list[str]) -> int:
     from epdctl.atomicfile import write_output
+    from epdctl.config.profile import dump_profile
     from epdctl.names import topology_name
-    from epdctl.simprofile import dump_profile
 
     args = parse_args(argv)
 

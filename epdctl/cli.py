@@ -97,8 +97,8 @@ def _traceback_if_verbose() -> None:
 
 def _load(file: Path, on_this_machine: bool = True):
     """The topology, checked against this machine's devices and folders when it runs here."""
+    from epdctl.config.load import load_topology
     from epdctl.devices import detect_device_count
-    from epdctl.topology import load_topology
 
     if not on_this_machine:
         return load_topology(file)
@@ -138,7 +138,7 @@ NAME_HELP = "Topology name, or its YAML file."
 @_command
 def validate(file: Annotated[str, typer.Argument(help=FILE_HELP, show_default=False)]) -> None:
     """Check a topology file. Exit 0 when it is valid, 2 with FILE:LINE: errors when not."""
-    from epdctl.yamlmarks import one_line
+    from epdctl.config.yamlmarks import one_line
 
     file = _topology_file(file)
     topology = _load(file)

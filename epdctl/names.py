@@ -32,7 +32,7 @@ def shipped_topologies() -> dict[str, Path]:
 def topology_name(argument: str) -> str:
     """The running topology a NAME-taking command acts on: a NAME as it is, or a FILE's `name:`."""
     if is_file_argument(argument):
-        from epdctl.topology import load_topology
+        from epdctl.config.load import load_topology
 
         return load_topology(argument).name
     from epdctl.state import check_name  # not at the top: `plan FILE` need not import psutil
@@ -70,7 +70,7 @@ def did_you_mean(argument: str, names) -> str:
 
 def describe_shipped() -> list[str]:
     """`epdctl topologies`: one line each, name, engine, platform and roles."""
-    from epdctl.topology import load_topology
+    from epdctl.config.load import load_topology
 
     rows = []
     for name, path in shipped_topologies().items():

@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
-from epdctl.topology import EC_CPU, EC_MOONCAKE, ROUTER_KV_CONNECTORS, RestartSpec, Topology, router_metrics_host
+from epdctl.config.schema import EC_CPU, EC_MOONCAKE, ROUTER_KV_CONNECTORS, RestartSpec, Topology, router_metrics_host
 
 LOOPBACK = "127.0.0.1"
 ENCODER_MIN_BATCHED_TOKENS = 114688  # the seeds' value: a whole multi-image prompt in one step

@@ -16,7 +16,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Optional
 
-from epdctl.topology import RestartSpec
+from epdctl.config.schema import RestartSpec
 
 
 @dataclass(frozen=True)

@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from epdctl.cliparse import CommandParser
+from epdctl.config.schema import ROLES, Topology, effective_memory_fraction
 from epdctl.errors import EXIT_USAGE, EpdctlError
-from epdctl.topology import ROLES, Topology, effective_memory_fraction
 
 _SPLIT = re.compile(r"(?:(?P<e>\d+)e)?(?:(?P<p>\d+)p(?P<d>\d+)d|(?P<pd>\d*)pd)")
 ROLE_LETTERS = {"encode": "e", "prefill": "p", "decode": "d", "pd": "pd"}
@@ -175,8 +175,8 @@ def _used_devices(data: dict[str, Any], platform: str) -> int:
 def _load(data: dict[str, Any], split: str, device_count: Optional[int]):
     import yaml
 
+    from epdctl.config.load import parse_topology
     from epdctl.plan import build_plan
-    from epdctl.topology import parse_topology
 
     from epdctl.commands import python_command, router_command
 
@@ -317,9 +317,9 @@ def sweep(base: Topology, splits: list[str], devices: list[int], bench_args: arg
 
 
 def main(argv: list[str]) -> int:
+    from epdctl.config.load import load_topology
     from epdctl.devices import detect_device_count
     from epdctl.names import topology_file
-    from epdctl.topology import load_topology
 
     args, bench_args = parse_args(argv)
     base = load_topology(topology_file(args.file))

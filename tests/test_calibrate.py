@@ -11,9 +11,9 @@ import yaml
 from conftest import assert_no_orphans, epdctl, write_sim_topology
 
 from epdctl.calibrate import Target, fit_profile
+from epdctl.config.load import load_topology
 from epdctl.costfit import fit_nonnegative
 from epdctl.errors import EpdctlError
-from epdctl.topology import load_topology
 
 TRUE = {"encode_request_ms": 4.0, "ec_load_ms": 2.5, "prefill_ms": 40.0, "prefill_token_ms": 0.03, "encode_base_ms": 6.0, "encode_ms": 22.0,
         "decode_ms": 3.0, "per_seq_ms": 0.4}
@@ -199,7 +199,7 @@ def test_a_profile_expands_variables_as_a_topology_does(tmp_path):
 
 
 def test_a_written_profile_reads_back_as_written_dollars_included(tmp_path):
-    from epdctl.simprofile import Costs, SimProfile, dump_profile, load_profile
+    from epdctl.config.profile import Costs, SimProfile, dump_profile, load_profile
 
     profile = SimProfile(model="/models/$weird", source={"topology": "/tmp/${x}/t.yaml"}, cost=Costs(decode_ms=1.5))
     (tmp_path / "p.yaml").write_text(dump_profile(profile))
@@ -236,8 +236,8 @@ def test_the_profile_loader_resolves_against_the_topology_folder_not_the_cwd(tmp
 
 def test_every_profile_cost_is_a_flag_the_sim_models():
     """The sim ignores flags it does not know: a profile cost without a sim flag would silently do nothing."""
-    from epdctl.simflags import COST_FLAGS
-    from epdctl.simprofile import Costs
+    from epdctl.config.profile import Costs
+    from epdctl.config.simflags import COST_FLAGS
 
     sim_flags = {flag.name for flag in COST_FLAGS}
     for role in ("encode", "prefill", "decode", "pd"):

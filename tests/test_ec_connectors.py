@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from epdctl.config.load import load_topology
 from epdctl.plan import build_plan
-from epdctl.topology import load_topology
 
 from conftest import REPO, epdctl, free_ports, http_post, wait_healthy
 

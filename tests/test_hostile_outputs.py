@@ -182,8 +182,8 @@ def test_sweep_save_on_a_file_is_refused_before_the_first_split(where, tmp_path,
 
 
 def _fake_outcome(base: Path, split: str):
+    from epdctl.config.load import load_topology
     from epdctl.sweep import Outcome, derive
-    from epdctl.topology import load_topology
 
     report = {"completed": 4, "failed": 0, "request_throughput": 2.0, "ttft_ms": {"p50": 10.0, "p99": 20.0},
               "tpot_ms": {"p50": 1.0, "p99": 2.0}, "samples_ms": {"ttft": [10.0], "tpot": [1.0], "e2e": [12.0]}}

@@ -20,12 +20,13 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from epdctl.config.checks import MAX_ARG_BYTES
+from epdctl.config.load import load_topology, parse_topology
+from epdctl.config.simflags import SIM_FLAGS
 from epdctl.devices import detect_device_count
 from epdctl.errors import EXIT_USAGE, EpdctlError
-from epdctl.plan import build_plan
 from epdctl.export.sh import render_script
-from epdctl.simflags import SIM_FLAGS
-from epdctl.topology import MAX_ARG_BYTES, load_topology, parse_topology
+from epdctl.plan import build_plan
 
 from conftest import TOPOLOGIES, epdctl
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
+from epdctl.config.load import load_topology
 from epdctl.export.k8s import DNS_LABEL, manifests, validate
-from epdctl.topology import load_topology
 
 from conftest import TOPOLOGIES, epdctl
 

@@ -8,8 +8,8 @@ import subprocess
 
 import pytest
 
+from epdctl.config.load import load_topology, parse_topology
 from epdctl.plan import build_plan, flags_to_argv, merge_flags
-from epdctl.topology import load_topology, parse_topology
 
 from conftest import TOPOLOGIES
 

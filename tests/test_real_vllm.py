@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from epdctl.config.load import load_topology
 from epdctl.plan import build_plan
-from epdctl.topology import load_topology
 
 from conftest import REPO, TOPOLOGIES, assert_no_orphans, epdctl
 

@@ -18,8 +18,8 @@ import pytest
 
 from conftest import assert_no_orphans, epdctl, http_post, wait_for, wait_healthy, write_sim_topology
 
+from epdctl.config.schema import RestartSpec
 from epdctl.restart import RestartBook
-from epdctl.topology import RestartSpec
 
 CHAT = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 2}
 IMAGE_CHAT = {"messages": [{"role": "user", "content": [
@@ -52,8 +52,8 @@ def test_restart_book_follows_the_policy_backs_off_and_gives_up():
 
 
 def test_restart_keys_validate_with_compose_shorthand(tmp_path):
+    from epdctl.config.load import parse_topology
     from epdctl.plan import build_plan
-    from epdctl.topology import parse_topology
 
     topology = parse_topology(
         "model: m\nplatform: cpu\nrestart: no\npd: [{port: 21001, restart: {policy: always, max_restarts: 2}}]\n"

@@ -14,8 +14,8 @@ import pytest
 from conftest import assert_no_orphans, epdctl, free_ports, http_get, http_post, run_processes, wait_healthy
 
 from epdctl.commands import router_command
+from epdctl.config.load import parse_topology
 from epdctl.plan import build_plan
-from epdctl.topology import parse_topology
 
 # The test extra installs vllm-router: these tests run it for real and are never skipped.
 ROUTER = shutil.which("vllm-router") or str(Path(sys.executable).with_name("vllm-router"))

@@ -13,9 +13,9 @@ import pytest
 
 from conftest import PORT_RANGE, assert_no_orphans, epdctl, metrics, signal_when
 
+from epdctl.config.load import parse_topology
 from epdctl.errors import EpdctlError
 from epdctl.sweep import NoFit, derive, layout, parse_split
-from epdctl.topology import parse_topology
 
 
 def _block(count: int) -> int:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from epdctl.config.load import load_topology, parse_topology
+from epdctl.config.yamlmarks import expand_vars
 from epdctl.errors import EXIT_USAGE, EpdctlError
-from epdctl.topology import load_topology, parse_topology
-from epdctl.yamlmarks import expand_vars
 
 from conftest import TOPOLOGIES
 

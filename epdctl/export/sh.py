@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import shlex
 
+from epdctl.config.yamlmarks import one_line
 from epdctl.plan import Plan, ProcessSpec
-from epdctl.yamlmarks import one_line
 
 
 def _launch(spec: ProcessSpec) -> str:

@@ -20,8 +20,8 @@ sleeps, while keeping vLLM's encoder-cache (ECExampleConnector) and KV (NixlConn
 contracts so a disaggregated topology can run and be proven on a machine with no GPU.
 Flags of `vllm serve` that it does not model are accepted and ignored."""
 
+from epdctl.config.simflags import COST_FLAGS, TESTING_FLAGS, SimFlag, value_problem
 from epdctl.sim.costmodel import DEFAULT_MAX_NUM_BATCHED_TOKENS, DEFAULT_MAX_NUM_SEQS
-from epdctl.simflags import COST_FLAGS, TESTING_FLAGS, SimFlag, value_problem
 
 _IDLE_CHILD = "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nwhile True: time.sleep(1)\n"
 
@@ -65,7 +65,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     for flag in COST_FLAGS + TESTING_FLAGS:
         value = getattr(args, flag.name.replace("-", "_"))
         problem = value_problem(flag, value)
-        if problem:  # nan, inf and negative times: validate refuses the same values (epdctl/simflags.py)
+        if problem:  # nan, inf and negative times: validate refuses the same values (epdctl/config/simflags.py)
             parser.error(f"--{flag.name} {problem}")
     return args, unknown
 

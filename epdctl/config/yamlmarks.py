@@ -1,27 +1,34 @@
-"""YAML → plain Python values, keeping the line of every key and value.
+"""YAML files → plain Python values, keeping the line of every key and value; and the
+`FILE:LINE: field: message` report of what a pydantic model then refuses in them.
 
 PyYAML's `safe_load` forgets where things came from and lets a duplicate key silently win.
 Topology errors must name `FILE:LINE`, so we walk the composed node tree ourselves.
 Values also get compose-style `${VAR:-default}` expansion here, because only here do we
 still know whether a scalar was plain (and should be re-typed after expansion) or quoted.
 
-The file is not trusted to be small once parsed (DESIGN §8): a few aliases can name a tree of
-billions of nodes, and PyYAML composes recursively. So the loader counts, while composing,
-what a walk of the tree would visit with every alias expanded, and stops past a budget.
+The file is not trusted to be small once parsed (docs/design.md, Trust and limits): a few aliases
+can name a tree of billions of nodes, and PyYAML composes recursively. So the loader counts, while
+composing, what a walk of the tree would visit with every alias expanded, and stops past a budget.
 """
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
+import stat
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional, get_args
 
 import yaml
+from pydantic import BaseModel, ValidationError
 
 from epdctl.errors import EXIT_USAGE, EpdctlError
 
 Path_ = tuple  # a path into the document: keys and list indices
+
+MAX_FILE_BYTES = 1024 * 1024
 
 # Real topologies have a few hundred values, nest 5 or 6 levels and hold a few KB of text.
 MAX_NODES = 10_000
@@ -313,3 +320,88 @@ class _Walker:
     def error(self, node: yaml.Node, path: Path_, message: str) -> EpdctlError:
         where = dotted(path) or "<top>"
         return EpdctlError(error_line(self.filename, node.start_mark.line + 1, f"{where}: {message}"), EXIT_USAGE)
+
+
+# ---------------------------------------------------------------- reading a file, reporting its errors
+
+
+def read_text_file(path: Path, what: str = "topology file") -> str:
+    """The file's text. Only a regular file is read: a FIFO or a device would block or never end."""
+    where = one_line(str(path))
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise EpdctlError(f"{where}: no such file", EXIT_USAGE) from None
+    except OSError as exc:
+        raise EpdctlError(f"{where}: cannot read: {exc.strerror}", EXIT_USAGE) from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise EpdctlError(f"{where}: is a directory, not a {what}", EXIT_USAGE)
+        if not stat.S_ISREG(mode):
+            raise EpdctlError(f"{where}: is not a regular file (a FIFO, socket or device?)", EXIT_USAGE)
+        handle = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    with handle:
+        data = handle.read(MAX_FILE_BYTES + 1)
+    if len(data) > MAX_FILE_BYTES:
+        raise EpdctlError(f"{where}: is larger than {MAX_FILE_BYTES // 1024} KiB: not a {what}", EXIT_USAGE)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise EpdctlError(error_line(str(path), line, f"cannot read: not UTF-8 text (byte 0x{data[exc.start]:02x})"), EXIT_USAGE) from None
+
+
+def format_validation(exc: ValidationError, filename: str, marks: Marks, root: type[BaseModel]) -> str:
+    """One `FILE:LINE: field: message` line per error of `root.model_validate`."""
+    lines = []
+    for error in exc.errors():
+        loc = tuple(error["loc"])
+        kind = error["type"]
+        if kind == "extra_forbidden":
+            message = "unknown key" + did_you_mean(str(loc[-1]), _keys_at(root, loc[:-1]))
+            line = marks.line_for(loc, prefer_key=True)
+        elif kind == "missing":
+            message = "required but missing"
+            line = marks.line_for(loc[:-1])
+        else:
+            message = error["msg"]
+            if message.startswith("Value error, "):
+                message = message[len("Value error, "):]
+            if "input" in error and not isinstance(error["input"], (dict, list)):
+                message += f" (got {_shortened(repr(error['input']))})"
+            line = marks.line_for(loc)
+        lines.append((line, error_line(filename, line, f"{dotted(loc) or '<top>'}: {message}")))
+    return "\n".join(dict.fromkeys(text for _, text in sorted(lines, key=lambda entry: entry[0])))
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """` (did you mean X?)` for the choice closest to a misspelt `word`, as compose and cargo say it; else ""."""
+    match = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean {match[0]}?)" if match else ""
+
+
+def _keys_at(root: type[BaseModel], path: tuple) -> list[str]:
+    """The keys the model allows where `path` (an error's location, less the key) leads."""
+    model: Optional[type[BaseModel]] = root
+    for part in path:
+        if model is None:
+            return []
+        if isinstance(part, str) and part in model.model_fields:
+            model = _model_in(model.model_fields[part].annotation)
+        # else a list index or a mapping's key (`fits.encode`): the items are of the same model
+    return list(model.model_fields) if model is not None else []
+
+
+def _model_in(annotation: Any) -> Optional[type[BaseModel]]:
+    """The model a field holds, through Optional, tuple[...] and dict[...]; None for plain values."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return next(filter(None, map(_model_in, get_args(annotation))), None)
+
+
+def _shortened(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"

@@ -13,6 +13,7 @@ from typing import Annotated, Literal, Mapping, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from epdctl.config.yamlmarks import error_line, format_validation, load_marked, read_text_file
 from epdctl.errors import EXIT_USAGE, EpdctlError
 
 KIND = "epdctl-sim-profile"
@@ -83,10 +84,7 @@ def load_profile(path: Path, environ: Optional[Mapping[str, str]] = None) -> Sim
     """Read and check a profile. Errors are one line each, `FILE:LINE: field: message` (exit 2).
 
     `${VARS}` expand as in the topology that names it (from `environ`, by default this process's)."""
-    from epdctl.topology import _format_validation, read_topology_file
-    from epdctl.yamlmarks import error_line, load_marked
-
-    text = read_topology_file(path, "sim profile")  # a bounded read of a regular file (no FIFO, no device)
+    text = read_text_file(path, "sim profile")  # a bounded read of a regular file (no FIFO, no device)
     if not text.strip():
         raise EpdctlError(error_line(str(path), 1, "the profile is empty"), EXIT_USAGE)
     data, marks = load_marked(text, str(path), environ)
@@ -95,7 +93,7 @@ def load_profile(path: Path, environ: Optional[Mapping[str, str]] = None) -> Sim
     try:
         return SimProfile.model_validate(data)
     except ValidationError as exc:
-        raise EpdctlError(_format_validation(exc, str(path), marks, SimProfile), EXIT_USAGE, one_per_line=True) from None
+        raise EpdctlError(format_validation(exc, str(path), marks, SimProfile), EXIT_USAGE, one_per_line=True) from None
 
 
 def dump_profile(profile: SimProfile) -> str:

@@ -1,0 +1,393 @@
+"""The topology file's schema (docs/design.md, Topology file): frozen pydantic models, the schema's
+constants, and what an instance's settings mean once defaults apply (its TP size, its memory budget).
+
+Loading a file is config/load.py; the rules that span fields are config/checks.py.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Iterator, Literal, NamedTuple, Optional
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+
+from epdctl.config.yamlmarks import Marks, dotted, error_line
+
+ROLES = ("encode", "prefill", "decode", "pd")
+NAME_PATTERN = r"^[a-z0-9][a-z0-9-]*$"
+DEFAULT_GPU_MEMORY_UTILIZATION = 0.9  # vLLM's own default when no budget is given
+DEFAULT_SIDE_CHANNEL_PORT_BASE = 5600
+NIXL_CONNECTORS = ("NixlConnector",)
+# EC connectors without a shared folder (vLLM 0.32+): each plans ports of its own.
+EC_CPU = "ECCPUConnector"  # producers advertise a ZMQ side channel (VLLM_EC_SIDE_CHANNEL_HOST/PORT)
+EC_MOONCAKE = "ECMooncakeConnector"  # consumers bind a control port per TP rank (ec_ip:ec_port + rank)
+DEFAULT_EC_PORT_BASE = 5700
+
+ArgValue = Any  # bool | int | float | str | list | dict | None (None drops the flag)
+
+
+def _whole_number(value: Any) -> Any:
+    """YAML reads `true` and `80.5` happily, and pydantic would make them port 1 and port 80."""
+    if isinstance(value, (bool, float)):
+        raise ValueError(f"Input should be a valid integer, not a {'boolean' if isinstance(value, bool) else 'float'}")
+    return value
+
+
+Port = Annotated[int, BeforeValidator(_whole_number), Field(ge=1, le=65535)]
+Device = Annotated[int, BeforeValidator(_whole_number)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _env_values(value: Any) -> Any:
+    """Env values may be written as YAML numbers or bools; the process gets strings."""
+    if not isinstance(value, dict):
+        return value
+    out = {}
+    for key, item in value.items():
+        if isinstance(item, bool):
+            out[key] = "1" if item else "0"
+        elif isinstance(item, (int, float)):
+            out[key] = str(item)
+        else:
+            out[key] = item
+    return out
+
+
+class Defaults(_Model):
+    args: dict[str, ArgValue] = {}
+    env: dict[str, str] = {}
+
+    _coerce_env = field_validator("env", mode="before")(_env_values)
+
+
+class ECTransfer(_Model):
+    connector: str = Field(min_length=1)
+    shared_storage_path: Optional[str] = None
+    extra_config: dict[str, Any] = {}
+    config: dict[str, Any] = {}  # extra top-level ECTransferConfig fields
+    # ECCPUConnector's producer side channels and ECMooncakeConnector's consumer control ports
+    # are handed out from here (unless an instance sets its own `ec_port`).
+    port_base: Port = DEFAULT_EC_PORT_BASE
+
+
+class KVTransfer(_Model):
+    connector: str = Field(min_length=1)
+    extra_config: dict[str, Any] = {}
+    config: dict[str, Any] = {}  # extra top-level KVTransferConfig fields, e.g. kv_buffer_device
+    side_channel_port_base: Port = DEFAULT_SIDE_CHANNEL_PORT_BASE
+
+
+RestartPolicy = Literal["no", "on-failure", "always"]
+
+
+def _restart_shorthand(value: Any) -> Any:
+    """`restart: on-failure` for `{policy: on-failure}`; YAML reads a bare `no` as false."""
+    if value is False:
+        return {"policy": "no"}
+    if isinstance(value, str):
+        return {"policy": value}
+    if isinstance(value, dict) and value.get("policy") is False:
+        return {**value, "policy": "no"}
+    return value
+
+
+class RestartSpec(_Model):
+    """What happens when a process exits after start-up (docker compose's `restart:`)."""
+
+    policy: RestartPolicy = "on-failure"
+    max_restarts: int = Field(5, ge=0, le=10000)
+    window_s: float = Field(600, gt=0, le=10 ** 7)
+    backoff_s: float = Field(2, ge=0, le=3600)
+    backoff_max_s: float = Field(60, ge=0, le=86400)
+
+    _shorthand = field_validator("policy", mode="before")(lambda value: "no" if value is False else value)
+
+
+class RestartOverride(_Model):
+    """Per instance (or proxy): only the keys given replace the top-level `restart`."""
+
+    policy: Optional[RestartPolicy] = None
+    max_restarts: Optional[int] = Field(None, ge=0, le=10000)
+    window_s: Optional[float] = Field(None, gt=0, le=10 ** 7)
+    backoff_s: Optional[float] = Field(None, ge=0, le=3600)
+    backoff_max_s: Optional[float] = Field(None, ge=0, le=86400)
+
+    _shorthand = field_validator("policy", mode="before")(lambda value: "no" if value is False else value)
+
+    def over(self, base: RestartSpec) -> RestartSpec:
+        return base.model_copy(update=self.model_dump(exclude_none=True))
+
+
+class LogsSpec(_Model):
+    max_mb: float = Field(100, gt=0, le=10 ** 6)  # rotate a process's log beyond this size
+    keep: int = Field(3, ge=0, le=100)  # rotated files kept (NAME.log.1 ... NAME.log.KEEP)
+
+
+class InstanceSpec(_Model):
+    devices: tuple[Device, ...] = ()
+    port: Port
+    gpu_memory_utilization: Optional[float] = Field(None, gt=0, le=1)
+    side_channel_port: Optional[Port] = None
+    ec_port: Optional[Port] = None  # the first of its EC connector ports (ECCPU producer, Mooncake consumer)
+    args: dict[str, ArgValue] = {}
+    env: dict[str, str] = {}
+    restart: Optional[RestartOverride] = None
+
+    _coerce_env = field_validator("env", mode="before")(_env_values)
+    _restart = field_validator("restart", mode="before")(_restart_shorthand)
+
+
+MAX_PROXY_TIMEOUT_S = 7 * 86_400
+
+
+class ProxySpec(_Model):
+    host: str = Field("127.0.0.1", min_length=1, max_length=253)
+    port: Port = 10001
+    policy: Literal["least-loaded", "round-robin"] = "least-loaded"
+    # The proxy's own command line takes at most a week (epdctl/proxy/__main__.py): more, or .inf, would
+    # make it refuse to start.
+    encode_timeout_s: float = Field(300, gt=0, le=MAX_PROXY_TIMEOUT_S)
+    prefill_timeout_s: float = Field(600, gt=0, le=MAX_PROXY_TIMEOUT_S)
+    decode_timeout_s: float = Field(600, gt=0, le=MAX_PROXY_TIMEOUT_S)
+    # Below 1 MB a float rounds the byte limit towards 0, which aiohttp reads as "no limit".
+    max_body_mb: float = Field(64, ge=1, le=4096)
+    # Each media item is one encoder call (and one open connection) per request: bound it.
+    max_media_items: int = Field(64, ge=1, le=4096)
+    # Proxy processes on the one port (SO_REUSEPORT), for a proxy host with cores to spare.
+    workers: int = Field(1, ge=1, le=64)
+    restart: Optional[RestartOverride] = None
+    # What runs in the proxy's place: epdctl's own proxy (any topology), or vLLM's Rust router
+    # (`pip install 'epdctl[router]'`) for topologies without encoders, where its speed is wanted.
+    impl: Literal["epdctl", "vllm-router"] = "epdctl"
+    # vllm-router's Prometheus port (it serves /metrics there, not on `port`); default port + 1.
+    metrics_port: Optional[Port] = None
+
+    def router_metrics_port(self) -> int:
+        return self.metrics_port or self.port + 1
+
+    def ports(self) -> set[int]:
+        """Every port the proxy process binds."""
+        return {self.port, self.router_metrics_port()} if self.impl == "vllm-router" else {self.port}
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        # A bind address or host name only: it reaches argv, scripts and URLs.
+        if "\0" not in value and not re.fullmatch(r"[A-Za-z0-9_.:\[\]][A-Za-z0-9_.:\[\]-]*", value):
+            raise ValueError("must be a host name or an IP address")
+        return value
+
+    _restart = field_validator("restart", mode="before")(_restart_shorthand)
+
+
+class HealthSpec(_Model):
+    timeout_s: float = Field(600, gt=0)
+    interval_s: float = Field(0.5, gt=0)
+
+
+class MediaSpec(_Model):
+    allowed_local_path: Optional[str] = None
+
+
+class InstanceRef(NamedTuple):
+    role: str
+    index: int
+    name: str
+    spec: InstanceSpec
+
+
+class Topology(_Model):
+    name: str = Field(pattern=NAME_PATTERN)
+    model: str = Field(min_length=1)
+    engine: Literal["vllm", "sim"] = "vllm"
+    platform: Literal["cuda", "xpu", "cpu"] = "cuda"
+    vllm_command: tuple[str, ...] = Field(("vllm", "serve"), min_length=1)
+    defaults: Defaults = Defaults()
+    ec_transfer: Optional[ECTransfer] = None
+    kv_transfer: Optional[KVTransfer] = None
+    encode: tuple[InstanceSpec, ...] = ()
+    prefill: tuple[InstanceSpec, ...] = ()
+    decode: tuple[InstanceSpec, ...] = ()
+    pd: tuple[InstanceSpec, ...] = ()
+    proxy: ProxySpec = ProxySpec()
+    health: HealthSpec = HealthSpec()
+    media: MediaSpec = MediaSpec()
+    restart: RestartSpec = RestartSpec()
+    logs: LogsSpec = LogsSpec()
+    # A cost profile from `epdctl calibrate` (engine: sim only); relative to the topology's folder.
+    sim_profile: Optional[str] = Field(None, min_length=1, max_length=4096)
+
+    _restart = field_validator("restart", mode="before")(_restart_shorthand)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sim_runs_on_cpu(cls, data: Any) -> Any:
+        """The sim needs no device: without a `platform:` it is cpu (an explicit one still wins)."""
+        if isinstance(data, dict) and data.get("engine") == "sim" and "platform" not in data:
+            return {**data, "platform": "cpu"}
+        return data
+
+    _source: Optional[Path] = PrivateAttr(None)
+    _where: Optional[tuple[str, Marks]] = PrivateAttr(None)  # (file name, marks): FILE:LINE for later checks
+    _sim_costs: dict[str, dict[str, float]] = PrivateAttr(default_factory=dict)  # role -> sim flags
+
+    @field_validator("model")
+    @classmethod
+    def _model_not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be blank")
+        return value
+
+    def error_at(self, path: tuple, message: str, prefer_key: bool = False) -> str:
+        """`FILE:LINE: dotted.path: message` for a check of the loaded topology (cross_check, export)."""
+        where = f"{dotted(path) or '<top>'}: {message}"
+        if self._where is None:
+            return where
+        filename, marks = self._where
+        return error_line(filename, marks.line_for(path, prefer_key=prefer_key), where)
+
+    @property
+    def source(self) -> Optional[Path]:
+        return self._source
+
+    def sim_costs(self, role: str) -> dict[str, float]:
+        """The sim flags of `sim_profile` for a role (the lowest level of a sim instance's flags)."""
+        return self._sim_costs.get(role, {})
+
+    def instances(self) -> Iterator[InstanceRef]:
+        for role in ROLES:
+            for index, spec in enumerate(getattr(self, role)):
+                yield InstanceRef(role, index, f"{role}-{index}", spec)
+
+    @property
+    def uses_nixl(self) -> bool:
+        return bool(self.prefill) and self.kv_transfer is not None and self.kv_transfer.connector in NIXL_CONNECTORS
+
+    def ec_port_owners(self) -> list[InstanceRef]:
+        """The instances that bind an EC connector port: ECCPU producers, Mooncake consumers."""
+        ec = self.ec_transfer
+        if ec is None or not self.encode:
+            return []
+        if ec.connector == EC_CPU:
+            return [ref for ref in self.instances() if ref.role == "encode"]
+        if ec.connector == EC_MOONCAKE:
+            return [ref for ref in self.instances() if ref.role in ("prefill", "pd")]
+        return []
+
+    def ec_ports(self) -> dict[str, tuple[int, ...]]:
+        """Each owner's EC ports: one side channel per ECCPU producer; one control port per TP
+        rank for a Mooncake consumer (vLLM binds ec_port + rank). Handed out from
+        `ec_transfer.port_base` past every other port of the topology, unless set per instance."""
+        owners = self.ec_port_owners()
+        if not owners:
+            return {}
+        assert self.ec_transfer is not None
+        taken = {ref.spec.port for ref in self.instances()} | self.proxy.ports()
+        taken |= set(self.side_channel_ports().values())
+        for ref in owners:
+            if ref.spec.ec_port:
+                taken |= set(range(ref.spec.ec_port, ref.spec.ec_port + _ec_port_count(self, ref)))
+        ports: dict[str, tuple[int, ...]] = {}
+        candidate = self.ec_transfer.port_base
+        for ref in owners:
+            count = _ec_port_count(self, ref)
+            if ref.spec.ec_port:
+                ports[ref.name] = tuple(range(ref.spec.ec_port, ref.spec.ec_port + count))
+                continue
+            while any(p in taken for p in range(candidate, candidate + count)):
+                candidate += 1
+            ports[ref.name] = tuple(range(candidate, candidate + count))
+            taken |= set(ports[ref.name])
+        return ports
+
+    def side_channel_ports(self) -> dict[str, int]:
+        """The NIXL side-channel port of each P and D instance.
+
+        Unless an instance sets its own, ports are handed out from `side_channel_port_base`,
+        skipping any port already used elsewhere in the topology.
+        """
+        if not self.uses_nixl:
+            return {}
+        assert self.kv_transfer is not None
+        taken = {ref.spec.port for ref in self.instances()} | self.proxy.ports()
+        taken |= {ref.spec.side_channel_port for ref in self.instances() if ref.spec.side_channel_port}
+        for ref in self.ec_port_owners():  # an EC port the file pins is not handed out again here
+            if ref.spec.ec_port:
+                taken |= set(range(ref.spec.ec_port, ref.spec.ec_port + _ec_port_count(self, ref)))
+        ports: dict[str, int] = {}
+        candidate = self.kv_transfer.side_channel_port_base
+        for ref in self.instances():
+            if ref.role not in ("prefill", "decode"):
+                continue
+            if ref.spec.side_channel_port:
+                ports[ref.name] = ref.spec.side_channel_port
+                continue
+            while candidate in taken:
+                candidate += 1
+            ports[ref.name] = candidate
+            taken.add(candidate)
+        return ports
+
+
+# ---------------------------------------------------------------- what the settings mean
+
+
+def flag_value(topology: Topology, spec: InstanceSpec, flag: str) -> Any:
+    """An instance's value of a vLLM flag from its args or the defaults (None when not set)."""
+    for args in (spec.args, topology.defaults.args):
+        for key, value in args.items():
+            if key.replace("_", "-").lstrip("-") == flag:
+                return value
+    return None
+
+
+def tensor_parallel_size(topology: Topology, spec: InstanceSpec) -> int:
+    """What vLLM will run the instance with: an explicit tensor-parallel-size, else one rank per device."""
+    value = flag_value(topology, spec, "tensor-parallel-size")
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    return max(1, len(spec.devices))
+
+
+MAX_EC_PORTS_PER_INSTANCE = 64
+
+
+def _ec_port_count(topology: Topology, ref: InstanceRef) -> int:
+    if topology.ec_transfer is not None and topology.ec_transfer.connector == EC_MOONCAKE:
+        return min(tensor_parallel_size(topology, ref.spec), MAX_EC_PORTS_PER_INSTANCE)
+    return 1
+
+
+def effective_memory_fraction(topology: Topology, spec: InstanceSpec) -> float:
+    """The GPU memory fraction vLLM will really use for an instance."""
+    if spec.gpu_memory_utilization is not None:
+        return spec.gpu_memory_utilization
+    for args in (spec.args, topology.defaults.args):
+        for key, value in args.items():
+            if key.replace("_", "-").lstrip("-") == "gpu-memory-utilization" and isinstance(value, (int, float)):
+                return float(value)
+    return DEFAULT_GPU_MEMORY_UTILIZATION
+
+
+# vllm-router's --kv-connector names for the KV connectors epdctl can run it with. It knows
+# mooncake and moriio too, but Mooncake needs a bootstrap port per prefill instance (it waits on
+# 8998 otherwise) and MoRI-IO a service-discovery address, neither of which epdctl plans yet.
+ROUTER_KV_CONNECTORS = {"NixlConnector": "nixl"}
+# Settings of epdctl's proxy that vllm-router has no counterpart for: refused, not silently dropped.
+EPDCTL_PROXY_ONLY = ("encode_timeout_s", "max_media_items", "workers")
+
+
+def router_metrics_host(host: str) -> Optional[str]:
+    """The address vllm-router's metrics can bind for `host` (an IPv4 literal, or localhost), else None."""
+    import ipaddress
+
+    if host == "localhost":
+        return "127.0.0.1"
+    try:
+        return host if ipaddress.ip_address(host).version == 4 else None
+    except ValueError:
+        return None
