@@ -1,4 +1,7 @@
-"""Topology → Plan: every process's argv, env and port (DESIGN §3). Pure: no I/O."""
+"""Topology → Plan: every process's argv, env and ports (docs/design.md, Data flow). Pure: no I/O.
+
+Every port epdctl hands out is decided here (side channels, EC ports, vllm-router's metrics port,
+sweep's instance ports); what the connectors need comes from connectors.py."""
 
 from __future__ import annotations
 
@@ -7,9 +10,11 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
-from epdctl.config.schema import EC_CPU, EC_MOONCAKE, ROUTER_KV_CONNECTORS, RestartSpec, Topology, router_metrics_host
+from epdctl.config.schema import InstanceRef, ProxySpec, RestartSpec, Topology, tensor_parallel_size
+from epdctl.connectors import (LOOPBACK, ROUTER_KV_CONNECTORS, ec_config, ec_connector_env, ec_consumer_zmq_addrs,
+                               ec_port_count, ec_port_owners, ec_storage_path, kv_config, kv_storage_path,
+                               proxy_ec_connector, proxy_ec_storage_path, proxy_kv_connector, uses_nixl)
 
-LOOPBACK = "127.0.0.1"
 ENCODER_MIN_BATCHED_TOKENS = 114688  # the seeds' value: a whole multi-image prompt in one step
 DEVICE_VARIABLE = {"cuda": "CUDA_VISIBLE_DEVICES", "xpu": "ZE_AFFINITY_MASK"}
 
@@ -97,7 +102,7 @@ def normalize_flag(key: str, value: Any) -> tuple[str, Any]:
 
 
 def merge_flags(*layers: Mapping[str, Any]) -> dict[str, Any]:
-    """Later layers replace earlier ones flag by flag (DESIGN §2 precedence)."""
+    """Later layers replace earlier ones flag by flag (docs/design.md, Topology file: precedence)."""
     merged: dict[str, Any] = {}
     for layer in layers:
         for key, value in layer.items():
@@ -141,32 +146,6 @@ def engine_prefix(topology: Topology, python: str) -> tuple[list[str], bool]:
     return command, command[-1] == "serve"
 
 
-def ec_config(topology: Topology, role: str, ec_ports: tuple[int, ...] = ()) -> dict[str, Any]:
-    ec = topology.ec_transfer
-    assert ec is not None
-    extra: dict[str, Any] = {}
-    if ec.shared_storage_path:
-        extra["shared_storage_path"] = ec.shared_storage_path
-    extra.update(ec.extra_config)
-    config: dict[str, Any] = {"ec_connector": ec.connector, "ec_role": role}
-    config["ec_connector_extra_config"] = extra
-    config.update(ec.config)
-    if ec.connector == EC_MOONCAKE and role == "ec_consumer" and ec_ports:
-        # The consumer binds and advertises ec_ip:ec_port (+ its TP rank); on one host, loopback.
-        config.update(ec_ip=LOOPBACK, ec_port=ec_ports[0])
-    return config
-
-
-def kv_config(topology: Topology, role: str) -> dict[str, Any]:
-    kv = topology.kv_transfer
-    assert kv is not None
-    config: dict[str, Any] = {"kv_connector": kv.connector, "kv_role": role}
-    config.update(kv.config)
-    if kv.extra_config:
-        config["kv_connector_extra_config"] = dict(kv.extra_config)
-    return config
-
-
 def role_flags(topology: Topology, role: str, devices: tuple[int, ...], ec_ports: tuple[int, ...] = ()) -> dict[str, Any]:
     """The flags a role needs to work (precedence level 2)."""
     flags: dict[str, Any] = {"enable-request-id-headers": True}
@@ -196,8 +175,8 @@ def build_plan(topology: Topology, python: str = "python", router: str = "vllm-r
 
     `python` runs epdctl's own proxy; `router` is the vllm-router command (proxy.impl vllm-router)."""
     prefix, positional_model = engine_prefix(topology, python)
-    side_channels = topology.side_channel_ports()
-    all_ec_ports = topology.ec_ports()
+    side_channels = side_channel_ports(topology)
+    all_ec_ports = ec_ports(topology)
     device_variable = DEVICE_VARIABLE.get(topology.platform)
     instances = []
     for ref in topology.instances():
@@ -207,9 +186,9 @@ def build_plan(topology: Topology, python: str = "python", router: str = "vllm-r
             instance_flags["gpu-memory-utilization"] = spec.gpu_memory_utilization
         instance_flags.update(spec.args)
         # A sim profile's costs are the lowest level: any `args:` still overrides them.
-        ec_ports = all_ec_ports.get(ref.name, ())
+        instance_ec_ports = all_ec_ports.get(ref.name, ())
         flags = merge_flags(topology.sim_costs(ref.role), topology.defaults.args,
-                            role_flags(topology, ref.role, spec.devices, ec_ports), instance_flags)
+                            role_flags(topology, ref.role, spec.devices, instance_ec_ports), instance_flags)
         model_argv = [topology.model] if positional_model else ["--model", topology.model]
         argv = prefix + model_argv + ["--port", str(spec.port)] + flags_to_argv(flags)
 
@@ -220,12 +199,12 @@ def build_plan(topology: Topology, python: str = "python", router: str = "vllm-r
         if side_channel:
             role_env["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(side_channel)
             role_env["UCX_NET_DEVICES"] = "all"
-        role_env.update(ec_connector_env(topology, ref.role, ec_ports))
+        role_env.update(ec_connector_env(topology, ref.role, instance_ec_ports))
         env = {**topology.defaults.env, **role_env, **spec.env}
         instances.append(
             ProcessSpec(
                 name=ref.name, role=ref.role, devices=spec.devices, argv=tuple(argv), env=env,
-                host=LOOPBACK, port=spec.port, side_channel_port=side_channel, ec_ports=ec_ports,
+                host=LOOPBACK, port=spec.port, side_channel_port=side_channel, ec_ports=instance_ec_ports,
                 restart=spec.restart.over(topology.restart) if spec.restart else topology.restart,
             )
         )
@@ -242,60 +221,17 @@ def build_plan(topology: Topology, python: str = "python", router: str = "vllm-r
             argv=tuple(router_argv(topology, instances_t, router) if topology.proxy.impl == "vllm-router"
                        else proxy_argv(topology, instances_t, python)),
             host=topology.proxy.host, port=topology.proxy.port,
-            metrics_port=topology.proxy.router_metrics_port() if topology.proxy.impl == "vllm-router" else None,
+            metrics_port=router_metrics_port(topology.proxy) if topology.proxy.impl == "vllm-router" else None,
             restart=topology.proxy.restart.over(topology.restart) if topology.proxy.restart else topology.restart,
         ),
         health_timeout_s=topology.health.timeout_s,
         health_interval_s=topology.health.interval_s,
-        ec_storage_path=topology.ec_transfer.shared_storage_path if topology.ec_transfer and topology.encode else None,
+        ec_storage_path=ec_storage_path(topology),
         kv_storage_path=kv_storage_path(topology),
         log_max_bytes=int(topology.logs.max_mb * 1024 * 1024),
         log_keep=topology.logs.keep,
         proxy_impl=topology.proxy.impl,
     )
-
-
-def ec_connector_env(topology: Topology, role: str, ec_ports: tuple[int, ...]) -> dict[str, str]:
-    """What ECCPUConnector (and Mooncake's cross_encoder_cache) need in the environment."""
-    ec = topology.ec_transfer
-    if ec is None or not topology.encode or role == "decode":
-        return {}
-    env: dict[str, str] = {}
-    if ec.connector == EC_CPU or (ec.connector == EC_MOONCAKE and role == "encode"
-                                  and ec.extra_config.get("cross_encoder_cache") is True):
-        env["VLLM_USE_V2_MODEL_RUNNER"] = "1"  # vLLM refuses the connector (or the cache) without it
-    if ec.connector == EC_CPU and role == "encode" and ec_ports:
-        # Each producer's own side channel: two on one host with vLLM's default 5601 would collide.
-        env["VLLM_EC_SIDE_CHANNEL_HOST"] = LOOPBACK
-        env["VLLM_EC_SIDE_CHANNEL_PORT"] = str(ec_ports[0])
-    return env
-
-
-def ec_consumers(topology: Topology, instances: tuple[ProcessSpec, ...]) -> list[ProcessSpec]:
-    """The instances that receive encoder outputs, in the order of the proxy's pool that serves
-    them: the prefill pool with P instances, else the decode pool (PD)."""
-    role = "prefill" if topology.prefill else "pd"
-    return [spec for spec in instances if spec.role == role]
-
-
-def ec_consumer_zmq_addrs(topology: Topology, instances: tuple[ProcessSpec, ...],
-                          host_of=lambda spec: spec.host) -> list[str]:
-    """ECMooncakeConnector: each consumer's control address (TP rank 0), which the proxy names to
-    the encoders so they push to the instance that will get the request (vLLM 0.33's proxy
-    flag --ec-consumer-zmq-addrs)."""
-    ec = topology.ec_transfer
-    if ec is None or ec.connector != EC_MOONCAKE or not topology.encode:
-        return []
-    return [f"tcp://{host_of(spec)}:{spec.ec_ports[0]}" for spec in ec_consumers(topology, instances)]
-
-
-def kv_storage_path(topology: Topology) -> Optional[str]:
-    """The folder of a storage-based KV connector, when P and D exchange KV through files."""
-    kv = topology.kv_transfer
-    if kv is None or not topology.prefill:
-        return None
-    path = kv.extra_config.get("shared_storage_path")
-    return path if isinstance(path, str) and path else None
 
 
 ROUTER_POLICY = {"round-robin": "round_robin", "least-loaded": "power_of_two"}
@@ -332,7 +268,7 @@ def router_argv(topology: Topology, instances: tuple[ProcessSpec, ...], router: 
         # It does not listen until every worker answers /health: as long as `up` waits.
         "--worker-startup-timeout-secs", _whole_seconds(topology.health.timeout_s),
         "--prometheus-host", router_metrics_host(proxy.host) or proxy.host,
-        "--prometheus-port", str(proxy.router_metrics_port()),
+        "--prometheus-port", str(router_metrics_port(proxy)),
         "--log-level", "info",
     ]
     return argv
@@ -363,16 +299,12 @@ def proxy_argv(topology: Topology, instances: tuple[ProcessSpec, ...], python: s
         names = [spec.name for spec in instances if spec.role in roles]
         if names:
             argv += [flag, ",".join(names)]
-    kv = topology.kv_transfer
-    if topology.prefill and kv is not None and kv.connector != "NixlConnector":
-        # The proxy assumes NixlConnector (vLLM's reference) unless told: then it knows whether P's
-        # answer must carry kv_transfer_params (a storage connector's never does).
-        argv += ["--kv-connector", kv.connector]
-    ec = topology.ec_transfer
-    if topology.encode and ec is not None and ec.connector == "ECExampleConnector" and ec.shared_storage_path:
-        argv += ["--ec-shared-storage-path", ec.shared_storage_path]
-    if topology.encode and ec is not None and ec.connector != "ECExampleConnector":
-        argv += ["--ec-connector", ec.connector]  # the proxy carries what ECCPU/Mooncake consumers need
+    if kv_connector := proxy_kv_connector(topology):
+        argv += ["--kv-connector", kv_connector]
+    if ec_path := proxy_ec_storage_path(topology):
+        argv += ["--ec-shared-storage-path", ec_path]
+    if ec_connector := proxy_ec_connector(topology):
+        argv += ["--ec-connector", ec_connector]
     zmq = ec_consumer_zmq_addrs(topology, instances)
     if zmq:
         argv += ["--ec-consumer-zmq-addrs", ",".join(zmq)]
@@ -380,3 +312,95 @@ def proxy_argv(topology: Topology, instances: tuple[ProcessSpec, ...], python: s
         argv += ["--allowed-local-media-path", topology.media.allowed_local_path]
     return argv
 
+
+# ---------------------------------------------------------------- ports
+
+
+def hand_out(candidate: int, taken: set[int], count: int = 1) -> tuple[int, ...]:
+    """The first `count` consecutive ports from `candidate` up that are not `taken` (past 65535
+    when the range runs out: the checks name that port and the key that moves it)."""
+    while any(port in taken for port in range(candidate, candidate + count)):
+        candidate += 1
+    return tuple(range(candidate, candidate + count))
+
+
+def router_metrics_port(proxy: ProxySpec) -> int:
+    """vllm-router's Prometheus port: its own, else the proxy's port + 1."""
+    return proxy.metrics_port or proxy.port + 1
+
+
+def proxy_ports(proxy: ProxySpec) -> set[int]:
+    """Every port the proxy process binds."""
+    return {proxy.port, router_metrics_port(proxy)} if proxy.impl == "vllm-router" else {proxy.port}
+
+
+def router_metrics_host(host: str) -> Optional[str]:
+    """The address vllm-router's metrics can bind for `host` (an IPv4 literal, or localhost), else None."""
+    import ipaddress
+
+    if host == "localhost":
+        return "127.0.0.1"
+    try:
+        return host if ipaddress.ip_address(host).version == 4 else None
+    except ValueError:
+        return None
+
+
+def _ec_port_count(topology: Topology, ref: InstanceRef) -> int:
+    assert topology.ec_transfer is not None
+    return ec_port_count(topology.ec_transfer.connector, tensor_parallel_size(topology, ref.spec))
+
+
+def _pinned_ec_ports(topology: Topology) -> set[int]:
+    """The EC ports the file sets per instance: never handed out to anything else."""
+    return {port for ref in ec_port_owners(topology) if ref.spec.ec_port
+            for port in range(ref.spec.ec_port, ref.spec.ec_port + _ec_port_count(topology, ref))}
+
+
+def ec_ports(topology: Topology) -> dict[str, tuple[int, ...]]:
+    """Each owner's EC ports (connectors.ec_port_owners): one side channel per ECCPU producer; one
+    control port per TP rank for a Mooncake consumer. Handed out from `ec_transfer.port_base` past
+    every other port of the topology, unless set per instance."""
+    owners = ec_port_owners(topology)
+    if not owners:
+        return {}
+    assert topology.ec_transfer is not None
+    taken = {ref.spec.port for ref in topology.instances()} | proxy_ports(topology.proxy)
+    taken |= set(side_channel_ports(topology).values()) | _pinned_ec_ports(topology)
+    ports: dict[str, tuple[int, ...]] = {}
+    candidate = topology.ec_transfer.port_base
+    for ref in owners:
+        count = _ec_port_count(topology, ref)
+        if ref.spec.ec_port:
+            ports[ref.name] = tuple(range(ref.spec.ec_port, ref.spec.ec_port + count))
+            continue
+        ports[ref.name] = hand_out(candidate, taken, count)
+        candidate = ports[ref.name][0]
+        taken |= set(ports[ref.name])
+    return ports
+
+
+def side_channel_ports(topology: Topology) -> dict[str, int]:
+    """The NIXL side-channel port of each P and D instance.
+
+    Unless an instance sets its own, ports are handed out from `side_channel_port_base`,
+    skipping any port already used elsewhere in the topology.
+    """
+    if not uses_nixl(topology):
+        return {}
+    assert topology.kv_transfer is not None
+    taken = {ref.spec.port for ref in topology.instances()} | proxy_ports(topology.proxy)
+    taken |= {ref.spec.side_channel_port for ref in topology.instances() if ref.spec.side_channel_port}
+    taken |= _pinned_ec_ports(topology)  # an EC port the file pins is not handed out again here
+    ports: dict[str, int] = {}
+    candidate = topology.kv_transfer.side_channel_port_base
+    for ref in topology.instances():
+        if ref.role not in ("prefill", "decode"):
+            continue
+        if ref.spec.side_channel_port:
+            ports[ref.name] = ref.spec.side_channel_port
+            continue
+        (candidate,) = hand_out(candidate, taken)
+        ports[ref.name] = candidate
+        taken.add(candidate)
+    return ports

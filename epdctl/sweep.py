@@ -24,6 +24,7 @@ from typing import Any, Optional
 from epdctl.cliparse import CommandParser
 from epdctl.config.schema import ROLES, Topology, effective_memory_fraction
 from epdctl.errors import EXIT_USAGE, EpdctlError
+from epdctl.plan import hand_out, proxy_ports
 
 _SPLIT = re.compile(r"(?:(?P<e>\d+)e)?(?:(?P<p>\d+)p(?P<d>\d+)d|(?P<pd>\d*)pd)")
 ROLE_LETTERS = {"encode": "e", "prefill": "p", "decode": "d", "pd": "pd"}
@@ -124,13 +125,11 @@ def layout(base: Topology, counts: dict[str, int], devices: list[int]) -> dict[s
 
 def _assign_ports(base: Topology, planned: dict[str, list[dict[str, Any]]]) -> None:
     """Ports from the base file's lowest instance port upwards, around the proxy's."""
-    start = min(ref.spec.port for ref in base.instances())
-    taken = base.proxy.ports()
-    port = start
+    port = min(ref.spec.port for ref in base.instances())
+    taken = proxy_ports(base.proxy)
     for role in ROLES:
         for instance in planned.get(role, []):
-            while port in taken:
-                port += 1
+            (port,) = hand_out(port, taken)
             instance["port"] = port
             taken.add(port)
 

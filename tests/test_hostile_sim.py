@@ -10,7 +10,7 @@ import urllib.request
 import psutil
 import pytest
 
-from epdctl.ec import EC_FILENAME, ec_exists, load_ec, save_ec
+from epdctl.connectors import EC_FILENAME, ec_exists, load_ec, save_ec
 from epdctl.media import MediaError
 
 from conftest import free_ports, http_post, metrics, send_and_hang_up_when, sim_running, wait_for

@@ -26,7 +26,7 @@ from epdctl.config.simflags import SIM_FLAGS
 from epdctl.devices import detect_device_count
 from epdctl.errors import EXIT_USAGE, EpdctlError
 from epdctl.export.sh import render_script
-from epdctl.plan import build_plan
+from epdctl.plan import build_plan, side_channel_ports
 
 from conftest import TOPOLOGIES, epdctl
 
@@ -256,7 +256,7 @@ def test_quoted_numbers_still_make_ports():
 
 def test_side_channel_ports_up_to_65535_are_fine():
     topology = outcome(P_D.replace("65535", "65534"))
-    assert topology.side_channel_ports() == {"prefill-0": 65534, "decode-0": 65535}
+    assert side_channel_ports(topology) == {"prefill-0": 65534, "decode-0": 65535}
 
 
 # ---------------------------------------------------------------- folders (#12 cross_check, #19.3)

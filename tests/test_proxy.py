@@ -14,7 +14,7 @@ import urllib.request
 
 import pytest
 
-from epdctl.ec import EC_FILENAME
+from epdctl.connectors import EC_FILENAME
 from epdctl.media import content_hash
 
 from conftest import epdctl, assert_no_orphans, free_ports, http_get, http_post, metrics, wait_healthy, write_sim_topology

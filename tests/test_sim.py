@@ -12,7 +12,7 @@ import urllib.request
 import pytest
 from safetensors.numpy import load_file
 
-from epdctl.ec import EC_FILENAME
+from epdctl.connectors import EC_FILENAME
 from epdctl.media import content_hash
 
 from conftest import free_ports, http_post, metrics

@@ -7,6 +7,7 @@ import pytest
 from epdctl.config.load import load_topology, parse_topology
 from epdctl.config.yamlmarks import expand_vars
 from epdctl.errors import EXIT_USAGE, EpdctlError
+from epdctl.plan import side_channel_ports
 
 from conftest import TOPOLOGIES
 
@@ -237,7 +238,7 @@ def test_side_channel_ports_skip_used_ports():
     text = ("model: m\nplatform: cpu\nkv_transfer: {connector: NixlConnector, side_channel_port_base: 7000}\n"
             "prefill: [{port: 7000}, {port: 7002}]\ndecode: [{port: 7003, side_channel_port: 7100}]\nproxy: {port: 7001}\n")
     topology = load(text)
-    assert topology.side_channel_ports() == {"prefill-0": 7004, "prefill-1": 7005, "decode-0": 7100}
+    assert side_channel_ports(topology) == {"prefill-0": 7004, "prefill-1": 7005, "decode-0": 7100}
 
 
 def test_cpu_platform_needs_no_devices_and_no_budget():

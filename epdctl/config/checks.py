@@ -15,12 +15,13 @@ import unicodedata
 from collections import defaultdict
 from typing import Any, Iterator, Mapping, Optional
 
-from epdctl.config.schema import (EC_CPU, EC_MOONCAKE, EPDCTL_PROXY_ONLY, MAX_EC_PORTS_PER_INSTANCE, ROLES,
-                                  ROUTER_KV_CONNECTORS, ProxySpec, Topology, effective_memory_fraction, flag_value,
-                                  router_metrics_host, tensor_parallel_size)
+from epdctl.config.schema import ROLES, ProxySpec, Topology, effective_memory_fraction, flag_value, tensor_parallel_size
 from epdctl.config.simflags import SIM_FLAGS, value_problem
 from epdctl.config.yamlmarks import did_you_mean
-from epdctl.plan import normalize_flag
+from epdctl.connectors import (EC_CPU, EC_EXAMPLE, EC_MOONCAKE, EC_NUMBERS, EC_PLANNED_ENV, MAX_EC_BYTES,
+                               MAX_EC_PORTS_PER_INSTANCE, MOONCAKE_PROTOCOL, ROUTER_KV_CONNECTORS, ec_port_owners,
+                               uses_nixl)
+from epdctl.plan import ec_ports, normalize_flag, router_metrics_host, router_metrics_port, side_channel_ports
 
 # Linux refuses to exec an argument or an environment string of 32 pages or more
 # (MAX_ARG_STRLEN, counting its NUL), and a whole argv + environment above ARG_MAX (2 MiB with
@@ -28,6 +29,8 @@ from epdctl.plan import normalize_flag
 MAX_ARG_BYTES = 128 * 1024 - 1
 MAX_EXEC_BYTES = 1024 * 1024
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# Settings of epdctl's proxy that vllm-router has no counterpart for: refused, not silently dropped.
+EPDCTL_PROXY_ONLY = ("encode_timeout_s", "max_media_items", "workers")
 
 Problem = tuple  # (loc, message, prefer_key_line)
 
@@ -55,7 +58,7 @@ def cross_check(topology: Topology, device_count: int | None = None, check_folde
     if has["prefill"] and topology.kv_transfer is None:
         problems.append((("prefill",), "prefill instances need kv_transfer (the KV connector)", True))
     ec = topology.ec_transfer
-    if ec is not None and ec.connector == "ECExampleConnector" and not ec.shared_storage_path:
+    if ec is not None and ec.connector == EC_EXAMPLE and not ec.shared_storage_path:
         problems.append((("ec_transfer",), "ECExampleConnector needs shared_storage_path", True))
     problems += _path_problems(topology)
     if check_folders and not problems and has["encode"] and ec is not None and ec.shared_storage_path:
@@ -93,22 +96,22 @@ def cross_check(topology: Topology, device_count: int | None = None, check_folde
     for ref in topology.instances():
         claim(ref.spec.port, (ref.role, ref.index, "port"), ref.name)
     claim(topology.proxy.port, ("proxy", "port"), "the proxy")
-    if topology.proxy.impl == "vllm-router" and topology.proxy.router_metrics_port() <= 65535:
+    if topology.proxy.impl == "vllm-router" and router_metrics_port(topology.proxy) <= 65535:
         # Named even when unset (it is then port + 1): that is the key that resolves a clash.
-        claim(topology.proxy.router_metrics_port(), ("proxy", "metrics_port"), "vllm-router's metrics")
-    if topology.uses_nixl:
+        claim(router_metrics_port(topology.proxy), ("proxy", "metrics_port"), "vllm-router's metrics")
+    if uses_nixl(topology):
         for ref in topology.instances():
             if ref.spec.side_channel_port:
                 claim(ref.spec.side_channel_port, (ref.role, ref.index, "side_channel_port"), f"{ref.name}'s side channel")
         explicit = {r.spec.side_channel_port for r in topology.instances() if r.spec.side_channel_port}
-        for name, port in topology.side_channel_ports().items():
+        for name, port in side_channel_ports(topology).items():
             if port > 65535:
                 problems.append((("kv_transfer", "side_channel_port_base"),
                                  f"{name}'s side channel would get port {port}, past 65535: lower side_channel_port_base", False))
             elif port not in explicit:
                 claim(port, ("kv_transfer", "side_channel_port_base"), f"{name}'s side channel")
 
-    for name, ports in topology.ec_ports().items():
+    for name, ports in ec_ports(topology).items():
         ref = next(r for r in topology.instances() if r.name == name)
         loc = (ref.role, ref.index, "ec_port") if ref.spec.ec_port else ("ec_transfer", "port_base")
         for port in ports:
@@ -300,22 +303,6 @@ def _env_name_problems(loc: tuple, env: Mapping[str, str]) -> list[Problem]:
             for name in env if not ENV_NAME.fullmatch(name)]
 
 
-# Bounds on what these connectors read from extra_config (vLLM 0.32 reads them with int()/float()
-# and no upper limit): far past any real value, so a bound only ever catches a typo or a hostile file.
-MAX_EC_BYTES = 1 << 40  # 1 TiB of CPU region or registered buffer
-MAX_EC_SECONDS = 86400.0
-MAX_EC_COUNT = 1 << 20
-# extra_config numbers per connector: key -> (what it counts, upper bound).
-EC_NUMBERS: dict[str, dict[str, tuple[str, float]]] = {
-    EC_CPU: {"ec_cpu_bytes": ("bytes", MAX_EC_BYTES), "consumer_ack_timeout_s": ("seconds", MAX_EC_SECONDS)},
-    EC_MOONCAKE: {"control_timeout_s": ("seconds", MAX_EC_SECONDS), "push_wait_timeout_s": ("seconds", MAX_EC_SECONDS),
-                  "store_max_pending_items": ("items", MAX_EC_COUNT),
-                  "store_max_pending_bytes": ("bytes", MAX_EC_BYTES),
-                  "store_read_buffer_bytes": ("bytes", MAX_EC_BYTES)},
-}
-# The environment epdctl plans for these connectors; a file that sets it would defeat the port plan.
-EC_PLANNED_ENV = ("VLLM_EC_SIDE_CHANNEL_HOST", "VLLM_EC_SIDE_CHANNEL_PORT")
-MOONCAKE_PROTOCOL = re.compile(r"[a-z][a-z0-9_]{0,31}")
 TRUE_WORDS, FALSE_WORDS = ("true", "1", "yes"), ("false", "0", "no")
 
 
@@ -380,7 +367,7 @@ def _router_problems(topology: Topology) -> list[Problem]:
 def _ec_connector_problems(topology: Topology) -> list[Problem]:
     """What ECCPUConnector and ECMooncakeConnector refuse at start-up (vLLM 0.32), or would do
     silently wrong at request time, caught by validate."""
-    owners = {ref.name for ref in topology.ec_port_owners()}
+    owners = {ref.name for ref in ec_port_owners(topology)}
     problems: list[Problem] = [
         ((ref.role, ref.index, "ec_port"), ("only an ECCPUConnector encoder or an ECMooncakeConnector consumer "
                                             "(pd, prefill) binds an EC port"), True)
@@ -401,7 +388,7 @@ def _ec_connector_problems(topology: Topology) -> list[Problem]:
         problems += _ec_cpu_problems(topology, extra)
     else:
         problems += _ec_mooncake_problems(topology, extra)
-    for name, ports in topology.ec_ports().items():
+    for name, ports in ec_ports(topology).items():
         if ports[-1] > 65535:
             ref = next(r for r in topology.instances() if r.name == name)
             loc = (ref.role, ref.index, "ec_port") if ref.spec.ec_port else ("ec_transfer", "port_base")

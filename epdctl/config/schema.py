@@ -18,10 +18,6 @@ ROLES = ("encode", "prefill", "decode", "pd")
 NAME_PATTERN = r"^[a-z0-9][a-z0-9-]*$"
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.9  # vLLM's own default when no budget is given
 DEFAULT_SIDE_CHANNEL_PORT_BASE = 5600
-NIXL_CONNECTORS = ("NixlConnector",)
-# EC connectors without a shared folder (vLLM 0.32+): each plans ports of its own.
-EC_CPU = "ECCPUConnector"  # producers advertise a ZMQ side channel (VLLM_EC_SIDE_CHANNEL_HOST/PORT)
-EC_MOONCAKE = "ECMooncakeConnector"  # consumers bind a control port per TP rank (ec_ip:ec_port + rank)
 DEFAULT_EC_PORT_BASE = 5700
 
 ArgValue = Any  # bool | int | float | str | list | dict | None (None drops the flag)
@@ -166,13 +162,6 @@ class ProxySpec(_Model):
     # vllm-router's Prometheus port (it serves /metrics there, not on `port`); default port + 1.
     metrics_port: Optional[Port] = None
 
-    def router_metrics_port(self) -> int:
-        return self.metrics_port or self.port + 1
-
-    def ports(self) -> set[int]:
-        """Every port the proxy process binds."""
-        return {self.port, self.router_metrics_port()} if self.impl == "vllm-router" else {self.port}
-
     @field_validator("host")
     @classmethod
     def _host(cls, value: str) -> str:
@@ -263,75 +252,6 @@ class Topology(_Model):
             for index, spec in enumerate(getattr(self, role)):
                 yield InstanceRef(role, index, f"{role}-{index}", spec)
 
-    @property
-    def uses_nixl(self) -> bool:
-        return bool(self.prefill) and self.kv_transfer is not None and self.kv_transfer.connector in NIXL_CONNECTORS
-
-    def ec_port_owners(self) -> list[InstanceRef]:
-        """The instances that bind an EC connector port: ECCPU producers, Mooncake consumers."""
-        ec = self.ec_transfer
-        if ec is None or not self.encode:
-            return []
-        if ec.connector == EC_CPU:
-            return [ref for ref in self.instances() if ref.role == "encode"]
-        if ec.connector == EC_MOONCAKE:
-            return [ref for ref in self.instances() if ref.role in ("prefill", "pd")]
-        return []
-
-    def ec_ports(self) -> dict[str, tuple[int, ...]]:
-        """Each owner's EC ports: one side channel per ECCPU producer; one control port per TP
-        rank for a Mooncake consumer (vLLM binds ec_port + rank). Handed out from
-        `ec_transfer.port_base` past every other port of the topology, unless set per instance."""
-        owners = self.ec_port_owners()
-        if not owners:
-            return {}
-        assert self.ec_transfer is not None
-        taken = {ref.spec.port for ref in self.instances()} | self.proxy.ports()
-        taken |= set(self.side_channel_ports().values())
-        for ref in owners:
-            if ref.spec.ec_port:
-                taken |= set(range(ref.spec.ec_port, ref.spec.ec_port + _ec_port_count(self, ref)))
-        ports: dict[str, tuple[int, ...]] = {}
-        candidate = self.ec_transfer.port_base
-        for ref in owners:
-            count = _ec_port_count(self, ref)
-            if ref.spec.ec_port:
-                ports[ref.name] = tuple(range(ref.spec.ec_port, ref.spec.ec_port + count))
-                continue
-            while any(p in taken for p in range(candidate, candidate + count)):
-                candidate += 1
-            ports[ref.name] = tuple(range(candidate, candidate + count))
-            taken |= set(ports[ref.name])
-        return ports
-
-    def side_channel_ports(self) -> dict[str, int]:
-        """The NIXL side-channel port of each P and D instance.
-
-        Unless an instance sets its own, ports are handed out from `side_channel_port_base`,
-        skipping any port already used elsewhere in the topology.
-        """
-        if not self.uses_nixl:
-            return {}
-        assert self.kv_transfer is not None
-        taken = {ref.spec.port for ref in self.instances()} | self.proxy.ports()
-        taken |= {ref.spec.side_channel_port for ref in self.instances() if ref.spec.side_channel_port}
-        for ref in self.ec_port_owners():  # an EC port the file pins is not handed out again here
-            if ref.spec.ec_port:
-                taken |= set(range(ref.spec.ec_port, ref.spec.ec_port + _ec_port_count(self, ref)))
-        ports: dict[str, int] = {}
-        candidate = self.kv_transfer.side_channel_port_base
-        for ref in self.instances():
-            if ref.role not in ("prefill", "decode"):
-                continue
-            if ref.spec.side_channel_port:
-                ports[ref.name] = ref.spec.side_channel_port
-                continue
-            while candidate in taken:
-                candidate += 1
-            ports[ref.name] = candidate
-            taken.add(candidate)
-        return ports
-
 
 # ---------------------------------------------------------------- what the settings mean
 
@@ -353,15 +273,6 @@ def tensor_parallel_size(topology: Topology, spec: InstanceSpec) -> int:
     return max(1, len(spec.devices))
 
 
-MAX_EC_PORTS_PER_INSTANCE = 64
-
-
-def _ec_port_count(topology: Topology, ref: InstanceRef) -> int:
-    if topology.ec_transfer is not None and topology.ec_transfer.connector == EC_MOONCAKE:
-        return min(tensor_parallel_size(topology, ref.spec), MAX_EC_PORTS_PER_INSTANCE)
-    return 1
-
-
 def effective_memory_fraction(topology: Topology, spec: InstanceSpec) -> float:
     """The GPU memory fraction vLLM will really use for an instance."""
     if spec.gpu_memory_utilization is not None:
@@ -371,23 +282,3 @@ def effective_memory_fraction(topology: Topology, spec: InstanceSpec) -> float:
             if key.replace("_", "-").lstrip("-") == "gpu-memory-utilization" and isinstance(value, (int, float)):
                 return float(value)
     return DEFAULT_GPU_MEMORY_UTILIZATION
-
-
-# vllm-router's --kv-connector names for the KV connectors epdctl can run it with. It knows
-# mooncake and moriio too, but Mooncake needs a bootstrap port per prefill instance (it waits on
-# 8998 otherwise) and MoRI-IO a service-discovery address, neither of which epdctl plans yet.
-ROUTER_KV_CONNECTORS = {"NixlConnector": "nixl"}
-# Settings of epdctl's proxy that vllm-router has no counterpart for: refused, not silently dropped.
-EPDCTL_PROXY_ONLY = ("encode_timeout_s", "max_media_items", "workers")
-
-
-def router_metrics_host(host: str) -> Optional[str]:
-    """The address vllm-router's metrics can bind for `host` (an IPv4 literal, or localhost), else None."""
-    import ipaddress
-
-    if host == "localhost":
-        return "127.0.0.1"
-    try:
-        return host if ipaddress.ip_address(host).version == 4 else None
-    except ValueError:
-        return None

@@ -21,9 +21,10 @@ from typing import Any, Optional
 import yaml
 
 from epdctl.atomicfile import check_output, make_output_folder, write_output
-from epdctl.config.schema import EC_MOONCAKE, Topology
+from epdctl.config.schema import Topology
+from epdctl.connectors import EC_MOONCAKE, ec_consumer_zmq_addrs
 from epdctl.errors import EXIT_RUNTIME, EXIT_USAGE, EpdctlError
-from epdctl.plan import DEVICE_VARIABLE, ProcessSpec, build_plan, ec_consumer_zmq_addrs
+from epdctl.plan import DEVICE_VARIABLE, ProcessSpec, build_plan
 
 DEFAULT_IMAGE = "vllm/vllm-openai:v0.33.0"
 DEFAULT_PROXY_IMAGE = "epdctl:0.1.0"  # build it from the repository's Dockerfile (docs/howto-kubernetes.md)

@@ -34,7 +34,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from epdctl import jsoncodec
-from epdctl.ec import ec_exists
+from epdctl.connectors import ec_exists
 from epdctl.media import MediaError, check_media_key, content_hash, iter_media, local_media_path, strip_text
 from epdctl.proxy.ec_handles import HANDLE_CONNECTORS, consumer_params, push_params
 from epdctl.proxy.pool import Backend, NoBackend, Pool

@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disa
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from epdctl import jsoncodec
-from epdctl.ec import ec_exists, load_ec, save_ec
+from epdctl.connectors import ec_exists, load_ec, save_ec
 from epdctl.media import MediaError, MediaItem, check_media_key, content_hash, iter_media, local_media_path
 from epdctl.sim.costmodel import DEFAULT_MAX_NUM_BATCHED_TOKENS, DEFAULT_MAX_NUM_SEQS, CostModel, Scheduler, Seq
 
