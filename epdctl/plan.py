@@ -32,6 +32,10 @@ class ProcessSpec:
     ec_ports: tuple[int, ...] = ()  # its EC connector's ports (ECCPU side channel, Mooncake control)
     metrics_port: Optional[int] = None  # a separate metrics listener (vllm-router's)
     restart: RestartSpec = RestartSpec()
+    # Its --ec-transfer-config as finally planned (an instance's `args:` may replace the role's):
+    # readers take them from here, not back out of argv. Not in to_json: `plan --json` is unchanged.
+    ec_connector: Optional[str] = None
+    ec_storage_path: Optional[str] = None
 
     @property
     def url(self) -> str:
@@ -170,6 +174,22 @@ def role_flags(topology: Topology, role: str, devices: tuple[int, ...], ec_ports
     return flags
 
 
+def _json_flag(flags: Mapping[str, Any], flag: str) -> dict[str, Any]:
+    """A JSON flag's value as a mapping: the role's dict, or what an `args:` level gave (a dict, or
+    JSON text); {} when it is neither."""
+    value = flags.get(flag)
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _text(value: Any) -> Optional[str]:
+    return value if isinstance(value, str) else None
+
+
 def build_plan(topology: Topology, python: str = "python", router: str = "vllm-router") -> Plan:
     """The processes `up` will run, in start order: instances, then the proxy.
 
@@ -191,6 +211,8 @@ def build_plan(topology: Topology, python: str = "python", router: str = "vllm-r
                             role_flags(topology, ref.role, spec.devices, instance_ec_ports), instance_flags)
         model_argv = [topology.model] if positional_model else ["--model", topology.model]
         argv = prefix + model_argv + ["--port", str(spec.port)] + flags_to_argv(flags)
+        ec = _json_flag(flags, "ec-transfer-config")
+        ec_extra = ec.get("ec_connector_extra_config")
 
         role_env: dict[str, str] = {}
         if device_variable and spec.devices:
@@ -206,6 +228,8 @@ def build_plan(topology: Topology, python: str = "python", router: str = "vllm-r
                 name=ref.name, role=ref.role, devices=spec.devices, argv=tuple(argv), env=env,
                 host=LOOPBACK, port=spec.port, side_channel_port=side_channel, ec_ports=instance_ec_ports,
                 restart=spec.restart.over(topology.restart) if spec.restart else topology.restart,
+                ec_connector=_text(ec.get("ec_connector")),
+                ec_storage_path=_text(ec_extra.get("shared_storage_path")) if isinstance(ec_extra, dict) else None,
             )
         )
     instances_t = tuple(instances)

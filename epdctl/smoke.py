@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 from xml.sax.saxutils import escape, quoteattr
 
+from epdctl.connectors import EC_FILENAME
 from epdctl.errors import EXIT_RUNTIME, EpdctlError
 from epdctl.plan import Plan, ProcessSpec
 
@@ -197,22 +198,10 @@ def send(proxy: str, golden: Golden) -> str:
 # ---------------------------------------------------------------- the proof
 
 
-def _ec_path_of(spec: ProcessSpec) -> Optional[str]:
-    """The shared_storage_path this instance was really given (instance args may override the plan's)."""
-    argv = list(spec.argv)
-    if "--ec-transfer-config" not in argv:
-        return None
-    try:
-        config = json.loads(argv[argv.index("--ec-transfer-config") + 1])
-    except (ValueError, IndexError):
-        return None
-    return (config.get("ec_connector_extra_config") or {}).get("shared_storage_path")
-
-
 def _ec_files(path: Optional[str]) -> int:
     if not path or not os.path.isdir(path):
         return 0
-    return sum(1 for entry in os.scandir(path) if os.path.exists(os.path.join(entry.path, "encoder_cache.safetensors")))
+    return sum(1 for entry in os.scandir(path) if os.path.exists(os.path.join(entry.path, EC_FILENAME)))
 
 
 def _names(specs: list[ProcessSpec]) -> str:
@@ -235,15 +224,6 @@ def _log_since(path: Optional[Path], offset: int) -> Optional[str]:
             return handle.read().decode(errors="replace")
     except OSError:
         return None
-
-
-def _ec_connector_of(spec: ProcessSpec) -> str | None:
-    argv = list(spec.argv)
-    try:
-        config = json.loads(argv[argv.index("--ec-transfer-config") + 1])
-    except (ValueError, IndexError):
-        return None
-    return config.get("ec_connector") if isinstance(config, dict) else None
 
 
 def connector_evidence(connector: str, consumer_names: str, images: int, encoder_logs: list[str | None],
@@ -302,7 +282,7 @@ def prove(plan: Plan, proxy: str, log_of: Optional[Callable[[str], Path]] = None
         return [Check("proxy lists a model", False, f"{proxy}/v1/models: {exc}")]
 
     goldens = golden_requests(model)
-    ec_paths = {s.name: _ec_path_of(s) for s in plan.instances}
+    ec_paths = {s.name: s.ec_storage_path for s in plan.instances}
     files_before = {path: _ec_files(path) for path in set(ec_paths.values()) if path}
     logs = {s.name: log_of(s.name) if log_of else None for s in plan.instances}
     log_offsets = {name: _size(path) for name, path in logs.items()}
@@ -331,7 +311,7 @@ def prove(plan: Plan, proxy: str, log_of: Optional[Callable[[str], Path]] = None
     requests = len(goldens)
     requests_metric = SIM["requests"] if sim else VLLM_REQUESTS
 
-    connector = next((c for c in (_ec_connector_of(s) for s in encoders) if c), None)
+    connector = next((s.ec_connector for s in encoders if s.ec_connector), None)
     if encoders and not sim and connector in EC_EVIDENCE:
         text_hits = delta(encoders, requests_metric, after_text)
         checks.append(Check("text skipped the encoders", text_hits == 0,

@@ -153,6 +153,22 @@ def test_precedence_defaults_then_role_then_instance():
     assert procs["prefill-0"].env["HF_HUB_OFFLINE"] == "1"
 
 
+def test_each_instance_carries_its_ec_connector_and_folder_as_typed_fields():
+    """smoke reads the EC folder and connector from the plan, not back out of argv: an instance's own
+    --ec-transfer-config (a dict or JSON text in `args:`) is what it was given, so it is what it carries."""
+    text = TEMPLATE.format(platform="cuda", kv="NixlConnector").replace(
+        "port: 9002, env:", "port: 9002, args: {ec-transfer-config: '{\"ec_connector\": \"Mine\", "
+        "\"ec_connector_extra_config\": {\"shared_storage_path\": \"/own\"}}'}, env:")
+    procs = by_name(build_plan(parse_topology(text, "t.yaml", environ={}), python="python"))
+    for name, (connector, folder) in {"encode-0": ("ECExampleConnector", "/ec"), "prefill-0": ("Mine", "/own"),
+                                      "decode-0": (None, None)}.items():
+        config = json.loads(flag(procs[name].argv, "--ec-transfer-config") or "{}")
+        assert (procs[name].ec_connector, procs[name].ec_storage_path) == (connector, folder)
+        assert (config.get("ec_connector"), config.get("ec_connector_extra_config", {}).get("shared_storage_path")) \
+            == (connector, folder)
+    assert "ec_connector" not in procs["encode-0"].to_json()  # `plan --json` is unchanged
+
+
 def test_kv_config_fields_and_media_path():
     procs = plan_from_template()
     kv = json.loads(flag(procs["prefill-0"].argv, "--kv-transfer-config"))
