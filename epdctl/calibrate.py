@@ -387,7 +387,7 @@ async def _vllm_version(session, target: Target) -> str:
 
 
 def running_state(name: str) -> dict[str, Any]:
-    from epdctl.state import StateDir, check_name
+    from epdctl.run.state import StateDir, check_name
 
     state = StateDir(check_name(name)).read()
     if not state:

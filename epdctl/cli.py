@@ -177,7 +177,7 @@ def plan(
 def _print_plan_text(the_plan) -> None:
     import shlex
 
-    from epdctl.logfiles import display  # values from the file may hold what a terminal acts on
+    from epdctl.run.logfiles import display  # values from the file may hold what a terminal acts on
 
     print(f"# topology {the_plan.name}: engine {the_plan.engine}, platform {the_plan.platform}")
     for spec in the_plan.processes:

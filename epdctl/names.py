@@ -35,7 +35,7 @@ def topology_name(argument: str) -> str:
         from epdctl.config.load import load_topology
 
         return load_topology(argument).name
-    from epdctl.state import check_name  # not at the top: `plan FILE` need not import psutil
+    from epdctl.run.state import check_name  # not at the top: `plan FILE` need not import psutil
 
     return check_name(argument)
 

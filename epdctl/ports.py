@@ -41,7 +41,7 @@ def _describe(pid: int) -> str:
 def busy_ports(claims: Iterable[tuple[int, str]]) -> list[str]:
     """For each (port, what) that is taken, a line naming the port, its user and its holder; the
     ports another epdctl topology holds share one line that says how to stop it."""
-    from epdctl.state import topology_of
+    from epdctl.run.state import topology_of
 
     problems: list[str] = []
     by_topology: dict[str, list[str]] = {}

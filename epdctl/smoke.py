@@ -406,7 +406,7 @@ def prove(plan: Plan, proxy: str, log_of: Optional[Callable[[str], Path]] = None
 
 
 def _running(plan: Plan) -> bool:
-    from epdctl.state import StateDir
+    from epdctl.run.state import StateDir
 
     state = StateDir(plan.name).read()
     if not state or state.get("phase") != "running":
@@ -442,7 +442,7 @@ def write_junit(path: Path, suite: str, checks: list[Check]) -> None:
 def run_smoke(topology, plan: Plan, *, source: Path, keep_up: bool, junit: Optional[Path],
               wait_timeout: Optional[float], out=None) -> int:
     from epdctl import supervisor
-    from epdctl.state import StateDir
+    from epdctl.run.state import StateDir
 
     out = out or sys.stdout
     if junit:

@@ -9,8 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional
 
 from epdctl.errors import EXIT_NOTHING_RUNNING, EXIT_RUNTIME, EXIT_USAGE, EpdctlError
-from epdctl.state import StateDir, list_state_dirs, verified_process
-from epdctl.logfiles import Follower, tail_lines, wants_colour
+from epdctl.run.state import StateDir, list_state_dirs, verified_process
+from epdctl.run.logfiles import Follower, tail_lines, wants_colour
 from epdctl.supervisor import Runtime
 
 
@@ -222,7 +222,7 @@ def _anything_alive(state_dir: StateDir) -> bool:
 
 def _unknown_state_note(name: Optional[str], known: set) -> str:
     """Processes of ours tagged with a topology whose state folder is gone are still ours to report."""
-    from epdctl.state import RUN_ENV, tagged_topologies
+    from epdctl.run.state import RUN_ENV, tagged_topologies
 
     strays = {n: count for n, count in tagged_topologies().items() if n not in known and name in (None, n)}
     if not strays:
@@ -236,7 +236,7 @@ def _unknown_state_note(name: Optional[str], known: set) -> str:
 def show_events(name: str, follow: bool, out=None) -> None:
     """`epdctl events NAME [-f]`: starts, health changes, exits and restarts, oldest first (the
     rotated copy first), read a chunk at a time."""
-    from epdctl.events import EVENTS_FILE, format_event
+    from epdctl.run.events import EVENTS_FILE, format_event
     out = out or sys.stdout
     state_dir = StateDir(name)
     if state_dir.read() is None:

@@ -25,17 +25,17 @@ from urllib.parse import urlparse
 
 import psutil
 
-from epdctl import logfiles, storage
-from epdctl.events import EVENTS_FILE, EVENTS_KEEP, EVENTS_MAX_BYTES, append_event, now_iso
+from epdctl.run import logfiles, storage
+from epdctl.run.events import EVENTS_FILE, EVENTS_KEEP, EVENTS_MAX_BYTES, append_event, now_iso
 from epdctl.errors import EXIT_RUNTIME, EXIT_USAGE, EpdctlError
 from epdctl.plan import Plan, ProcessSpec
 from epdctl.ports import busy_ports
-from epdctl.restart import RestartBook
-from epdctl.state import (
+from epdctl.run.restart import RestartBook
+from epdctl.run.state import (
     INSTANCE_ENV, RUN_ENV, StateDir, is_alive, is_up, list_state_dirs, new_run_token, processes_of_topology,
     tagged_processes, tagged_topologies, verified_process, write_json_atomic,
 )
-from epdctl.teardown import stop_processes
+from epdctl.run.teardown import stop_processes
 
 LOG_TAIL_LINES = 20
 DEFAULT_GRACE_S = 10.0

@@ -75,7 +75,7 @@ def test_a_proxy_timeout_the_proxy_would_refuse_is_refused_by_validate(tmp_path,
 
 def test_bench_refuses_a_request_larger_than_the_proxy_takes(tmp_path, state_dir):
     """`bench NAME` reads the proxy's max_body_mb from the topology's state: every request would get 413."""
-    from epdctl.state import StateDir
+    from epdctl.run.state import StateDir
 
     state = StateDir("small")
     state.ensure()

@@ -12,9 +12,9 @@ import pytest
 
 from conftest import assert_no_orphans, epdctl, wait_for, write_sim_topology
 
-from epdctl.events import EVENTS_FILE, EVENTS_MAX_BYTES
-from epdctl.logfiles import rotate_if_needed
-from epdctl.state import StateDir
+from epdctl.run.events import EVENTS_FILE, EVENTS_MAX_BYTES
+from epdctl.run.logfiles import rotate_if_needed
+from epdctl.run.state import StateDir
 from epdctl.status import show_events
 
 # ---------------------------------------------------------------- rotation and planted names

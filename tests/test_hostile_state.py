@@ -61,7 +61,7 @@ def test_ec_path_with_dotdot_is_refused_and_the_folder_survives(tmp_path, state_
 
 def test_ec_storage_library_refuses_a_non_normal_path(tmp_path):
     """The second line of defence, for a plan that did not come through `validate`."""
-    from epdctl import storage
+    from epdctl.run import storage
     from epdctl.errors import EpdctlError
 
     important = tmp_path / "important"
@@ -113,7 +113,7 @@ def test_two_topologies_on_one_ec_path_the_folder_goes_with_its_last_user(tmp_pa
 
 
 def test_a_crashed_users_stale_lease_does_not_keep_the_folder_forever(tmp_path):
-    from epdctl import storage
+    from epdctl.run import storage
 
     folder = tmp_path / "ec"
     assert storage.claim(str(folder), "gone-0123456789abcdef") is True

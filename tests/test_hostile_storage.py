@@ -17,7 +17,7 @@ import pytest
 
 from conftest import assert_no_orphans, epdctl, http_post, wait_for, write_sim_topology
 
-from epdctl import storage
+from epdctl.run import storage
 
 IMAGE_CHAT = {"messages": [{"role": "user", "content": [
     {"type": "text", "text": "what is this?"},

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from epdctl.logfiles import display
+from epdctl.run.logfiles import display
 
 from conftest import assert_no_orphans, epdctl, write_sim_topology
 

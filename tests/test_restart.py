@@ -19,7 +19,7 @@ import pytest
 from conftest import assert_no_orphans, epdctl, http_post, wait_for, wait_healthy, write_sim_topology
 
 from epdctl.config.schema import RestartSpec
-from epdctl.restart import RestartBook
+from epdctl.run.restart import RestartBook
 
 CHAT = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 2}
 IMAGE_CHAT = {"messages": [{"role": "user", "content": [

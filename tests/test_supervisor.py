@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from epdctl.teardown import stop_processes
+from epdctl.run.teardown import stop_processes
 
 from conftest import assert_no_orphans, epdctl, http_post, signal_and_wait, wait_healthy, write_sim_topology
 
@@ -268,7 +268,7 @@ def test_pid_reuse_is_never_signalled():
 def test_a_leader_that_exits_between_the_grace_checks_is_reported_as_stopped_by_sigterm(monkeypatch):
     """Seen for real: `down` took 0.1 s but said "pd-0 killed with SIGKILL after the 10s grace",
     because pd-0 exited after the grace loop looked at it and before it saw everyone gone."""
-    import epdctl.teardown as teardown
+    import epdctl.run.teardown as teardown
 
     victim = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
     real_is_alive = teardown.is_alive

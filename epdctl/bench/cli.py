@@ -79,7 +79,7 @@ def _file_label(text: str) -> str:
 def proxy_url(name: str) -> tuple[str, bool, Optional[int]]:
     """The named topology's proxy URL, whether it has encoders (without, no EC cache is in play), and
     the largest request body its proxy takes (None: not known)."""
-    from epdctl.state import StateDir
+    from epdctl.run.state import StateDir
 
     state = StateDir(name).read()
     if not state:

@@ -1,4 +1,4 @@
-"""Who owns a shared storage folder, and when it may be deleted (DESIGN §8).
+"""Who owns a shared storage folder, and when it may be deleted (docs/design.md, "Trust and limits").
 
 The folders are ECExampleConnector's (encoder cache) and a storage KV connector's
 (ExampleConnector's KV files). `up` creates one when it is missing and marks it (and marks each
@@ -28,7 +28,7 @@ import psutil
 
 from epdctl.atomicfile import write_atomic
 from epdctl.errors import EXIT_USAGE, EpdctlError
-from epdctl.state import tagged_processes
+from epdctl.run.state import tagged_processes
 
 MARKER = ".epdctl-created"  # a shared folder epdctl created
 PARENT_MARKER = ".epdctl-created-parent"  # a folder epdctl created on the way to one

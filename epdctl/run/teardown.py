@@ -1,4 +1,4 @@
-"""Stopping processes for good (DESIGN §7.4): SIGTERM each group, grace, SIGKILL once, sweep.
+"""Stopping processes for good (docs/design.md, "Stopping"): SIGTERM each group, grace, SIGKILL once, sweep.
 
 "Down" means no descendant is left. vLLM's EngineCore and workers are children that can
 outlive their parent, or sit in another session, so besides each recorded process group we
@@ -16,7 +16,7 @@ from typing import Callable, Iterable, Optional
 
 import psutil
 
-from epdctl.state import is_alive, tagged_processes, verified_process
+from epdctl.run.state import is_alive, tagged_processes, verified_process
 
 SWEEP_WAIT_S = 2.0
 

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from epdctl.logfiles import display
+from epdctl.run.logfiles import display
 
 EVENTS_FILE = "events.jsonl"
 # Events have their own bound, apart from `logs.max_mb`: a tiny log cap must not cost the history
