@@ -198,7 +198,7 @@ def up(
 
     Ctrl-C, SIGTERM or SIGHUP tears everything down (exit 130, 143, 129).
     """
-    from epdctl.supervisor import up as run_up
+    from epdctl.up import up as run_up
 
     seconds = _number("--wait-timeout", wait_timeout, float, *WAIT_SECONDS, above=True)
     file = _topology_file(file)
@@ -240,7 +240,7 @@ def down(
 ) -> None:
     """Stop a topology: SIGTERM each process group, SIGKILL after GRACE, sweep descendants."""
     seconds = _number("-t/--timeout", grace, float, *WAIT_SECONDS)
-    from epdctl.supervisor import down as run_down
+    from epdctl.down import down as run_down
 
     raise SystemExit(run_down(target, grace=seconds, ignore_missing=ignore_missing))
 

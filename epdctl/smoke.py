@@ -441,7 +441,9 @@ def write_junit(path: Path, suite: str, checks: list[Check]) -> None:
 
 def run_smoke(topology, plan: Plan, *, source: Path, keep_up: bool, junit: Optional[Path],
               wait_timeout: Optional[float], out=None) -> int:
-    from epdctl import supervisor
+    from epdctl.down import down
+    from epdctl.run.supervisor import SIGNAL_EXIT
+    from epdctl.up import up
     from epdctl.run.state import StateDir
 
     out = out or sys.stdout
@@ -454,13 +456,13 @@ def run_smoke(topology, plan: Plan, *, source: Path, keep_up: bool, junit: Optio
     if _running(plan):
         print(f"epdctl smoke: using the running {plan.name}", file=out, flush=True)
     else:
-        code = supervisor.up(topology, plan, detach=True, wait_timeout=wait_timeout, source=source)
+        code = up(topology, plan, detach=True, wait_timeout=wait_timeout, source=source)
         if code != 0:
             return code
         started_here = True
     # SIGTERM/SIGHUP end smoke like Ctrl-C does: through the `finally` that brings down what it started.
     def on_signal(signum, frame):
-        raise SystemExit(supervisor.SIGNAL_EXIT[signum])
+        raise SystemExit(SIGNAL_EXIT[signum])
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
@@ -471,7 +473,7 @@ def run_smoke(topology, plan: Plan, *, source: Path, keep_up: bool, junit: Optio
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         if started_here and not keep_up:
-            supervisor.down(plan.name, out=out, ignore_missing=True)
+            down(plan.name, out=out, ignore_missing=True)
     if junit:
         write_junit(junit, plan.name, checks)
     failed = [c for c in checks if c.ok is False]

@@ -11,7 +11,7 @@ from typing import Any, Optional
 from epdctl.errors import EXIT_NOTHING_RUNNING, EXIT_RUNTIME, EXIT_USAGE, EpdctlError
 from epdctl.run.state import StateDir, list_state_dirs, verified_process
 from epdctl.run.logfiles import Follower, tail_lines, wants_colour
-from epdctl.supervisor import Runtime
+from epdctl.run.runtime import Runtime
 
 
 def live_status(state: dict[str, Any], runtime: Optional[Runtime] = None) -> dict[str, Any]:

@@ -191,7 +191,9 @@ def run_split(split: str, data: dict[str, Any], bench_args: argparse.Namespace, 
     what is left of the split but its `down`: the split is then failed, "interrupted by SIG...".
     """
     from epdctl.bench.cli import measure
-    from epdctl.supervisor import SIGNAL_EXIT, down, up
+    from epdctl.down import down
+    from epdctl.run.supervisor import SIGNAL_EXIT
+    from epdctl.up import up
 
     outcome = Outcome(split, "failed", devices=_used_devices(data, platform), topology=data)
     try:
@@ -284,7 +286,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, argparse.Namespace]
 def sweep(base: Topology, splits: list[str], devices: list[int], bench_args: argparse.Namespace,
           device_count: Optional[int], log, on_result=None) -> tuple[list[Outcome], Optional[int]]:
     """Every split in turn. Returns the outcomes and, when interrupted, the signal that did it."""
-    from epdctl.supervisor import SIGNAL_EXIT
+    from epdctl.run.supervisor import SIGNAL_EXIT
 
     outcomes: list[Outcome] = []
     stopped_by: list[int] = []
@@ -350,7 +352,7 @@ def main(argv: list[str]) -> int:
         print_table(ranked, best, bench_args, sys.stdout)
     saved = not args.save or _saved(Path(args.save), ranked, summary, best)
     if stopped:
-        from epdctl.supervisor import SIGNAL_EXIT
+        from epdctl.run.supervisor import SIGNAL_EXIT
 
         measured = sum(1 for o in outcomes if o.status == "ok")
         print(f"epdctl: sweep interrupted by {signal.Signals(stopped).name}; "
@@ -358,7 +360,7 @@ def main(argv: list[str]) -> int:
         return SIGNAL_EXIT[stopped]
     if args.keep_best and best:
         topology, plan = _load(best.topology, best.split, device_count)
-        from epdctl.supervisor import up
+        from epdctl.up import up
 
         with contextlib.redirect_stdout(sys.stderr):
             up(topology, plan, detach=True, wait_timeout=None, source=Path(f"<sweep {best.split}>"))

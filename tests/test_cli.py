@@ -59,7 +59,7 @@ def test_help_and_plan_never_import_heavy_modules(args):
         "import sys; sys.argv = ['epdctl'] + %r\n"
         "from epdctl.cli import main\n"
         "try:\n    main()\nexcept SystemExit:\n    pass\n"
-        "heavy = [m for m in ('aiohttp', 'vllm', 'torch', 'epdctl.proxy', 'epdctl.supervisor') if m in sys.modules]\n"
+        "heavy = [m for m in ('aiohttp', 'vllm', 'torch', 'epdctl.proxy', 'epdctl.run.supervisor', 'epdctl.up', 'epdctl.down') if m in sys.modules]\n"
         "print('HEAVY', heavy, file=sys.stderr)\n" % (args,)
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

@@ -342,7 +342,7 @@ def test_a_bug_during_up_d_names_itself_and_keeps_the_logs(tmp_path, state_dir):
     inject = tmp_path / "inject"
     inject.mkdir()
     (inject / "sitecustomize.py").write_text(
-        "import epdctl.supervisor as s\n"
+        "import epdctl.run.supervisor as s\n"
         "def boom(self, timeout, progress):\n"
         "    raise ValueError('injected bug')\n"
         "s.Supervisor.wait_healthy = boom\n")

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Optional
 from epdctl.bench.dataset import MAX_IMAGE_SIZE
 from epdctl.cliparse import CommandParser, number
 from epdctl.errors import EXIT_USAGE, EpdctlError
-from epdctl.supervisor import SIGNAL_EXIT  # the exit codes of signals, as `up` has them
+from epdctl.run.supervisor import SIGNAL_EXIT  # the exit codes of signals, as `up` has them
 
 if TYPE_CHECKING:
     from epdctl.bench.dataset import BenchRequest

@@ -8,7 +8,6 @@ environment tag (which survives reparenting to init).
 
 from __future__ import annotations
 
-import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -16,9 +15,11 @@ from typing import Callable, Iterable, Optional
 
 import psutil
 
+from epdctl.run.launch import LocalLauncher
 from epdctl.run.state import is_alive, tagged_processes, verified_process
 
 SWEEP_WAIT_S = 2.0
+DEFAULT_GRACE_S = 10.0
 
 
 @dataclass
@@ -65,22 +66,6 @@ class StopReport:
         return out
 
 
-def _signal_group(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except ProcessLookupError:
-        pass  # already gone
-    except PermissionError:
-        pass
-
-
-def _signal(proc: psutil.Process, sig: int) -> None:
-    try:
-        proc.send_signal(sig)  # psutil checks the create_time first, so a reused pid is safe
-    except (psutil.NoSuchProcess, psutil.AccessDenied, ProcessLookupError):
-        pass
-
-
 def _descendants(proc: psutil.Process) -> list[psutil.Process]:
     try:
         return proc.children(recursive=True)
@@ -95,13 +80,15 @@ def stop_processes(
     *,
     hurry: Callable[[], bool] = lambda: False,
     reap: Callable[[], None] = lambda: None,
+    launcher: Optional[LocalLauncher] = None,
 ) -> StopReport:
     """Stop every recorded process with its group and descendants.
 
     `records` carry name, pid, pgid and create_time. `hurry()` returning True (a second
     Ctrl-C) ends the grace early. `reap()` lets a parent collect exit codes while we wait,
-    so its children don't linger as zombies.
+    so its children don't linger as zombies. `launcher` signals (the one that started them).
     """
+    launcher = launcher or LocalLauncher()
     records = list(records)
     report = StopReport()
     leaders: dict[str, Optional[psutil.Process]] = {}
@@ -123,20 +110,18 @@ def stop_processes(
         if leader is None:
             continue
         pgid = record.get("pgid") or leader.pid
-        try:
-            if os.getpgid(leader.pid) == pgid:
-                groups.append(pgid)
-                _signal_group(pgid, signal.SIGTERM)
-                continue
-        except ProcessLookupError:
+        group = launcher.group_of(leader.pid)
+        if group is None:
             continue
-        _signal(leader, signal.SIGTERM)
+        if group == pgid:
+            groups.append(pgid)
+            launcher.signal_group(pgid, signal.SIGTERM)
+            continue
+        launcher.signal(leader, signal.SIGTERM)
     for proc in everyone.values():
-        try:
-            if os.getpgid(proc.pid) not in groups:
-                _signal(proc, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
+        group = launcher.group_of(proc.pid)
+        if group is not None and group not in groups:
+            launcher.signal(proc, signal.SIGTERM)
 
     started = time.monotonic()
     deadline = started + grace
@@ -164,12 +149,12 @@ def stop_processes(
     report.killed_descendants = [_describe(p) for p in everyone.values() if p.pid not in leader_pids and is_alive(p)]
     killed = False
     for pgid in groups:
-        if any(is_alive(p) for p in everyone.values() if _pgid(p) == pgid):
-            _signal_group(pgid, signal.SIGKILL)
+        if any(is_alive(p) for p in everyone.values() if launcher.group_of(p.pid) == pgid):
+            launcher.signal_group(pgid, signal.SIGKILL)
             killed = True
     for proc in everyone.values():
         if is_alive(proc):
-            _signal(proc, signal.SIGKILL)
+            launcher.signal(proc, signal.SIGKILL)
             killed = True
     if killed:
         _wait_gone(everyone.values(), SWEEP_WAIT_S, reap)
@@ -178,7 +163,7 @@ def stop_processes(
     if run_token:
         strays = [p for p in tagged_processes(run_token) if p.pid not in everyone]
         for proc in strays:
-            _signal(proc, signal.SIGKILL)
+            launcher.signal(proc, signal.SIGKILL)
             everyone[proc.pid] = proc
         report.swept = len(strays)
         _wait_gone(strays, SWEEP_WAIT_S, reap)
@@ -203,13 +188,6 @@ def _describe(proc: psutil.Process) -> str:
         return f"pid {proc.pid} ({' '.join(proc.cmdline())[:50]})"
     except psutil.Error:
         return f"pid {proc.pid}"
-
-
-def _pgid(proc: psutil.Process) -> Optional[int]:
-    try:
-        return os.getpgid(proc.pid)
-    except ProcessLookupError:
-        return None
 
 
 def _wait_gone(procs: Iterable[psutil.Process], timeout: float, reap: Callable[[], None]) -> None:

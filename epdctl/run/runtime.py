@@ -1,0 +1,41 @@
+"""The seam between the supervisor and the world: processes, clock and HTTP in one place, so unit
+tests fake them (docs/design.md, "Seams")."""
+
+from __future__ import annotations
+
+import http.client
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+from epdctl.run.launch import LocalLauncher
+
+
+@dataclass
+class Runtime:
+    """Subprocess (through a launcher), clock and health probe."""
+
+    launcher: LocalLauncher = field(default_factory=LocalLauncher)
+
+    def spawn(self, argv: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
+        return self.launcher.start(argv, env, log_path)
+
+    def now(self) -> float:
+        return time.monotonic()
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+    def probe(self, url: str, timeout: float = 1.0) -> bool:
+        """GET url/health → 200?"""
+        parsed = urlparse(url)
+        conn = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=timeout)
+        try:
+            conn.request("GET", "/health")
+            return conn.getresponse().status == 200
+        except (OSError, http.client.HTTPException):
+            return False
+        finally:
+            conn.close()
