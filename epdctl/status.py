@@ -12,6 +12,7 @@ from epdctl.errors import EXIT_NOTHING_RUNNING, EXIT_RUNTIME, EXIT_USAGE, Epdctl
 from epdctl.run.state import StateDir, list_state_dirs, verified_process
 from epdctl.run.logfiles import Follower, tail_lines, wants_colour
 from epdctl.run.runtime import Runtime
+from epdctl.run.states import ALIVE, ENDED, Health, ProcessState, TopologyPhase
 
 
 def live_status(state: dict[str, Any], runtime: Optional[Runtime] = None) -> dict[str, Any]:
@@ -28,21 +29,24 @@ def live_status(state: dict[str, Any], runtime: Optional[Runtime] = None) -> dic
         if not alive:
             # Only a live supervisor is restarting anything; a dead one's "restarting" is a lie.
             recorded = record.get("state")
-            current = recorded if recorded == "failed" or recorded == "restarting" and supervised else "exited"
+            current = ProcessState(recorded) if recorded == ProcessState.FAILED or (
+                recorded == ProcessState.RESTARTING and supervised) else ProcessState.EXITED
         elif runtime.probe(record["url"], timeout=1.0):
-            current = "healthy"
+            current = ProcessState.HEALTHY
         else:
-            current = "starting" if phase == "starting" and record.get("state") != "healthy" else "unhealthy"
+            current = (ProcessState.STARTING if phase == TopologyPhase.STARTING
+                       and record.get("state") != ProcessState.HEALTHY else ProcessState.UNHEALTHY)
         entry = {
             "name": record["name"], "role": record["role"], "pid": record.get("pid"), "port": record["port"],
             "url": record["url"], "state": current, "exit_code": record.get("exit_code") if not alive else None,
             "restarts": record.get("restarts", 0), "last_exit": record.get("last_exit"), "since": record.get("since"),
         }
-        if current in ("failed", "exited") and record.get("error") and record.get("pid") is not None:
+        if current in ENDED and record.get("error") and record.get("pid") is not None:
             entry["error"] = record["error"]
         if not alive and record.get("pid") is None:
             # Never ran: say why instead of a pid of None and a made-up exit code.
-            entry["error"] = record.get("error") or ("not started: up failed before it" if phase == "failed" else "not started yet")
+            entry["error"] = record.get("error") or ("not started: up failed before it" if phase == TopologyPhase.FAILED
+                                                      else "not started yet")
         return entry
 
     with ThreadPoolExecutor(max_workers=max(1, min(16, len(records)))) as pool:
@@ -52,28 +56,26 @@ def live_status(state: dict[str, Any], runtime: Optional[Runtime] = None) -> dic
     if proxy:
         proxy = {k: v for k, v in proxy.items() if k != "role"}
     states = [e["state"] for e in entries]
-    if states and all(s == "healthy" for s in states):
-        overall = "running"
-    elif phase == "starting" and "exited" not in states:
-        overall = "starting"  # instances still loading are not a degraded topology
-    elif phase == "failed" and not any(s in RUNNING_STATES for s in states):
-        overall = "failed"  # a start that did not complete: not up, but shown until `down NAME`
-    elif any(s != "exited" for s in states):
-        overall = "degraded"
+    if states and all(s == ProcessState.HEALTHY for s in states):
+        overall = TopologyPhase.RUNNING
+    elif phase == TopologyPhase.STARTING and ProcessState.EXITED not in states:
+        overall = TopologyPhase.STARTING  # instances still loading are not a degraded topology
+    elif phase == TopologyPhase.FAILED and not any(s in ALIVE for s in states):
+        overall = TopologyPhase.FAILED  # a start that did not complete: not up, but shown until `down NAME`
+    elif any(s != ProcessState.EXITED for s in states):
+        overall = TopologyPhase.DEGRADED
     else:
-        overall = "stopped"
+        overall = TopologyPhase.STOPPED
     sup = state.get("supervisor") or {}
     report = {"name": state["name"], "state": overall, "instances": instances, "proxy": proxy,
               "supervisor": {"pid": sup.get("pid"), "mode": sup.get("mode"),
                              "state": "running" if supervised else "gone"}}
     report["health"], report["reasons"] = health(report, state.get("error"))
-    if not supervised and overall not in ("stopped", "failed") and sup.get("pid"):
+    if not supervised and overall not in (TopologyPhase.STOPPED, TopologyPhase.FAILED) and sup.get("pid"):
         report["warning"] = (f"the supervisor (pid {sup['pid']}) is gone: nothing restarts or records exits; "
                              f"`epdctl up {state.get('source') or 'FILE'}` adopts the running processes")
     return report
 
-
-RUNNING_STATES = ("healthy", "unhealthy", "starting", "restarting")
 
 
 def health(report: dict[str, Any], error: Optional[str]) -> tuple[str, list[str]]:
@@ -85,24 +87,25 @@ def health(report: dict[str, Any], error: Optional[str]) -> tuple[str, list[str]
     role still serves).
     """
     entries = report["instances"] + ([dict(report["proxy"], role="proxy")] if report["proxy"] else [])
-    if report["state"] == "running":
-        return "healthy", []
-    if report["state"] in ("failed", "stopped"):
-        return "failed", [error or ("the start failed" if report["state"] == "failed" else "nothing is running")]
+    if report["state"] == TopologyPhase.RUNNING:
+        return Health.HEALTHY, []
+    if report["state"] in (TopologyPhase.FAILED, TopologyPhase.STOPPED):
+        return Health.FAILED, [error or ("the start failed" if report["state"] == TopologyPhase.FAILED
+                                         else "nothing is running")]
     reasons = [f"{e['name']} is {e['state']}" + (f" ({e['error']})" if e.get("error") else "")
-               for e in entries if e["state"] != "healthy"]
+               for e in entries if e["state"] != ProcessState.HEALTHY]
     roles = dict.fromkeys(e["role"] for e in entries)
-    unserved = [role for role in roles if not any(e["role"] == role and e["state"] == "healthy" for e in entries)]
-    if report["state"] != "starting" and unserved:
-        return "failed", reasons + [f"no healthy {role} process: requests cannot be served" for role in unserved]
-    return "degraded", reasons
+    unserved = [role for role in roles if not any(e["role"] == role and e["state"] == ProcessState.HEALTHY for e in entries)]
+    if report["state"] != TopologyPhase.STARTING and unserved:
+        return Health.FAILED, reasons + [f"no healthy {role} process: requests cannot be served" for role in unserved]
+    return Health.DEGRADED, reasons
 
 
 def _exit_code(report: dict[str, Any]) -> int:
     """0 healthy, 1 degraded or failed, 3 nothing running: what `epdctl status NAME && ...` tests."""
-    if report["health"] == "healthy":
+    if report["health"] == Health.HEALTHY:
         return 0
-    return EXIT_NOTHING_RUNNING if report["state"] == "stopped" else EXIT_RUNTIME
+    return EXIT_NOTHING_RUNNING if report["state"] == TopologyPhase.STOPPED else EXIT_RUNTIME
 
 
 def show_status(name: Optional[str], as_json: bool, out=None) -> int:
@@ -115,7 +118,7 @@ def show_status(name: Optional[str], as_json: bool, out=None) -> int:
     strays = _unknown_state_note(name, {s.get("name") for s in states})
     if not states:
         if as_json:
-            print(json.dumps({"name": name, "state": "stopped", "health": "failed", "reasons": ["nothing is running"],
+            print(json.dumps({"name": name, "state": TopologyPhase.STOPPED, "health": Health.FAILED, "reasons": ["nothing is running"],
                               "instances": [], "proxy": None} if name else []), file=out)
         if not as_json or strays:
             print(f"epdctl: nothing is running{f' under the name {name!r}' if name else ''}{'; ' + strays if strays else ''}",
@@ -141,7 +144,7 @@ def _print_table(reports, states, out) -> None:
     for report, state in zip(reports, states):
         # Errors are shown as they are: `[router]` in an install hint is not a style tag.
         title = f"{report['name']}: {report['state']}"
-        if report["state"] not in (report["health"], "stopped"):
+        if report["state"] not in (report["health"], TopologyPhase.STOPPED):
             title += f", {report['health']}"  # e.g. `running, healthy`, `degraded, failed`
         table = Table(title=escape(title + (f" ({state.get('error')})" if state.get("error") else "")),
                       title_justify="left")
@@ -157,7 +160,7 @@ def _print_table(reports, states, out) -> None:
         if report.get("warning"):
             console.print(f"warning: {report['warning']}")
         for row in rows:
-            if row["state"] == "failed":  # a crash loop that gave up: show why, from its own log
+            if row["state"] == ProcessState.FAILED:  # a crash loop that gave up: show why, from its own log
                 console.print(f"last lines of {row['name']} (epdctl logs {report['name']} {row['name']}):")
                 for line in tail_lines(state.get("state_dir", "") + f"/{row['name']}.log", 5):
                     console.print(f"  {row['name']} | {line}", markup=False, highlight=False)

@@ -19,6 +19,7 @@ from epdctl.run.logfiles import tail_lines
 from epdctl.run.progress import Progress
 from epdctl.run.runtime import Runtime
 from epdctl.run.state import RUN_ENV, StateDir, list_state_dirs, processes_of_topology, verified_process
+from epdctl.run.states import ProcessState, TopologyPhase
 from epdctl.run.supervisor import SIGNAL_EXIT, Stop, Supervisor, check_ports, redirect_stdio
 
 
@@ -211,8 +212,8 @@ def _up_detached(plan: Plan, state_dir: StateDir, lock_fd: int, timeout: float, 
             signal.signal(sig, handler)
     if interrupted:
         return SIGNAL_EXIT[interrupted[0]]
-    down = ", ".join(c.spec.name for c in shown if c.state != "healthy")
-    what = f"is up, degraded ({down} not healthy)" if phase == "degraded" else "is up"
+    down = ", ".join(c.spec.name for c in shown if c.state != ProcessState.HEALTHY)
+    what = f"is up, degraded ({down} not healthy)" if phase == TopologyPhase.DEGRADED else "is up"
     print(f"epdctl: {plan.name} {what}: proxy at {plan.proxy.url} (`epdctl status {plan.name}`, `epdctl down {plan.name}`)")
     return 0
 
@@ -241,10 +242,10 @@ def _watch_start(daemon: int, state_dir: StateDir, shown: list[Child], runtime: 
                     child.state, child.pid = record["state"], record["pid"]
                     child.healthy_after_s, child.adopted = record.get("healthy_after_s"), bool(record.get("adopted"))
                     child.error, child.last_exit = record.get("error"), record.get("last_exit")
-                    if not child.started_at and child.state == "starting":
+                    if not child.started_at and child.state == ProcessState.STARTING:
                         child.started_at = runtime.now()
             progress.update()
-            if state.get("phase") in ("running", "degraded"):
+            if state.get("phase") in (TopologyPhase.RUNNING, TopologyPhase.DEGRADED):
                 return state["phase"]
             pid, status = os.waitpid(daemon, os.WNOHANG)
             if pid:

@@ -12,6 +12,7 @@ from epdctl.plan import ProcessSpec
 from epdctl.run.events import now_iso
 from epdctl.run.restart import RestartBook
 from epdctl.run.state import verified_process
+from epdctl.run.states import ProcessState, check_transition
 
 
 @dataclass
@@ -21,8 +22,7 @@ class Child:
     popen: Optional[subprocess.Popen] = None
     pid: Optional[int] = None
     create_time: Optional[float] = None
-    # pending | starting | healthy | unhealthy | restarting | failed | exited
-    state: str = "pending"
+    state: ProcessState = ProcessState.PENDING  # changed only through set_state
     running: bool = False  # the current incarnation is alive, as far as we know
     exit_code: Optional[int] = None  # of the last exit; None while running, or when unknowable
     started_at: float = 0.0
@@ -38,8 +38,10 @@ class Child:
     def __post_init__(self) -> None:
         self.book = self.book or RestartBook(self.spec.restart)
 
-    def set_state(self, state: str) -> None:
+    def set_state(self, state: ProcessState) -> None:
+        """The one place a supervised process changes state; an illegal change raises (a bug)."""
         if state != self.state:
+            check_transition(self.spec.name, self.state, state)
             self.state, self.since = state, now_iso()
 
     def check_exit(self) -> bool:

@@ -9,6 +9,7 @@ from typing import Optional
 from epdctl.run import logfiles
 from epdctl.run.child import Child
 from epdctl.run.runtime import Runtime
+from epdctl.run.states import ENDED, ProcessState
 
 
 class Progress:
@@ -43,8 +44,8 @@ class Progress:
         for column in ("instance", "role", "devices", "port", "state", "waited"):
             table.add_column(column)
         now = self.runtime.now()
-        colors = {"healthy": "green", "exited": "red", "starting": "yellow", "unhealthy": "red", "failed": "red",
-                  "restarting": "yellow"}
+        colors = {ProcessState.HEALTHY: "green", ProcessState.EXITED: "red", ProcessState.STARTING: "yellow",
+                  ProcessState.UNHEALTHY: "red", ProcessState.FAILED: "red", ProcessState.RESTARTING: "yellow"}
         for child in self.children:
             waited = child.healthy_after_s if child.healthy_after_s is not None else (now - child.started_at if child.started_at else 0)
             table.add_row(
@@ -67,16 +68,16 @@ class Progress:
 
     @staticmethod
     def _line(child: Child) -> Optional[str]:
-        if child.state == "healthy":
+        if child.state == ProcessState.HEALTHY:
             if child.adopted or child.healthy_after_s is None:
                 return f"healthy (adopted, pid {child.pid}) at {child.spec.url}"
             return f"healthy after {child.healthy_after_s:.1f}s at {child.spec.url}"
-        if child.state == "starting":
+        if child.state == ProcessState.STARTING:
             verb = "adopted" if child.adopted else "started"
             return f"{verb} (pid {child.pid}), waiting for {child.spec.url}/health"
-        if child.state == "restarting":
+        if child.state == ProcessState.RESTARTING:
             return f"{(child.last_exit or {}).get('how', 'exited')}; restarting it"
-        if child.state in ("exited", "failed") and child.error:
+        if child.state in ENDED and child.error:
             return child.error
         return None
 

@@ -28,6 +28,7 @@ from epdctl.run.child import Child, describe_exit
 from epdctl.run.events import EVENTS_FILE, EVENTS_KEEP, EVENTS_MAX_BYTES, append_event
 from epdctl.run.progress import LogTailer, Progress
 from epdctl.run.runtime import Runtime
+from epdctl.run.states import ALIVE, ENDED, RUNNING_NOW, ProcessState, TopologyPhase
 from epdctl.run.state import (
     INSTANCE_ENV, RUN_ENV, StateDir, new_run_token, tagged_processes, verified_process, write_json_atomic,
 )
@@ -70,7 +71,7 @@ class Supervisor:
         self.out = self.out or sys.stdout
         self.run_token = new_run_token(self.plan.name)
         self.children = [Child(spec, self.state_dir.log_file(spec.name)) for spec in self.plan.processes]
-        self.phase = "starting"
+        self.phase = TopologyPhase.STARTING
         self.error: Optional[str] = None
         self.failure: Optional[dict[str, Any]] = None  # cause, teardown lines, detail: for `up -d` to show
         self.claimed: dict[str, bool] = {}  # shared folder -> created by this run
@@ -173,7 +174,7 @@ class Supervisor:
         except OSError as exc:
             child.error = f"cannot start {spec.argv[0]!r}: {exc.strerror or exc}"
         if child.error:
-            child.set_state("exited")
+            child.set_state(ProcessState.EXITED)
             hint = ""
             if "not found" in child.error:
                 hint = (" (is vLLM installed? set vllm_command in the topology)" if spec.role != "proxy" else
@@ -186,7 +187,7 @@ class Supervisor:
             child.create_time = None
         child.started_at = child.next_probe = self.runtime.now()
         child.healthy_after_s = None
-        child.set_state("starting")
+        child.set_state(ProcessState.STARTING)
         self.event(child, "started")
         self.save()  # recorded before anything else can go wrong
 
@@ -196,39 +197,39 @@ class Supervisor:
         interval = self.plan.health_interval_s
         while True:
             self.check_signals()
-            pending = [c for c in self.children if c.state != "healthy"]
+            pending = [c for c in self.children if c.state != ProcessState.HEALTHY]
             if not pending:
                 return
             # One that was healthy and died while others start fails the start too (not the
             # deadline of whoever waits on it, e.g. the proxy for a dead PD).
-            dead = [c for c in self.children if c.state == "healthy" and c.check_exit()]
+            dead = [c for c in self.children if c.state == ProcessState.HEALTHY and c.check_exit()]
             for child in dead + pending:
-                if child.state != "healthy" and self.runtime.probe(child.spec.url):
+                if child.state != ProcessState.HEALTHY and self.runtime.probe(child.spec.url):
                     self._became_healthy(child)
                     continue
                 if child in dead or child.check_exit():
-                    child.set_state("exited")
+                    child.set_state(ProcessState.EXITED)
                     self.event(child, "exited", how=child.last_exit["how"], during="start-up")
                     self.save()
                     raise StartFailed(f"{child.spec.name} {describe_exit(child.exit_code)} during start-up",
                                       self._log_tail(child))
             progress.update()
-            if all(c.state == "healthy" for c in self.children):
+            if all(c.state == ProcessState.HEALTHY for c in self.children):
                 return
             if self.runtime.now() >= deadline:
-                slow = [c for c in self.children if c.state != "healthy"]
+                slow = [c for c in self.children if c.state != ProcessState.HEALTHY]
                 names = ", ".join(f"{c.spec.name} (no 200 from {c.spec.url}/health)" for c in slow)
                 raise StartFailed(f"not healthy after {timeout:g}s: {names}", self._log_tail(slow[0]))
             self.runtime.sleep(interval)
 
     def _became_healthy(self, child: Child) -> None:
-        child.set_state("healthy")
+        child.set_state(ProcessState.HEALTHY)
         if child.adopted:
             self.event(child, "healthy", adopted=True)
         else:
             child.healthy_after_s = self.runtime.now() - child.started_at
             self.event(child, "healthy", after_s=round(child.healthy_after_s, 3))
-        if self.mode == "detached" or self.phase != "starting":
+        if self.mode == "detached" or self.phase != TopologyPhase.STARTING:
             self.note(f"{child.spec.name} {Progress._line(child)}")
         self.save()
 
@@ -244,7 +245,7 @@ class Supervisor:
             self.claim_storage()
         except EpdctlError as exc:
             self.release_storage()
-            self.phase, self.error = "failed", str(exc).splitlines()[0]
+            self.phase, self.error = TopologyPhase.FAILED, str(exc).splitlines()[0]
             self.failure = {"cause": str(exc), "teardown": [], "detail": ""}
             self.save()  # nothing was started; `down` removes this state (and the lock file)
             raise
@@ -260,7 +261,7 @@ class Supervisor:
             if self.handed_over:
                 self._await_handover()
                 raise Stop(signal.SIGUSR1) from None
-            self.phase = "failed"
+            self.phase = TopologyPhase.FAILED
             # Anything but a signal is a failed start, a bug of ours included: its cause, state
             # and logs are kept (an "interrupted" teardown removed them, and `up -d` then said
             # only "the supervisor exited with code 1").
@@ -287,7 +288,7 @@ class Supervisor:
                 self.failure = {"cause": self.error, "teardown": lines, "detail": detail}
                 self.save()
             raise
-        self.phase = "running"
+        self.phase = TopologyPhase.RUNNING
         self.save()
         if self.mode == "detached":
             self.note(f"{self.plan.name} is up")
@@ -310,20 +311,20 @@ class Supervisor:
             # and one that died while nobody watched goes to its restart policy.
             child.adopted = child.running
             child.started_at = child.next_probe = now
-            child.set_state("starting" if child.running else record.get("state") or "exited")
+            child.set_state(ProcessState.STARTING if child.running else _recorded_state(record))
             self.event(child, "adopted", alive=child.adopted)
-            if not child.running and child.state in ("starting", "healthy", "unhealthy", "restarting"):
+            if not child.running and child.state in ALIVE:
                 child.running = True
                 child.check_exit()
                 self._on_exit(child, now)
         self.adopted = True
-        self.phase = "adopting"
+        self.phase = TopologyPhase.ADOPTING
         self.save()
         alive = sum(1 for c in self.children if c.adopted)
         self.note(f"adopted {alive} running process(es) of {self.plan.name} (run {self.run_token})")
 
     def _report_adoption(self) -> None:
-        down = [c for c in self.children if c.state != "healthy"]
+        down = [c for c in self.children if c.state != ProcessState.HEALTHY]
         self.note(f"{self.plan.name} is up" if not down else f"{self.plan.name} is up, degraded: "
                   + "; ".join(f"{c.spec.name} {Progress._line(c) or c.state}" for c in down))
 
@@ -351,9 +352,10 @@ class Supervisor:
             changed = False
             for child in self.children:
                 changed |= self._tend(child, now)
-            if changed or self.phase == "adopting":  # adopting: every process was looked at once now
-                adopting = self.phase == "adopting"
-                self.phase = "running" if all(c.state == "healthy" for c in self.children) else "degraded"
+            if changed or self.phase == TopologyPhase.ADOPTING:  # adopting: every process was looked at once now
+                adopting = self.phase == TopologyPhase.ADOPTING
+                self.phase = (TopologyPhase.RUNNING if all(c.state == ProcessState.HEALTHY for c in self.children)
+                              else TopologyPhase.DEGRADED)
                 self.save()
                 if adopting:
                     self._report_adoption()
@@ -361,13 +363,13 @@ class Supervisor:
             if hopeless and self.mode == "foreground":
                 if tailer:
                     tailer.pump()
-                self.phase, self.error = "failed", f"no {hopeless} instance can serve any more"
+                self.phase, self.error = TopologyPhase.FAILED, f"no {hopeless} instance can serve any more"
                 self.save()
                 self.note(f"{self.error}; stopping {self.plan.name}", sys.stderr)
                 self.teardown(grace=DEFAULT_GRACE_S, remove_state=False)
                 return EXIT_RUNTIME
-            if all(c.state in ("exited", "failed") for c in self.children):
-                self.phase = "stopped"
+            if all(c.state in ENDED for c in self.children):
+                self.phase = TopologyPhase.STOPPED
                 self.save()
                 self.note(f"every process of {self.plan.name} has exited; the supervisor ends")
                 return 0
@@ -378,13 +380,13 @@ class Supervisor:
 
     def _tend(self, child: Child, now: float) -> bool:
         """One look at one child: an exit, a due restart, or a health probe. Returns if it changed."""
-        if child.state in ("starting", "healthy", "unhealthy") and child.check_exit():
+        if child.state in RUNNING_NOW and child.check_exit():
             self._on_exit(child, now)
             return True
-        if child.state == "restarting" and child.restart_at is not None and now >= child.restart_at:
+        if child.state == ProcessState.RESTARTING and child.restart_at is not None and now >= child.restart_at:
             self._restart(child, now)
             return True
-        if child.state == "starting" and now >= child.next_probe:
+        if child.state == ProcessState.STARTING and now >= child.next_probe:
             child.next_probe = now + self.plan.health_interval_s
             if self.runtime.probe(child.spec.url, timeout=0.5):
                 self._became_healthy(child)
@@ -398,15 +400,15 @@ class Supervisor:
         self.event(child, "exited", how=how, code=child.exit_code)
         if decision.action == "restart":
             child.restart_at = now + decision.delay_s
-            child.set_state("restarting")
+            child.set_state(ProcessState.RESTARTING)
             self.event(child, "restarting", in_s=decision.delay_s, reason=decision.reason)
             self.note(f"{child.spec.name} (pid {child.pid}) {how}; restarting it in {decision.delay_s:g}s "
                       f"({decision.reason})", sys.stderr if self.mode == "foreground" else None)
             return
-        child.set_state(decision.action)
+        child.set_state(ProcessState(decision.action))
         child.error = f"{how}; not restarted: {decision.reason}"
         self.event(child, decision.action, reason=decision.reason)
-        left = sum(1 for c in self.children if c.state not in ("exited", "failed"))
+        left = sum(1 for c in self.children if c.state not in ENDED)
         tail = "\n".join(f"  {child.spec.name} | {line}" for line in logfiles.tail_lines(child.log_path, 5))
         self.note(f"{child.spec.name} (pid {child.pid}) {how}; not restarting it: {decision.reason}; "
                   f"{left} of {len(self.children)} processes still running\n{tail}",
@@ -425,7 +427,7 @@ class Supervisor:
         try:
             self.spawn(child, fresh_log=False)
         except StartFailed as exc:
-            child.set_state("failed")
+            child.set_state(ProcessState.FAILED)
             self.event(child, "failed", reason=str(exc))
             self.note(f"{exc}; not restarting it again")
             return
@@ -450,7 +452,7 @@ class Supervisor:
         for child in self.children:
             roles.setdefault(child.spec.role, []).append(child)
         for role, members in roles.items():
-            if all(c.state in ("exited", "failed") for c in members):
+            if all(c.state in ENDED for c in members):
                 return role
         return None
 
@@ -479,7 +481,7 @@ class Supervisor:
     def teardown(self, grace: float, remove_state: bool = True, report=None) -> list[str]:
         """Stop everything; print (to `report`, default our output) and return the report lines."""
         previous = self.phase
-        self.phase = "stopping"
+        self.phase = TopologyPhase.STOPPING
         self.save()
         records = [c.record() for c in self.children if c.pid]
         count = len(self.signals)
@@ -492,7 +494,7 @@ class Supervisor:
         for child in self.children:
             child.check_exit()
         if not stopped.clean:
-            self.phase = "stopping"
+            self.phase = TopologyPhase.STOPPING
             self.error = "some processes survived SIGKILL; run `epdctl down` again"
             self.save()
         else:
@@ -504,9 +506,18 @@ class Supervisor:
         if remove_state:
             self.state_dir.remove()
         else:
-            self.phase = "failed" if previous in ("failed", "starting") else "stopped"
+            self.phase = (TopologyPhase.FAILED if previous in (TopologyPhase.FAILED, TopologyPhase.STARTING)
+                          else TopologyPhase.STOPPED)
             self.save()
         return lines
+
+
+def _recorded_state(record: dict[str, Any]) -> ProcessState:
+    """The state a dead supervisor recorded; a word we do not know (a hand-edited file) is exited."""
+    try:
+        return ProcessState(record.get("state") or ProcessState.EXITED)
+    except ValueError:
+        return ProcessState.EXITED
 
 
 def _instance_of(proc: psutil.Process) -> Optional[str]:
