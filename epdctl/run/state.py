@@ -1,8 +1,8 @@
-"""Where a running topology is recorded: `$EPDCTL_STATE_DIR/<name>/` (docs/design.md, "State").
+"""Where a running topology is recorded: `$EPDCTL_STATE_DIR/<name>/` (docs/design.md, "State on disk").
 
 The folder is 0700 and holds `state.json` (written atomically), one log per process, and a
 lock file. A pid is only trusted together with its psutil `create_time`, so a recycled pid
-is never mistaken for one of ours (docs/design.md, "Trust and limits").
+is never mistaken for one of ours (docs/security.md).
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def warn_if_shared_root(root: Path) -> None:
 
 
 def _check_owned(st: os.stat_result, path: Path, what: str) -> None:
-    """Only our own user's state is trusted (docs/design.md, "Trust and limits")."""
+    """Only our own user's state is trusted (docs/security.md)."""
     if stat.S_ISLNK(st.st_mode):
         raise EpdctlError(f"{path}: the state {what} is a symlink; refusing to use it (remove it if you did not make it)")
     if st.st_uid != os.geteuid():
@@ -246,7 +246,7 @@ def list_state_dirs(root: Optional[Path] = None) -> Iterator[StateDir]:
 
 
 def _ours(proc: psutil.Process) -> bool:
-    """A process of our own user: the only kind epdctl ever signals (docs/design.md, "Trust and limits")."""
+    """A process of our own user: the only kind epdctl ever signals (docs/security.md)."""
     return proc.uids().real == os.getuid()
 
 

@@ -1,4 +1,5 @@
-"""The states a process and a topology go through, and which process transitions are allowed.
+"""The states a process and a topology go through, and which process transitions are allowed
+(docs/design.md, "States").
 
 The values are the words `state.json`, `status --json` and the events file have always held:
 each member is a `str` equal to its word, so JSON written with them is unchanged and a state

@@ -1,4 +1,4 @@
-"""Who owns a shared storage folder, and when it may be deleted (docs/design.md, "Trust and limits").
+"""Who owns a shared storage folder, and when it may be deleted (docs/security.md).
 
 The folders are ECExampleConnector's (encoder cache) and a storage KV connector's
 (ExampleConnector's KV files). `up` creates one when it is missing and marks it (and marks each

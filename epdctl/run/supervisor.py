@@ -1,4 +1,4 @@
-"""Spawn, health gate, fail fast, heal, tear down (docs/design.md, "Supervisor").
+"""Spawn, health gate, fail fast, heal, tear down (docs/design.md, "Style rules", "States").
 
 One `Supervisor` runs a plan. In the foreground it lives in the `epdctl up` process; with
 `-d` it lives in a detached fork of `epdctl up` (its own session) that owns (and reaps) the

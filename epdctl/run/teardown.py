@@ -1,4 +1,4 @@
-"""Stopping processes for good (docs/design.md, "Stopping"): SIGTERM each group, grace, SIGKILL once, sweep.
+"""Stopping processes for good (docs/design.md, "Style rules"): SIGTERM each group, grace, SIGKILL once, sweep.
 
 "Down" means no descendant is left. vLLM's EngineCore and workers are children that can
 outlive their parent, or sit in another session, so besides each recorded process group we
