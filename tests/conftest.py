@@ -172,6 +172,37 @@ class Procs:
                 pass
 
 
+UNIT_TESTS = REPO / "tests" / "unit"
+
+
+class StartsAProcess(AssertionError):
+    """A test under tests/unit/ tried to start a process or touch the network."""
+
+
+def _refused(what: str):
+    def refuse(*args, **kwargs):
+        raise StartsAProcess(f"a unit test must not {what}: it belongs in tests/integration/")
+
+    return refuse
+
+
+@pytest.fixture(autouse=True)
+def _unit_tests_start_nothing(request, monkeypatch):
+    """tests/unit/ is the fast tier: no process is started and no socket is bound or connected
+    (checked here, not promised), so `pytest tests/unit` runs in seconds on any machine."""
+    if UNIT_TESTS not in Path(str(request.node.path)).parents:
+        yield
+        return
+    import socket
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", _refused("start a process"))
+    monkeypatch.setattr(os, "fork", _refused("fork"))
+    monkeypatch.setattr(os, "posix_spawn", _refused("start a process"))
+    monkeypatch.setattr(socket.socket, "bind", _refused("bind a port"))
+    monkeypatch.setattr(socket.socket, "connect", _refused("open a connection"))
+    yield
+
+
 @pytest.fixture
 def procs(tmp_path):
     p = Procs(tmp_path)
