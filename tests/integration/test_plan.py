@@ -1,4 +1,4 @@
-"""Topology → Plan (DESIGN §3): golden argv/env per role, platform and connector; precedence; JSON and sh."""
+"""Topology → Plan: golden argv/env per role, platform and connector; precedence; JSON and sh."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The topology file (DESIGN §2): what loads, and every kind of bad file, with FILE:LINE: field errors."""
+"""The topology file: what loads, and every kind of bad file, with FILE:LINE: field errors."""
 
 from __future__ import annotations
 
