@@ -14,6 +14,7 @@ from typing import Optional
 
 import pytest
 
+from epdctl.config.schema import RestartSpec
 from epdctl.errors import EXIT_RUNTIME
 from epdctl.plan import Plan, ProcessSpec
 from epdctl.run import supervisor as supervisor_mod
@@ -25,7 +26,6 @@ from epdctl.run.states import (
     TRANSITIONS, Health, IllegalTransition, ProcessState, TopologyPhase, check_transition,
 )
 from epdctl.run.supervisor import StartFailed, Supervisor
-from epdctl.topology import RestartSpec
 
 FAKE_PID_BASE = 10 ** 8  # above any pid_max: psutil finds no such process, nothing real is signalled
 
