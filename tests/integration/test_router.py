@@ -142,7 +142,7 @@ def test_status_shows_an_install_hint_with_its_brackets(tmp_path):
 
     out = io.StringIO()
     error = "proxy: cannot start 'vllm-router': command not found (pip install 'epdctl[router]', or proxy.impl: epdctl)"
-    _print_table([{"name": "rt", "state": "failed", "instances": [], "proxy": None}], [{"error": error}], out)
+    _print_table([{"name": "rt", "state": "failed", "health": "failed", "reasons": [], "instances": [], "proxy": None}], [{"error": error}], out)
     assert "pip install 'epdctl[router]'" in out.getvalue()
 
 
