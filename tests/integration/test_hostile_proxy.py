@@ -139,9 +139,10 @@ def test_the_proxy_refuses_a_body_limit_below_one_mb(value):
 def test_health_answers_at_once_while_a_backend_is_stopped(epd):
     pd_pid = next(p.pid for p in epd["procs"].procs if "--ec-transfer-config" in " ".join(
         open(f"/proc/{p.pid}/cmdline").read().split("\0")) and "ec_consumer" in open(f"/proc/{p.pid}/cmdline").read())
+    from epdctl.proxy.server import PROBE_TIMEOUT_S
+
     os.kill(pd_pid, signal.SIGSTOP)
     try:
-        time.sleep(0.3)
         for _ in range(5):
             started = time.monotonic()
             try:
@@ -149,7 +150,9 @@ def test_health_answers_at_once_while_a_backend_is_stopped(epd):
             except OSError:
                 status = None
             took = time.monotonic() - started
-            assert took < 0.5, f"/health took {took:.2f}s"
+            # A /health that waited on the stopped backend's probe would take the probe's whole
+            # timeout; one answered from known state takes milliseconds, even on a busy machine.
+            assert took < PROBE_TIMEOUT_S, f"/health took {took:.2f}s"
             assert status in (200, 503)
     finally:
         os.kill(pd_pid, signal.SIGCONT)
