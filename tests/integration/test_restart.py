@@ -291,9 +291,20 @@ def test_logs_rotate_at_their_cap_and_keep_n_copies(tmp_path, state_dir):
         wait_for(lambda: (folder / "pd-0.log.2").exists(), 20, "a second rotation")
         cap = int(0.05 * 1024 * 1024)
         time.sleep(3)  # another 300 KB of chatter: unrotated, the log would be far over 5 caps
-        assert (folder / "pd-0.log.1").stat().st_size > cap // 2
+
+        def size(name: str) -> int:
+            """The file's size, looked at between rotations (a rotation renames .1 to .2 before
+            it writes the new .1, so for an instant there is no .1)."""
+            def look():
+                try:
+                    return ((folder / name).stat().st_size,)
+                except FileNotFoundError:
+                    return None
+            return wait_for(look, 10, f"{name} in place")[0]
+
+        assert size("pd-0.log.1") > cap // 2
         assert not (folder / "pd-0.log.3").exists()
-        assert (folder / "pd-0.log").stat().st_size < 5 * cap
+        assert size("pd-0.log") < 5 * cap
         logs = epdctl("logs", "rotate", "pd-0", "--tail", "3", check=0)
         assert logs.stdout.count("pd-0 |") == 3 and "line " in logs.stdout
     finally:
