@@ -48,7 +48,18 @@ def workers_proxy(procs):
     url = f"http://127.0.0.1:{port}"
     wait_healthy(url, proc=proxy)
     wait_for(lambda: len(_workers(proxy.pid)) == 3, 10, "three workers")
+    # Healthy means one worker answers; the kernel spreads connections only over the sockets
+    # already listening, so wait until every worker has bound its own (a busy machine starts
+    # them seconds apart, and CI once saw all 40 connections land on the first).
+    wait_for(lambda: all(_listening(w, port) for w in _workers(proxy.pid)), 30, "every worker to listen")
     return url, proxy, port
+
+
+def _listening(worker: psutil.Process, port: int) -> bool:
+    try:
+        return any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in worker.net_connections("tcp"))
+    except psutil.NoSuchProcess:
+        return False
 
 
 def test_workers_share_the_port_and_their_metrics_add_up(workers_proxy):
