@@ -111,7 +111,17 @@ def _plan(file: Path):
     from epdctl.commands import python_command, router_command
 
     topology = _load(file)
-    return topology, build_plan(topology, python=python_command(), router=router_command())
+    return topology, build_plan(topology, python=python_command(), router=router_command(),
+                                allocation=_allocation(topology))
+
+
+def _allocation(topology):
+    """launcher slurm: the allocation `up` runs in (its nodes and their addresses), else None."""
+    if topology.launcher != "slurm":
+        return None
+    from epdctl.run.slurm import discover
+
+    return discover()
 
 
 def _topology_file(argument: str) -> Path:
@@ -325,6 +335,25 @@ def export_k8s(
 
 
 @_command
+def export_slurm(
+    file: Annotated[str, typer.Argument(help=FILE_HELP, show_default=False)],
+    output: Annotated[Path, typer.Option("-o", "--output", help="The batch script to write.")] = Path("job.sh"),
+    nodes: Annotated[Optional[str], typer.Option("--nodes", help="Nodes to ask for (default: the nodes the topology names, at least 1).")] = None,
+    time: Annotated[Optional[str], typer.Option("--time", help="The job's time limit (Slurm's form, e.g. 02:00:00).")] = None,
+    partition: Annotated[Optional[str], typer.Option("--partition", help="Slurm partition.")] = None,
+    account: Annotated[Optional[str], typer.Option("--account", help="Slurm account.")] = None,
+    grace: Annotated[str, typer.Option("--grace", help="Seconds before the time limit that epdctl gets SIGTERM.")] = "60",
+) -> None:
+    """Write a Slurm batch script that runs `epdctl up FILE` in the allocation: `sbatch job.sh`."""
+    from epdctl.export.slurm import export
+
+    file = _topology_file(file)
+    topology = _load(file, on_this_machine=False)  # its devices and folders are the cluster's
+    export(topology, file, output, nodes=_number("--nodes", nodes, int, 1, 10000) if nodes is not None else None,
+           time=time, partition=partition, account=account, grace_s=_number("--grace", grace, int, 1, 86400))
+
+
+@_command
 def topologies() -> None:
     """List the shipped topologies (name, engine, platform, roles): `epdctl up NAME` runs one from any folder."""
     from epdctl.names import describe_shipped
@@ -368,6 +397,7 @@ def _typer_app():
     app.command()(smoke)
     export_app = typer.Typer(help="Compile a topology for another runtime.", no_args_is_help=True)
     export_app.command("k8s")(export_k8s)
+    export_app.command("slurm")(export_slurm)
     app.add_typer(export_app, name="export")
     return app
 

@@ -87,7 +87,7 @@ def ec_port_count(connector: str, tensor_parallel_size: int) -> int:
 # ---------------------------------------------------------------- what each role gets
 
 
-def ec_config(topology: Topology, role: str, ec_ports: tuple[int, ...] = ()) -> dict[str, Any]:
+def ec_config(topology: Topology, role: str, ec_ports: tuple[int, ...] = (), host: str = LOOPBACK) -> dict[str, Any]:
     """The --ec-transfer-config of an `ec_producer` (encode) or `ec_consumer` (prefill, pd)."""
     ec = topology.ec_transfer
     assert ec is not None
@@ -99,8 +99,9 @@ def ec_config(topology: Topology, role: str, ec_ports: tuple[int, ...] = ()) -> 
     config["ec_connector_extra_config"] = extra
     config.update(ec.config)
     if ec.connector == EC_MOONCAKE and role == "ec_consumer" and ec_ports:
-        # The consumer binds and advertises ec_ip:ec_port (+ its TP rank); on one host, loopback.
-        config.update(ec_ip=LOOPBACK, ec_port=ec_ports[0])
+        # The consumer binds and advertises ec_ip:ec_port (+ its TP rank): loopback on one host,
+        # its node's address under launcher slurm.
+        config.update(ec_ip=host, ec_port=ec_ports[0])
     return config
 
 
@@ -115,7 +116,7 @@ def kv_config(topology: Topology, role: str) -> dict[str, Any]:
     return config
 
 
-def ec_connector_env(topology: Topology, role: str, ec_ports: tuple[int, ...]) -> dict[str, str]:
+def ec_connector_env(topology: Topology, role: str, ec_ports: tuple[int, ...], host: str = LOOPBACK) -> dict[str, str]:
     """What ECCPUConnector (and Mooncake's cross_encoder_cache) need in the environment."""
     ec = topology.ec_transfer
     if ec is None or not topology.encode or role == "decode":
@@ -126,7 +127,7 @@ def ec_connector_env(topology: Topology, role: str, ec_ports: tuple[int, ...]) -
         env["VLLM_USE_V2_MODEL_RUNNER"] = "1"  # vLLM refuses the connector (or the cache) without it
     if ec.connector == EC_CPU and role == "encode" and ec_ports:
         # Each producer's own side channel: two on one host with vLLM's default 5601 would collide.
-        env["VLLM_EC_SIDE_CHANNEL_HOST"] = LOOPBACK
+        env["VLLM_EC_SIDE_CHANNEL_HOST"] = host
         env["VLLM_EC_SIDE_CHANNEL_PORT"] = str(ec_ports[0])
     return env
 

@@ -14,6 +14,7 @@ import psutil
 
 from epdctl.errors import EXIT_RUNTIME, EXIT_USAGE, EpdctlError
 from epdctl.run import storage
+from epdctl.run.launch import LocalLauncher, SlurmLauncher
 from epdctl.run.state import (
     RUN_ENV, StateDir, is_alive, is_up, list_state_dirs, processes_of_topology, tagged_topologies, verified_process,
 )
@@ -76,7 +77,8 @@ def down(target: Optional[str], grace: float = DEFAULT_GRACE_S, out=None, ignore
         return _down_without_state(state_dir, grace, out, ignore_missing)
     started = time.monotonic()
     supervisor = _hand_over(state.get("supervisor") or {})
-    report = stop_processes(state.get("processes", []), state.get("run_token"), grace)
+    report = stop_processes(state.get("processes", []), state.get("run_token"), grace,
+                            launcher=launcher_of(state, state_dir))
     print(f"epdctl: stopping {name}", file=out)
     for line in report.lines():
         print(f"  {line}", file=out)
@@ -90,6 +92,16 @@ def down(target: Optional[str], grace: float = DEFAULT_GRACE_S, out=None, ignore
     state_dir.remove()
     print(f"epdctl: {name} is down ({time.monotonic() - started:.2f}s)", file=out)
     return 0
+
+
+def launcher_of(state: dict[str, Any], state_dir: StateDir) -> LocalLauncher:
+    """The launcher that started the run: under slurm, its steps are signalled and ended through Slurm."""
+    launcher = state.get("launcher") or {}
+    if launcher.get("kind") != "slurm" or not launcher.get("job"):
+        return LocalLauncher()
+    steps = {r["pid"]: r["step"] for r in state.get("processes", [])
+             if isinstance(r.get("pid"), int) and isinstance(r.get("step"), str)}
+    return SlurmLauncher(str(launcher["job"]), state_dir.step_file, sys.executable, steps)
 
 
 def _hand_over(record: dict[str, Any]) -> Optional[psutil.Process]:

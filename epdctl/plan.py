@@ -8,12 +8,17 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Mapping, Optional
 
-from epdctl.config.schema import InstanceRef, ProxySpec, RestartSpec, Topology, tensor_parallel_size
+from epdctl.config.schema import (InstanceRef, ProxySpec, RestartSpec, Topology, effective_memory_fraction,
+                                  tensor_parallel_size)
 from epdctl.connectors import (LOOPBACK, ROUTER_KV_CONNECTORS, ec_config, ec_connector_env, ec_consumer_zmq_addrs,
                                ec_port_count, ec_port_owners, ec_storage_path, kv_config, kv_storage_path,
                                proxy_ec_connector, proxy_ec_storage_path, proxy_kv_connector, uses_nixl)
+from epdctl.errors import EXIT_USAGE, EpdctlError
+
+if TYPE_CHECKING:  # the allocation is gathered by run/slurm.py before planning; the plan only reads it
+    from epdctl.run.slurm import Allocation
 
 ENCODER_MIN_BATCHED_TOKENS = 114688  # the seeds' value: a whole multi-image prompt in one step
 DEVICE_VARIABLE = {"cuda": "CUDA_VISIBLE_DEVICES", "xpu": "ZE_AFFINITY_MASK"}
@@ -36,6 +41,7 @@ class ProcessSpec:
     # readers take them from here, not back out of argv. Not in to_json: `plan --json` is unchanged.
     ec_connector: Optional[str] = None
     ec_storage_path: Optional[str] = None
+    node: Optional[str] = None  # launcher slurm: the node its job step runs on (None: where `up` runs)
 
     @property
     def url(self) -> str:
@@ -57,6 +63,8 @@ class ProcessSpec:
             data["ec_ports"] = list(self.ec_ports)
         if self.metrics_port:
             data["metrics_port"] = self.metrics_port
+        if self.node:
+            data["node"] = self.node
         return data
 
 
@@ -74,6 +82,8 @@ class Plan:
     log_max_bytes: int = 100 * 1024 * 1024
     log_keep: int = 3
     proxy_impl: str = "epdctl"  # or "vllm-router" (proxy.impl)
+    launcher: str = "local"  # or "slurm": instances are job steps of `slurm_job`
+    slurm_job: Optional[str] = None
 
     @property
     def storage_paths(self) -> tuple[str, ...]:
@@ -85,13 +95,16 @@ class Plan:
         return self.instances + (self.proxy,)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        data = {
             "name": self.name,
             "engine": self.engine,
             "platform": self.platform,
             "instances": [spec.to_json() for spec in self.instances],
             "proxy": self.proxy.to_json(),
         }
+        if self.launcher != "local":
+            data["launcher"] = {"kind": self.launcher, "job": self.slurm_job}
+        return data
 
 
 # ---------------------------------------------------------------- flags
@@ -150,7 +163,8 @@ def engine_prefix(topology: Topology, python: str) -> tuple[list[str], bool]:
     return command, command[-1] == "serve"
 
 
-def role_flags(topology: Topology, role: str, devices: tuple[int, ...], ec_ports: tuple[int, ...] = ()) -> dict[str, Any]:
+def role_flags(topology: Topology, role: str, devices: tuple[int, ...], ec_ports: tuple[int, ...] = (),
+               host: str = LOOPBACK) -> dict[str, Any]:
     """The flags a role needs to work (precedence level 2)."""
     flags: dict[str, Any] = {"enable-request-id-headers": True}
     if len(devices) > 1:
@@ -166,7 +180,7 @@ def role_flags(topology: Topology, role: str, devices: tuple[int, ...], ec_ports
         flags["max-num-batched-tokens"] = max(ENCODER_MIN_BATCHED_TOKENS, batched if isinstance(batched, int) else 0)
         flags["ec-transfer-config"] = ec_config(topology, "ec_producer")
     elif role in ("pd", "prefill") and has_encoders:
-        flags["ec-transfer-config"] = ec_config(topology, "ec_consumer", ec_ports)
+        flags["ec-transfer-config"] = ec_config(topology, "ec_consumer", ec_ports, host)
     if role == "prefill":
         flags["kv-transfer-config"] = kv_config(topology, "kv_producer")
     elif role == "decode":
@@ -190,10 +204,61 @@ def _text(value: Any) -> Optional[str]:
     return value if isinstance(value, str) else None
 
 
-def build_plan(topology: Topology, python: str = "python", router: str = "vllm-router") -> Plan:
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def place(topology: Topology, allocation: "Allocation") -> dict[str, str]:
+    """Each instance's node: its own `node:`, else the allocation's node with the fewest instances
+    so far (in the file's order, encoders first, so they spread before the rest). A placement
+    that shares a device of one node beyond its memory budget is refused."""
+    placed: dict[str, str] = {}
+    load = {node: 0 for node in allocation.nodes}
+    for ref in topology.instances():
+        if ref.spec.node:
+            if ref.spec.node not in load:
+                raise EpdctlError(topology.error_at((ref.role, ref.index, "node"),
+                                                    f"{ref.spec.node!r} is not a node of the allocation "
+                                                    f"{allocation.job_id} ({', '.join(allocation.nodes)})"), EXIT_USAGE)
+            placed[ref.name] = ref.spec.node
+            load[ref.spec.node] += 1
+    for ref in topology.instances():
+        if ref.name not in placed:
+            node = min(allocation.nodes, key=lambda n: load[n])
+            placed[ref.name] = node
+            load[node] += 1
+    if topology.platform != "cpu":
+        _check_placed_budget(topology, placed)
+    return placed
+
+
+def _check_placed_budget(topology: Topology, placed: Mapping[str, str]) -> None:
+    budget: dict[tuple[str, int], list[tuple[Any, float]]] = {}
+    for ref in topology.instances():
+        for device in set(ref.spec.devices):
+            budget.setdefault((placed[ref.name], device), []).append((ref, effective_memory_fraction(topology, ref.spec)))
+    for (node, device), users in sorted(budget.items(), key=lambda item: item[0]):
+        total = sum(fraction for _, fraction in users)
+        if len(users) > 1 and total > 1.0 + 1e-9:
+            ref = users[-1][0]
+            detail = ", ".join(f"{r.name} {fraction:g}" for r, fraction in users)
+            raise EpdctlError(topology.error_at((ref.role, ref.index, "devices"),
+                                                f"placed on node {node}, device {device} is shared with a memory "
+                                                f"budget of {total:g} > 1.0 ({detail}): give it a node: of its own"),
+                              EXIT_USAGE)
+
+
+def build_plan(topology: Topology, python: str = "python", router: str = "vllm-router",
+               allocation: Optional["Allocation"] = None) -> Plan:
     """The processes `up` will run, in start order: instances, then the proxy.
 
-    `python` runs epdctl's own proxy; `router` is the vllm-router command (proxy.impl vllm-router)."""
+    `python` runs epdctl's own proxy; `router` is the vllm-router command (proxy.impl vllm-router).
+    Under `launcher: slurm`, `allocation` (run/slurm.py's discover) places each instance on a node;
+    its URLs, side channels and EC addresses are then that node's address, never loopback."""
+    slurm = topology.launcher == "slurm"
+    if slurm and allocation is None:
+        raise EpdctlError("launcher slurm: the plan needs the allocation's nodes: run it inside sbatch or salloc",
+                          EXIT_USAGE)
+    nodes = place(topology, allocation) if slurm and allocation is not None else {}
     prefix, positional_model = engine_prefix(topology, python)
     side_channels = side_channel_ports(topology)
     all_ec_ports = ec_ports(topology)
@@ -201,14 +266,18 @@ def build_plan(topology: Topology, python: str = "python", router: str = "vllm-r
     instances = []
     for ref in topology.instances():
         spec = ref.spec
+        node = nodes.get(ref.name)
+        host = allocation.address(node) if node and allocation is not None else LOOPBACK
         instance_flags: dict[str, Any] = {}
+        if node:
+            instance_flags["host"] = host  # reachable from the proxy and the other nodes
         if spec.gpu_memory_utilization is not None:
             instance_flags["gpu-memory-utilization"] = spec.gpu_memory_utilization
         instance_flags.update(spec.args)
         # A sim profile's costs are the lowest level: any `args:` still overrides them.
         instance_ec_ports = all_ec_ports.get(ref.name, ())
         flags = merge_flags(topology.sim_costs(ref.role), topology.defaults.args,
-                            role_flags(topology, ref.role, spec.devices, instance_ec_ports), instance_flags)
+                            role_flags(topology, ref.role, spec.devices, instance_ec_ports, host), instance_flags)
         model_argv = [topology.model] if positional_model else ["--model", topology.model]
         argv = prefix + model_argv + ["--port", str(spec.port)] + flags_to_argv(flags)
         ec = _json_flag(flags, "ec-transfer-config")
@@ -221,18 +290,26 @@ def build_plan(topology: Topology, python: str = "python", router: str = "vllm-r
         if side_channel:
             role_env["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(side_channel)
             role_env["UCX_NET_DEVICES"] = "all"
-        role_env.update(ec_connector_env(topology, ref.role, instance_ec_ports))
+            if node:  # vLLM's default is localhost: a decoder on another node could not reach it
+                role_env["VLLM_NIXL_SIDE_CHANNEL_HOST"] = host
+        role_env.update(ec_connector_env(topology, ref.role, instance_ec_ports, host))
         env = {**topology.defaults.env, **role_env, **spec.env}
         instances.append(
             ProcessSpec(
                 name=ref.name, role=ref.role, devices=spec.devices, argv=tuple(argv), env=env,
-                host=LOOPBACK, port=spec.port, side_channel_port=side_channel, ec_ports=instance_ec_ports,
+                host=host, port=spec.port, side_channel_port=side_channel, ec_ports=instance_ec_ports, node=node,
                 restart=spec.restart.over(topology.restart) if spec.restart else topology.restart,
                 ec_connector=_text(ec.get("ec_connector")),
                 ec_storage_path=_text(ec_extra.get("shared_storage_path")) if isinstance(ec_extra, dict) else None,
             )
         )
     instances_t = tuple(instances)
+    # Under slurm the proxy runs where `up` runs; a loopback host there would serve no other node,
+    # so it listens on every address and is known by the one the nodes reach this host on.
+    proxy_host = topology.proxy.host
+    proxy_bind = proxy_host
+    if slurm and allocation is not None and proxy_host in LOCAL_HOSTS:
+        proxy_host, proxy_bind = allocation.here, "0.0.0.0"
     return Plan(
         name=topology.name,
         engine=topology.engine,
@@ -243,8 +320,8 @@ def build_plan(topology: Topology, python: str = "python", router: str = "vllm-r
             # environment: SPT_NOENV keeps EPDCTL_RUN readable, so `down` finds it with its state gone.
             name="proxy", env={"SPT_NOENV": "1"} if topology.proxy.impl == "vllm-router" else {},
             argv=tuple(router_argv(topology, instances_t, router) if topology.proxy.impl == "vllm-router"
-                       else proxy_argv(topology, instances_t, python)),
-            host=topology.proxy.host, port=topology.proxy.port,
+                       else proxy_argv(topology, instances_t, python, proxy_bind)),
+            host=proxy_host, port=topology.proxy.port,
             metrics_port=router_metrics_port(topology.proxy) if topology.proxy.impl == "vllm-router" else None,
             restart=topology.proxy.restart.over(topology.restart) if topology.proxy.restart else topology.restart,
         ),
@@ -255,6 +332,8 @@ def build_plan(topology: Topology, python: str = "python", router: str = "vllm-r
         log_max_bytes=int(topology.logs.max_mb * 1024 * 1024),
         log_keep=topology.logs.keep,
         proxy_impl=topology.proxy.impl,
+        launcher=topology.launcher,
+        slurm_job=allocation.job_id if slurm and allocation is not None else None,
     )
 
 
@@ -298,14 +377,15 @@ def router_argv(topology: Topology, instances: tuple[ProcessSpec, ...], router: 
     return argv
 
 
-def proxy_argv(topology: Topology, instances: tuple[ProcessSpec, ...], python: str) -> list[str]:
+def proxy_argv(topology: Topology, instances: tuple[ProcessSpec, ...], python: str,
+               bind: Optional[str] = None) -> list[str]:
     def urls(*roles: str) -> str:
         return ",".join(spec.url for spec in instances if spec.role in roles) or "disable"
 
     proxy = topology.proxy
     argv = [
         python, "-m", "epdctl.proxy",
-        "--host", proxy.host, "--port", str(proxy.port),
+        "--host", bind or proxy.host, "--port", str(proxy.port),
         "--encode-servers-urls", urls("encode"),
         "--prefill-servers-urls", urls("prefill"),
         "--decode-servers-urls", urls("decode", "pd"),

@@ -41,6 +41,9 @@ def live_status(state: dict[str, Any], runtime: Optional[Runtime] = None) -> dic
             "url": record["url"], "state": current, "exit_code": record.get("exit_code") if not alive else None,
             "restarts": record.get("restarts", 0), "last_exit": record.get("last_exit"), "since": record.get("since"),
         }
+        if record.get("node"):  # launcher slurm: pid is the task's own on its node; srun's is ours
+            entry.update(pid=record.get("task_pid") if alive else None, node=record["node"], step=record.get("step"),
+                         srun_pid=record.get("pid"))
         if current in ENDED and record.get("error") and record.get("pid") is not None:
             entry["error"] = record["error"]
         if not alive and record.get("pid") is None:
@@ -148,13 +151,16 @@ def _print_table(reports, states, out) -> None:
             title += f", {report['health']}"  # e.g. `running, healthy`, `degraded, failed`
         table = Table(title=escape(title + (f" ({state.get('error')})" if state.get("error") else "")),
                       title_justify="left")
-        for column in ("name", "role", "pid", "port", "url", "state", "restarts", "exit code"):
-            table.add_column(column)
         rows = report["instances"] + ([dict(report["proxy"], role="proxy")] if report["proxy"] else [])
+        on_nodes = any(row.get("node") for row in rows)  # launcher slurm: where each step runs
+        for column in ("name", "role") + (("node", "step") if on_nodes else ()) + (
+                "pid", "port", "url", "state", "restarts", "exit code"):
+            table.add_column(column)
         for row in rows:
             code = row.get("error") or ("-" if row["exit_code"] is None else str(row["exit_code"]))
             pid = "-" if row["pid"] is None else str(row["pid"])
-            table.add_row(row["name"], row["role"], pid, str(row["port"]), row["url"], row["state"],
+            where = (row.get("node") or "(here)", row.get("step") or "-") if on_nodes else ()
+            table.add_row(row["name"], row["role"], *where, pid, str(row["port"]), row["url"], row["state"],
                           str(row.get("restarts") or 0), code)
         console.print(table)
         if report.get("warning"):

@@ -118,8 +118,12 @@ def cross_check(topology: Topology, device_count: int | None = None, check_folde
             if port <= 65535:
                 claim(port, loc, f"{name}'s EC port")
 
-    # Devices.
-    budget: dict[int, list[tuple[str, float]]] = defaultdict(list)
+    problems += _launcher_problems(topology)
+    if topology.launcher == "slurm":
+        device_count = None  # the devices are the nodes', not this machine's
+
+    # Devices (under launcher slurm, a device of one node: instances on other nodes never share it).
+    budget: dict[tuple, list[tuple[str, float]]] = defaultdict(list)
     for ref in topology.instances():
         loc = (ref.role, ref.index, "devices")
         devices = ref.spec.devices
@@ -136,10 +140,12 @@ def cross_check(topology: Topology, device_count: int | None = None, check_folde
             problems.append((loc, f"device {duplicated[0]} is listed twice", False))
         if ref.spec.gpu_memory_utilization is not None and "gpu-memory-utilization" in _normalized_keys(ref.spec.args):
             problems.append(((ref.role, ref.index, "args"), "gpu-memory-utilization is set both here and as gpu_memory_utilization", True))
+        # An instance not pinned to a node is placed by `up`, which checks the budget once placed.
+        node = (ref.spec.node or ref.name) if topology.launcher == "slurm" else None
         for device in set(devices):
-            budget[device].append((ref.name, effective_memory_fraction(topology, ref.spec)))
+            budget[(node or "", device)].append((ref.name, effective_memory_fraction(topology, ref.spec)))
     if topology.platform != "cpu":
-        for device, users in sorted(budget.items()):
+        for (node, device), users in sorted(budget.items()):
             total = sum(fraction for _, fraction in users)
             if len(users) > 1 and total > 1.0 + 1e-9:
                 detail = ", ".join(f"{name} {fraction:g}" for name, fraction in users)
@@ -147,9 +153,18 @@ def cross_check(topology: Topology, device_count: int | None = None, check_folde
                 role, index = last.rsplit("-", 1)
                 problems.append(
                     ((role, int(index), "gpu_memory_utilization"),
-                     f"device {device} is shared with a memory budget of {total:g} > 1.0 ({detail})", True)
+                     f"device {device}{f' of node {node}' if topology.launcher == 'slurm' else ''} is shared "
+                     f"with a memory budget of {total:g} > 1.0 ({detail})", True)
                 )
     return problems
+
+
+def _launcher_problems(topology: Topology) -> list[Problem]:
+    """`node:` means a Slurm node: only under launcher slurm (elsewhere it would be ignored)."""
+    if topology.launcher == "slurm":
+        return []
+    return [((ref.role, ref.index, "node"), "node: needs launcher: slurm (a local topology runs on this machine)", True)
+            for ref in topology.instances() if ref.spec.node]
 
 
 def _args_levels(topology: Topology) -> list[tuple[tuple, Mapping[str, Any]]]:

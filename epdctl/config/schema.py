@@ -16,6 +16,8 @@ from epdctl.config.yamlmarks import Marks, dotted, error_line
 
 ROLES = ("encode", "prefill", "decode", "pd")
 NAME_PATTERN = r"^[a-z0-9][a-z0-9-]*$"
+# A Slurm node name as an allocation lists it (host names, also n[1-4]'s members): no path, no option.
+NODE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.9  # vLLM's own default when no budget is given
 DEFAULT_SIDE_CHANNEL_PORT_BASE = 5600
 DEFAULT_EC_PORT_BASE = 5700
@@ -129,6 +131,7 @@ class InstanceSpec(_Model):
     gpu_memory_utilization: Optional[float] = Field(None, gt=0, le=1)
     side_channel_port: Optional[Port] = None
     ec_port: Optional[Port] = None  # the first of its EC connector ports (ECCPU producer, Mooncake consumer)
+    node: Optional[str] = Field(None, pattern=NODE_PATTERN)  # launcher: slurm only; else placed by epdctl
     args: dict[str, ArgValue] = {}
     env: dict[str, str] = {}
     restart: Optional[RestartOverride] = None
@@ -195,6 +198,7 @@ class Topology(_Model):
     engine: Literal["vllm", "sim"] = "vllm"
     platform: Literal["cuda", "xpu", "cpu"] = "cuda"
     vllm_command: tuple[str, ...] = Field(("vllm", "serve"), min_length=1)
+    launcher: Literal["local", "slurm"] = "local"  # slurm: each instance a job step of the allocation
     defaults: Defaults = Defaults()
     ec_transfer: Optional[ECTransfer] = None
     kv_transfer: Optional[KVTransfer] = None

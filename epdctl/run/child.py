@@ -34,6 +34,11 @@ class Child:
     restart_at: Optional[float] = None
     next_probe: float = 0.0
     book: Optional[RestartBook] = None
+    # launcher slurm: the job step of the current incarnation and its task's pid on the node
+    # (`pid` stays the local srun's, which the supervisor reaps and signals)
+    step: Optional[str] = None
+    task_pid: Optional[int] = None
+    task_create_time: Optional[float] = None
 
     def __post_init__(self) -> None:
         self.book = self.book or RestartBook(self.spec.restart)
@@ -69,6 +74,8 @@ class Child:
             "argv": list(spec.argv), "env": dict(spec.env), "state": self.state, "exit_code": self.exit_code,
             "healthy_after_s": self.healthy_after_s, "error": self.error, "restarts": self.book.restarts,
             "last_exit": self.last_exit, "since": self.since, "adopted": self.adopted,
+            **({"node": spec.node, "step": self.step, "task_pid": self.task_pid,
+                "task_create_time": self.task_create_time} if spec.node else {}),
         }
 
 

@@ -8,6 +8,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 from urllib.parse import urlparse
 
 from epdctl.run.launch import LocalLauncher
@@ -19,8 +20,8 @@ class Runtime:
 
     launcher: LocalLauncher = field(default_factory=LocalLauncher)
 
-    def spawn(self, argv: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
-        return self.launcher.start(argv, env, log_path)
+    def spawn(self, argv: list[str], env: dict[str, str], log_path: Path, node: Optional[str] = None) -> subprocess.Popen:
+        return self.launcher.start(argv, env, log_path, node=node)
 
     def now(self) -> float:
         return time.monotonic()

@@ -47,6 +47,7 @@ def state_root(environ: Optional[Mapping[str, str]] = None) -> Path:
 _NAME = re.compile(r"[a-z0-9][a-z0-9-]*")
 _warned_roots: set[str] = set()
 _LOG = re.compile(r"[a-z0-9][a-z0-9-]*\.log(\.[0-9]+)?|events\.jsonl(\.[0-9]+)?")
+_STEP = re.compile(r"[a-z0-9-]+\.step")  # launcher slurm: what a job step's task recorded (run/steptask.py)
 
 
 def check_name(name: str) -> str:
@@ -199,7 +200,11 @@ class StateDir:
 
     def remove(self) -> None:
         """Delete only what we create here: state, lock, logs and events, then the folder if empty."""
-        self._remove(lambda entry: entry in (STATE_FILE, LOCK_FILE) or bool(_LOG.fullmatch(entry)), rmdir=True)
+        self._remove(lambda entry: entry in (STATE_FILE, LOCK_FILE) or bool(_LOG.fullmatch(entry) or _STEP.fullmatch(entry)),
+                     rmdir=True)
+
+    def step_file(self, instance: str) -> Path:
+        return self.path / f"{instance}.step"
 
     def _remove(self, ours, rmdir: bool) -> None:
         try:

@@ -26,6 +26,7 @@ from epdctl.ports import busy_ports
 from epdctl.run import logfiles, storage
 from epdctl.run.child import Child, describe_exit
 from epdctl.run.events import EVENTS_FILE, EVENTS_KEEP, EVENTS_MAX_BYTES, append_event
+from epdctl.run.launch import LocalLauncher, SlurmLauncher
 from epdctl.run.progress import LogTailer, Progress
 from epdctl.run.runtime import Runtime
 from epdctl.run.states import ALIVE, ENDED, RUNNING_NOW, ProcessState, TopologyPhase
@@ -69,6 +70,9 @@ class Supervisor:
 
     def __post_init__(self) -> None:
         self.out = self.out or sys.stdout
+        if self.plan.launcher == "slurm" and type(self.runtime.launcher) is LocalLauncher:
+            self.runtime = Runtime(launcher=SlurmLauncher(self.plan.slurm_job or "", self.state_dir.step_file,
+                                                          sys.executable))
         self.run_token = new_run_token(self.plan.name)
         self.children = [Child(spec, self.state_dir.log_file(spec.name)) for spec in self.plan.processes]
         self.phase = TopologyPhase.STARTING
@@ -90,6 +94,7 @@ class Supervisor:
             "error": self.error, "failure": self.failure, "state_dir": str(self.state_dir.path),
             "supervisor": {"pid": me.pid, "create_time": me.create_time(), "mode": self.mode},
             "storage": [{"path": path, "created": created} for path, created in self.claimed.items()],
+            "launcher": {"kind": self.plan.launcher, "job": self.plan.slurm_job},
             "processes": [child.record() for child in self.children],
             "health_timeout_s": self.plan.health_timeout_s,
         }
@@ -166,7 +171,7 @@ class Supervisor:
             child.log_path.write_bytes(b"")
         child.error, child.adopted = None, False
         try:
-            child.popen = self.runtime.spawn(list(spec.argv), env, child.log_path)
+            child.popen = self.runtime.spawn(list(spec.argv), env, child.log_path, node=spec.node)
         except FileNotFoundError:
             child.error = f"cannot start {spec.argv[0]!r}: command not found"
         except PermissionError:
@@ -181,6 +186,7 @@ class Supervisor:
                         " (pip install 'epdctl[router]', or proxy.impl: epdctl)" if "vllm-router" in spec.argv[0] else "")
             raise StartFailed(f"{spec.name}: {child.error}{hint}")
         child.pid, child.running, child.exit_code = child.popen.pid, True, None
+        child.step = child.task_pid = child.task_create_time = None  # a new step tells its own
         try:
             child.create_time = psutil.Process(child.pid).create_time()
         except psutil.NoSuchProcess:
@@ -204,6 +210,7 @@ class Supervisor:
             # deadline of whoever waits on it, e.g. the proxy for a dead PD).
             dead = [c for c in self.children if c.state == ProcessState.HEALTHY and c.check_exit()]
             for child in dead + pending:
+                self._learn_step(child)
                 if child.state != ProcessState.HEALTHY and self.runtime.probe(child.spec.url):
                     self._became_healthy(child)
                     continue
@@ -305,6 +312,8 @@ class Supervisor:
             child.pid, child.create_time = record.get("pid"), record.get("create_time")
             child.exit_code, child.last_exit = record.get("exit_code"), record.get("last_exit")
             child.error = record.get("error")
+            child.step, child.task_pid = record.get("step"), record.get("task_pid")
+            child.task_create_time = record.get("task_create_time")
             child.book.restarts = int(record.get("restarts") or 0)
             child.running = verified_process(child.pid, child.create_time) is not None
             # Nothing of the dead supervisor's record is shown as now: a live one is probed again,
@@ -378,8 +387,20 @@ class Supervisor:
                 next_rotation = now + 1.0
             self.runtime.sleep(0.1)
 
+    def _learn_step(self, child: Child) -> None:
+        """launcher slurm: the step and the task's pid on its node, once the task recorded them."""
+        if child.spec.node is None or child.step is not None or not child.pid:
+            return
+        launcher = getattr(self.runtime, "launcher", None)
+        info = launcher.step_info(child.pid) if isinstance(launcher, SlurmLauncher) else None
+        if info:
+            child.step, child.task_pid, child.task_create_time = info["step"], info["pid"], info["create_time"]
+            self.event(child, "step", step=child.step, node=info["node"], task_pid=child.task_pid)
+            self.save()
+
     def _tend(self, child: Child, now: float) -> bool:
         """One look at one child: an exit, a due restart, or a health probe. Returns if it changed."""
+        self._learn_step(child)
         if child.state in RUNNING_NOW and child.check_exit():
             self._on_exit(child, now)
             return True
@@ -489,6 +510,7 @@ class Supervisor:
             records, self.run_token, grace,
             hurry=lambda: len(self.signals) > count,
             reap=lambda: [c.check_exit() for c in self.children],
+            launcher=getattr(self.runtime, "launcher", None),  # a fake Runtime has none
         )
         lines = stopped.lines()
         for child in self.children:
@@ -535,7 +557,9 @@ def check_ports(plan: Plan) -> None:
             return f"{spec.name}'s metrics"
         return f"{spec.name}'s NIXL side channel" if port == spec.side_channel_port else f"{spec.name}'s EC port"
 
-    problems = busy_ports((port, what(spec, port)) for spec in plan.processes for port in spec.ports())
+    # An instance on a Slurm node binds its ports there, not here: its own node is the judge.
+    problems = busy_ports((port, what(spec, port)) for spec in plan.processes if spec.node is None
+                          for port in spec.ports())
     if len(problems) == 1:
         raise EpdctlError(problems[0])
     if problems:

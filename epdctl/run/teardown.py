@@ -48,10 +48,11 @@ class StopReport:
     # where the time went when every instance itself stopped at once.
     killed_descendants: list[str] = field(default_factory=list)
     grace_waited_s: float = 0.0
+    steps_left: list[str] = field(default_factory=list)  # launcher slurm: steps Slurm would not end
 
     @property
     def clean(self) -> bool:
-        return not self.survivors and all(r.how != "survived" for r in self.results)
+        return not self.survivors and not self.steps_left and all(r.how != "survived" for r in self.results)
 
     def lines(self) -> list[str]:
         out = [r.describe() for r in self.results]
@@ -63,6 +64,8 @@ class StopReport:
             out.append(f"swept {self.swept} stray descendant process(es)")
         for proc in self.survivors:
             out.append(f"pid {proc.pid} survived SIGKILL")
+        for step in self.steps_left:
+            out.append(f"{step}: still a job step after scancel")
         return out
 
 
@@ -180,6 +183,8 @@ def stop_processes(
         else:
             report.results.append(StopResult(name, leader.pid, "sigkill", grace))
     report.survivors = [p for p in everyone.values() if p.pid not in leader_pids and is_alive(p)]
+    if run_token:
+        report.steps_left = launcher.end_run(run_token)
     return report
 
 

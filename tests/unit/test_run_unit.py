@@ -48,7 +48,7 @@ class FakeRuntime:
         self.spawned: list[tuple[list[str], dict[str, str], FakePopen]] = []
         self.scheduled: list[tuple[float, object]] = []
 
-    def spawn(self, argv, env, log_path: Path) -> FakePopen:
+    def spawn(self, argv, env, log_path: Path, node=None) -> FakePopen:
         popen = FakePopen(FAKE_PID_BASE + len(self.spawned))
         self.spawned.append((list(argv), dict(env), popen))
         return popen
@@ -204,7 +204,7 @@ def test_the_deadline_names_whoever_is_not_healthy(sup):
 def test_a_command_that_cannot_start_fails_the_start(sup):
     s = sup()
 
-    def missing(argv, env, log_path):
+    def missing(argv, env, log_path, node=None):
         raise FileNotFoundError(argv[0])
 
     s.runtime.spawn = missing
