@@ -35,6 +35,7 @@ from typing import Any, Callable, Optional
 
 from epdctl.cliparse import CommandParser, number
 from epdctl.errors import EXIT_RUNTIME, EXIT_USAGE, EpdctlError
+from epdctl.run.logfiles import display
 
 ENCODE_ITEMS = (1, 2, 4)
 BATCHES = (1, 2, 4, 8)
@@ -145,7 +146,8 @@ class Prober:
             async with self.session.post(url + "/v1/chat/completions", json=body, timeout=timeout) as resp:
                 if resp.status != 200:
                     text = (await resp.text())[:300]
-                    raise EpdctlError(f"calibrate: {url} answered {resp.status}: {' '.join(text.split())}", EXIT_RUNTIME)
+                    raise EpdctlError(f"calibrate: {url} answered {resp.status}: {display(' '.join(text.split()))}",
+                                      EXIT_RUNTIME)
                 if not stream:
                     usage = (await resp.json()).get("usage") or {}
                 else:

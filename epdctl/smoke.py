@@ -23,6 +23,7 @@ from xml.sax.saxutils import escape, quoteattr
 from epdctl.connectors import EC_FILENAME
 from epdctl.errors import EXIT_RUNTIME, EpdctlError
 from epdctl.plan import Plan, ProcessSpec
+from epdctl.run.logfiles import display
 
 REQUEST_TIMEOUT_S = 600.0  # a real model's first request can take long to warm up
 
@@ -172,7 +173,8 @@ def send(proxy: str, golden: Golden) -> str:
         with urllib.request.urlopen(req, timeout=REQUEST_TIMEOUT_S) as resp:
             raw = resp.read().decode(errors="replace")
     except urllib.error.HTTPError as exc:
-        raise EpdctlError(f"HTTP {exc.code}: {exc.read().decode(errors='replace')[:300]}") from None
+        # The answer's text ends up on a terminal (smoke's check lines): through the display filter.
+        raise EpdctlError(f"HTTP {exc.code}: {display(exc.read().decode(errors='replace')[:300])}") from None
     except (OSError, urllib.error.URLError) as exc:
         raise EpdctlError(f"no answer: {exc}") from None
     if not golden.body.get("stream"):

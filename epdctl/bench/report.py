@@ -10,6 +10,7 @@ from typing import Any, Optional
 from epdctl.bench import ec_reuse
 from epdctl.bench.runner import Run
 from epdctl.errors import EXIT_USAGE, EpdctlError
+from epdctl.run.logfiles import display
 
 LATENCIES = ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms")
 PERCENTILES = (50, 90, 99)
@@ -80,6 +81,7 @@ def public(report: dict[str, Any]) -> dict[str, Any]:
 
 def print_table(report: dict[str, Any], out) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = Console(file=out)
@@ -103,7 +105,7 @@ def print_table(report: dict[str, Any], out) -> None:
     if ec_line:
         console.print(ec_line, markup=False, highlight=False)
     for error in report.get("errors", []):
-        console.print(f"[red]error:[/red] {error}", markup=True, highlight=False)
+        console.print(f"[red]error:[/red] {escape(display(error))}", markup=True, highlight=False)  # not markup
 
 
 def save(report: dict[str, Any], directory: str, label: str) -> list[Path]:

@@ -20,6 +20,7 @@ from epdctl import jsoncodec
 from epdctl.bench.dataset import BenchRequest
 from epdctl.bench.ec_reuse import read_reused
 from epdctl.errors import EpdctlError
+from epdctl.run.logfiles import display
 
 
 @dataclass
@@ -65,7 +66,7 @@ async def send(session: aiohttp.ClientSession, url: str, request: BenchRequest, 
         async with session.post(url + "/v1/chat/completions", json=payload) as resp:
             if resp.status != 200:
                 body = (await resp.read()).decode(errors="replace")[:200]
-                result.error = f"HTTP {resp.status}: {body}"
+                result.error = f"HTTP {resp.status}: {display(body)}"  # the target's text: shown on a terminal
                 return result
             async for line in resp.content:
                 if not line.startswith(b"data:"):
@@ -76,7 +77,7 @@ async def send(session: aiohttp.ClientSession, url: str, request: BenchRequest, 
                 now = time.perf_counter()
                 event = jsoncodec.loads(data)
                 if "error" in event:
-                    result.error = str(event["error"].get("message", event["error"]))[:200]
+                    result.error = display(str(event["error"].get("message", event["error"]))[:200])
                     return result
                 choices = event.get("choices")
                 if choices:
@@ -94,7 +95,7 @@ async def send(session: aiohttp.ClientSession, url: str, request: BenchRequest, 
                     result.output_tokens = usage.get("completion_tokens") or 0
                     result.prompt_tokens = usage.get("prompt_tokens") or 0
     except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
-        result.error = f"{type(exc).__name__}: {exc}"[:200]
+        result.error = f"{type(exc).__name__}: {display(str(exc))}"[:200]
         return result
     result.e2e = time.perf_counter() - start
     if chunks == 0:

@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from conftest import epdctl
+
+from epdctl.errors import EpdctlError
 
 
 
@@ -73,3 +77,81 @@ def test_a_newline_in_an_argument_is_text_and_plan_shows_it_escaped(tmp_path):
     assert "'{{ a }}\\n{{ b }}\tc'" in shown
 
 
+
+
+# ---------------------------------------------------------------- text an HTTP answer carries
+
+HOSTILE_ANSWER = "\x1b]0;pwned\x07 [/oops] [bold]loud \x1b[2J\x1bc\nsecond line \x9b31m\x07".encode()
+
+
+class _HostileBackend(BaseHTTPRequestHandler):
+    """Lists a model, then answers every chat request 500 with escape sequences, rich markup and a newline."""
+
+    def do_GET(self):
+        self._answer(200, b'{"object":"list","data":[{"id":"m"}]}')
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self._answer(500, HOSTILE_ANSWER)
+
+    def _answer(self, status: int, body: bytes):
+        self.send_response(status)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def hostile_backend():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _HostileBackend)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def _inert(text: str) -> bool:
+    return not any(ch in text for ch in "\x1b\x07\x9b\r")
+
+
+def test_bench_shows_a_hostile_error_answer_inert(hostile_backend):
+    """An error body from the target (any --url) goes through the display filter, and is not read as
+    rich markup: '[/oops]' was a MarkupError (internal error, exit 1) after the whole run."""
+    result = epdctl("bench", "--url", hostile_backend, "--num-prompts", "2", "--warmup", "0")
+    assert "internal error" not in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert _inert(result.stdout) and _inert(result.stderr), (result.stdout, result.stderr)
+    errors = [line for line in result.stdout.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stdout
+    assert "HTTP 500:" in errors[0] and "[/oops] [bold]loud" in errors[0] and "second line" in errors[0], errors
+    report = json.loads(epdctl("bench", "--url", hostile_backend, "--num-prompts", "1", "--warmup", "0",
+                               "--json").stdout)
+    assert all(_inert(error) for error in report["errors"]), report["errors"]
+
+
+def test_smoke_and_calibrate_show_a_hostile_error_answer_inert(hostile_backend):
+    """Their error lines quote the answer's body: shown through the display filter, one line."""
+    import asyncio
+    import types
+
+    from epdctl import smoke
+    from epdctl.calibrate import Prober
+
+    golden = smoke.Golden("text-only", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1})
+    with pytest.raises(EpdctlError) as refused:
+        smoke.send(hostile_backend, golden)
+    assert _inert(refused.value.message) and "\n" not in refused.value.message, repr(refused.value.message)
+    assert "HTTP 500:" in refused.value.message and "[/oops]" in refused.value.message
+
+    async def probe():
+        import aiohttp
+
+        async with aiohttp.ClientSession() as session:
+            prober = Prober(session, "m", types.SimpleNamespace(timeout_s=10.0), lambda: None)
+            await prober.ask(hostile_backend, "hi", 1)
+    with pytest.raises(EpdctlError) as refused:
+        asyncio.run(probe())
+    assert _inert(refused.value.message) and "answered 500" in refused.value.message, repr(refused.value.message)
