@@ -98,3 +98,29 @@ def test_number_ranges_name_the_bounds():
     for text, reason in (("0", "more than 0 and at most 10 (got 0)"), ("nan", "(got nan)"), ("x", "a number expected")):
         with pytest.raises(argparse.ArgumentTypeError, match=reason.replace("(", r"\(").replace(")", r"\)")):
             parse(text)
+
+
+# The very values issue 27 named, beside the generic BAD ones above.
+ISSUE_VALUES = [
+    (["logs", "x", "--tail", "99999999999999999999"], "--tail"),  # was an OverflowError
+    (["up", "missing.yaml", "--wait-timeout", "0"], "--wait-timeout"),  # accepted, failed later
+    (["smoke", "missing.yaml", "--wait-timeout", "0"], "--wait-timeout"),
+    (BENCH + ["--request-rate", "0"], "--request-rate"),
+    (BENCH + ["--image-size", "100000"], "--image-size"),  # was a MemoryError after tens of seconds
+    (BENCH + ["--image-size", "8193"], "--image-size"),
+    (["sweep", "missing.yaml", "--splits", "pd", "--image-size", "100000"], "--image-size"),
+]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("argv, option", ISSUE_VALUES, ids=[" ".join(argv[-2:]) for argv, _ in ISSUE_VALUES])
+def test_the_values_the_issue_named_are_usage_errors(argv, option, capsys, monkeypatch, state_dir):
+    code, err = _run(argv, capsys, monkeypatch)
+    assert code == 2 and err.count("\n") == 1 and option in err and "Traceback" not in err, err
+    assert not state_dir.exists()
+
+
+def test_the_image_size_cap_is_8192_pixels():
+    from epdctl.bench.cli import parse_args
+
+    assert parse_args(["--url", "http://127.0.0.1:9", "--image-size", "8192"]).image_size == 8192
