@@ -179,6 +179,10 @@ def plan(
     elif format == "sh":
         from epdctl.export.sh import render_script
 
+        if the_plan.launcher != "local":  # the script starts every process here, with no srun
+            raise EpdctlError(f"--format sh: {file} has launcher {the_plan.launcher}; "
+                              f"`epdctl export slurm {file} -o job.sh` writes its batch script", EXIT_USAGE)
+
         print(render_script(the_plan, str(file)), end="")
     else:
         _print_plan_text(the_plan)
@@ -347,10 +351,11 @@ def export_slurm(
     """Write a Slurm batch script that runs `epdctl up FILE` in the allocation: `sbatch job.sh`."""
     from epdctl.export.slurm import export
 
+    node_count = _number("--nodes", nodes, int, 1, 10000) if nodes is not None else None
+    grace_s = _number("--grace", grace, int, 1, 86400)
     file = _topology_file(file)
     topology = _load(file, on_this_machine=False)  # its devices and folders are the cluster's
-    export(topology, file, output, nodes=_number("--nodes", nodes, int, 1, 10000) if nodes is not None else None,
-           time=time, partition=partition, account=account, grace_s=_number("--grace", grace, int, 1, 86400))
+    export(topology, file, output, nodes=node_count, time=time, partition=partition, account=account, grace_s=grace_s)
 
 
 @_command

@@ -241,6 +241,10 @@ def manifests(topology: Topology, source_text: str, *, image: Optional[str] = No
         raise EpdctlError(topology.error_at(("proxy", "impl"), f"{topology.proxy.impl}: export k8s runs epdctl's proxy "
                                             "only; use impl: epdctl here (or deploy vllm-router with its own chart)"),
                           EXIT_USAGE)
+    if topology.launcher != "local":
+        raise EpdctlError(topology.error_at(("launcher",), f"{topology.launcher}: Kubernetes places the pods itself; "
+                                            "use launcher: local here (or epdctl export slurm for a Slurm cluster)"),
+                          EXIT_USAGE)
     plan = build_plan(topology, python="python")
     image = image or (DEFAULT_IMAGE if topology.engine == "vllm" else proxy_image or DEFAULT_PROXY_IMAGE)
     proxy_image = proxy_image or DEFAULT_PROXY_IMAGE

@@ -142,3 +142,38 @@ def end_steps(job_id: str, run_token: str, wait_s: float = 15.0) -> list[str]:
         time.sleep(0.2)
         left = steps_of(job_id, run_token)
     return [f"{name} (step {step})" for step, name in left.items()]
+
+
+def check_shared_folder(job_id: str, nodes: list[str], folder: str) -> None:
+    """A folder the instances exchange files through (ECExampleConnector's) must be one folder on
+    every node: a marker written here is read back by a step on each node before anything starts."""
+    if not nodes or not JOB_ID.fullmatch(job_id):
+        return
+    import secrets
+
+    token = secrets.token_hex(16)
+    marker = os.path.join(folder, f".epdctl-shared-{token}")
+    fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        os.write(fd, token.encode())
+        os.close(fd)
+        argv = ["srun", f"--jobid={job_id}", "--overlap", f"--nodes={len(nodes)}", f"--ntasks={len(nodes)}",
+                "--ntasks-per-node=1", f"--nodelist={','.join(nodes)}", "--quiet", "--label", "--",
+                "cat", marker]
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S * 2,
+                                  stdin=subprocess.DEVNULL)
+            out = done.stdout
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise EpdctlError(f"launcher slurm: cannot check that {folder} is shared by the nodes: {exc}") from None
+        seen = sum(1 for line in out.splitlines() if line.split(":", 1)[-1].strip() == token)
+        if seen < len(nodes):
+            raise EpdctlError(f"launcher slurm: {folder} (the EC connector's shared_storage_path) is not the same "
+                              f"folder on every node of {', '.join(nodes)}: ECExampleConnector across nodes needs a "
+                              "shared file system (put it on one, e.g. NFS or Lustre, or pin the encoders and their "
+                              "consumers to one node)")
+    finally:
+        try:
+            os.unlink(marker)
+        except OSError:
+            pass

@@ -162,6 +162,16 @@ class Supervisor:
             except EpdctlError as exc:
                 self.note(f"cannot renew the lease on {path}: {exc}")
 
+    def _check_shared_storage(self) -> None:
+        """launcher slurm: the EC folder's files must be seen by every node that writes or reads them."""
+        if self.plan.launcher != "slurm" or not self.plan.ec_storage_path:
+            return
+        from epdctl.run.slurm import check_shared_folder
+
+        nodes = sorted({s.node for s in self.plan.instances if s.node and s.ec_storage_path == self.plan.ec_storage_path})
+        if nodes:
+            check_shared_folder(self.plan.slurm_job or "", nodes, self.plan.ec_storage_path)
+
     def spawn(self, child: Child, fresh_log: bool) -> None:
         """Start (or restart) one child: same argv, env, devices and ports every time."""
         spec = child.spec
@@ -250,6 +260,7 @@ class Supervisor:
         try:
             check_ports(self.plan)  # again: `up` checked before the lock, but a port can go since
             self.claim_storage()
+            self._check_shared_storage()
         except EpdctlError as exc:
             self.release_storage()
             self.phase, self.error = TopologyPhase.FAILED, str(exc).splitlines()[0]

@@ -125,6 +125,12 @@ def _export(tmp: Path, out: Path) -> list[str]:
     return ["export", "k8s", str(topology), "-o", str(out)]
 
 
+def _export_slurm(tmp: Path, out: Path) -> list[str]:
+    topology, _ = write_sim_topology(tmp, "1e1pd", name="exs")
+    out.mkdir(exist_ok=True)
+    return ["export", "slurm", str(topology), "-o", str(out / "job.sh")]
+
+
 def _first_manifest(tmp: Path, out: Path) -> str:
     """A manifest name as export writes it: a previous export's, replaced by the link."""
     assert epdctl(*_export(tmp, out)).returncode == 0
@@ -140,6 +146,7 @@ OUTPUTS = [
     ("smoke --junit", _smoke, lambda tmp, out: "junit.xml"),
     ("export k8s -o", _export, lambda tmp, out: "kustomization.yaml"),
     ("export k8s -o", _export, _first_manifest),
+    ("export slurm -o", _export_slurm, lambda tmp, out: "job.sh"),
 ]
 
 
@@ -165,6 +172,25 @@ def test_export_refuses_a_manifests_folder_that_is_a_symlink(tmp_path):
     result = epdctl(*_export(tmp_path, out))
     assert_one_line(result, f"{out / 'manifests'}: is a symbolic link")
     assert not any(elsewhere.iterdir())
+
+
+def test_export_slurm_replaces_only_its_own_job_script(tmp_path):
+    """A job script is replaced only when export slurm wrote it; a symlink there is never written through."""
+    out = tmp_path / "out"
+    args = _export_slurm(tmp_path, out)
+    theirs = out / "job.sh"
+    theirs.write_text("#!/bin/bash\nmy own job\n")
+    result = epdctl(*args)
+    assert_one_line(result, f"{theirs}: exists and was not written by epdctl export slurm")
+    assert theirs.read_text() == "#!/bin/bash\nmy own job\n"
+    theirs.unlink()
+    assert epdctl(*args).returncode == 0 and "#SBATCH --nodes=1" in theirs.read_text()
+    assert epdctl(*args).returncode == 0  # its own: replaced
+    theirs.unlink()
+    target = precious(tmp_path)
+    link = plant(theirs, target)
+    assert_one_line(epdctl(*args), f"{theirs}: is a symbolic link")
+    assert_untouched(target, link)
 
 
 # ---------------------------------------------------------------- sweep --save

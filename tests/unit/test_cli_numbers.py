@@ -32,6 +32,8 @@ NUMBER_OPTIONS = {
     "up --wait-timeout": ["up", "missing.yaml", "--wait-timeout"],
     "smoke --wait-timeout": ["smoke", "missing.yaml", "--wait-timeout"],
     "down -t": ["down", "x", "-t"],
+    "export slurm --nodes": ["export", "slurm", "missing.yaml", "--nodes"],
+    "export slurm --grace": ["export", "slurm", "missing.yaml", "--grace"],
     **{f"bench {flag}": BENCH + [flag] for flag in (
         "--num-prompts", "--concurrency", "--request-rate", "--warmup", "--timeout-s", "--images-per-request",
         "--image-size", "--repeat-ratio", "--prompt-len", "--max-tokens", "--seed", "--slo-ttft-ms", "--slo-tpot-ms")},
@@ -63,7 +65,7 @@ def test_a_bad_number_is_one_line_and_exit_2_before_anything_starts(option, valu
     code, err = _run(words + [value], capsys, monkeypatch)
     assert code == 2, err
     assert err.count("\n") == 1 and "Traceback" not in err, err
-    assert option.split()[1] in err, err  # it names the option, not some later failure
+    assert option.rsplit(" ", 1)[1] in err, err  # it names the option, not some later failure
     assert not state_dir.exists()  # nothing was started
 
 

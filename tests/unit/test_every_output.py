@@ -31,6 +31,8 @@ OUTPUT_OPTIONS = {
     "calibrate -o": ["test_hostile_outputs.py::test_calibrate_refuses_the_topologys_own_file_the_other_output_and_symlinks"],
     "calibrate --twin": ["test_hostile_outputs.py::test_calibrate_refuses_the_topologys_own_file_the_other_output_and_symlinks"],
     "init -o": ["test_names.py::test_init_never_writes_through_a_symlink"],
+    "export slurm -o": ["test_hostile_outputs.py::test_a_symlink_at_an_output_name_is_refused_before_any_work",
+                        "test_hostile_outputs.py::test_export_slurm_replaces_only_its_own_job_script"],
 }
 
 # Options that take a value that is neither a number nor a path epdctl writes.
@@ -40,6 +42,7 @@ TEXT_OPTIONS = {
     "bench --label",  # a file name inside --save (test_bench_label_cannot_put_the_report_outside_the_save_folder)
     "sweep --splits",
     "export k8s --namespace", "export k8s --image", "export k8s --proxy-image", "export k8s --storage-class",
+    "export slurm --time", "export slurm --partition", "export slurm --account",  # checked to Slurm's forms
     *(f"proxy {flag}" for flag in (
         "--encode-servers-urls", "--prefill-servers-urls", "--decode-servers-urls", "--host", "--policy",
         "--encode-servers-names", "--prefill-servers-names", "--decode-servers-names",
@@ -175,6 +178,7 @@ OWN_WRITERS = {
     ("epdctl/run/storage.py", "_locked", "os.open"): "a shared folder's lock: O_NOFOLLOW",
     ("epdctl/run/storage.py", "_mark", "os.open"): "a shared folder's marker: O_EXCL|O_NOFOLLOW",
     ("epdctl/run/storage.py", "_mark", "fdopen"): "the descriptor opened just above",
+    ("epdctl/run/slurm.py", "check_shared_folder", "os.open"): "a marker in the shared EC folder: O_EXCL|O_NOFOLLOW, removed at once",
     ("epdctl/run/supervisor.py", "redirect_stdio", "os.open"): "the supervisor's log: O_APPEND|O_NOFOLLOW",
     ("epdctl/run/supervisor.py", "spawn", "write_bytes"): "a child's log in the state folder (0700), emptied at start",
     ("epdctl/run/supervisor.py", "_restart", "open"): "a child's log in the state folder (0700): the restart marker",
