@@ -26,7 +26,9 @@ class LocalLauncher:
 
     def start(self, argv: list[str], env: dict[str, str], log_path: Path, node: Optional[str] = None) -> subprocess.Popen:
         """Stdin from /dev/null, stdout and stderr appended to `log_path`, an explicit env, no shell."""
-        with open(log_path, "ab", buffering=0) as log:
+        from epdctl.run.logfiles import open_log
+
+        with open_log(log_path) as log:
             return subprocess.Popen(
                 argv, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True, close_fds=True,

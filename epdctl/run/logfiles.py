@@ -10,6 +10,7 @@ between the copy and the truncate are lost, a few bytes in practice.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import shutil
@@ -53,6 +54,21 @@ def display(line: str, colour: bool = False) -> str:
             line += "\x1b[0m"  # a colour left on must not bleed into the next line
     return "".join(ch if ch.isprintable() or ch == "\t" or (colour and ch == "\x1b")
                    else ch.encode("unicode_escape").decode("ascii") for ch in line)
+
+
+def open_log(path: PathLike, truncate: bool = False):
+    """A process's log for appending (emptied first with `truncate`), never through a symlink: one
+    planted at the name (the folder is ours, 0700, but a tool of the same user could) is replaced
+    by a fresh file, so neither the child's output nor our markers reach what it points to."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_TRUNC if truncate else 0)
+    try:
+        fd = os.open(path, flags, 0o600)
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+        os.unlink(path)  # the link itself, never its target
+        fd = os.open(path, flags | os.O_EXCL, 0o600)
+    return os.fdopen(fd, "ab", buffering=0)
 
 
 def rotate_if_needed(path: PathLike, max_bytes: int, keep: int) -> bool:

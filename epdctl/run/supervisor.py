@@ -178,7 +178,7 @@ class Supervisor:
         env = {**{k: v for k, v in os.environ.items() if k not in (RUN_ENV, INSTANCE_ENV)},
                **spec.env, RUN_ENV: self.run_token, INSTANCE_ENV: spec.name}
         if fresh_log:
-            child.log_path.write_bytes(b"")
+            logfiles.open_log(child.log_path, truncate=True).close()
         child.error, child.adopted = None, False
         try:
             child.popen = self.runtime.spawn(list(spec.argv), env, child.log_path, node=spec.node)
@@ -452,7 +452,7 @@ class Supervisor:
         marker = (f"\n----- epdctl: {_timestamp()} restarting {child.spec.name} "
                   f"(restart {child.book.restarts}; last {describe_exit(child.exit_code)}) -----\n")
         try:
-            with open(child.log_path, "ab") as log:
+            with logfiles.open_log(child.log_path) as log:
                 log.write(marker.encode())
         except OSError:
             pass

@@ -8,6 +8,7 @@ import json
 import os
 import tracemalloc
 
+import psutil
 import pytest
 
 from conftest import assert_no_orphans, epdctl, wait_for, write_sim_topology
@@ -174,3 +175,39 @@ def test_events_never_print_escape_sequences_from_the_file(state_dir):
     assert "killed" in shown and "by" in shown and "two\\nlines" in shown
     result = epdctl("events", "esc", check=0)  # and through the CLI, as a user runs it
     assert result.stdout == shown
+
+
+def test_a_symlink_planted_at_a_childs_log_is_never_written_through(tmp_path, state_dir):
+    """A link planted at pd-0.log while it runs: the restart marker and the restarted child's
+    output go to a fresh log of ours, never to what the link points at."""
+    topology, ports = write_sim_topology(tmp_path, "agg", name="loglink",
+                                         extra="restart: {policy: on-failure, backoff_s: 0.1}")
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    folder = state_dir / "loglink"
+    try:
+        epdctl("up", "-d", str(topology), check=0)
+        state = json.loads((folder / "state.json").read_text())
+        pd = next(p for p in state["processes"] if p["name"] == "pd-0")
+        log = folder / "pd-0.log"
+        log.unlink()
+        log.symlink_to(victim)
+        psutil.Process(pd["pid"]).kill()
+        wait_for(lambda: _restarted(folder) and "restarting pd-0" in _text(log), 30, "pd-0 restarted into a fresh log")
+        assert victim.read_text() == "precious"
+        assert not log.is_symlink() and "restarting pd-0" in log.read_text()
+    finally:
+        epdctl("down", "loglink", check=0)
+    assert_no_orphans(str(state_dir), list(ports.values()))
+
+
+def _text(path) -> str:
+    try:
+        return path.read_text() if not path.is_symlink() else ""
+    except OSError:
+        return ""
+
+
+def _restarted(folder) -> bool:
+    state = json.loads((folder / "state.json").read_text())
+    return any(p["name"] == "pd-0" and p["restarts"] == 1 for p in state["processes"])
