@@ -16,7 +16,8 @@ from epdctl.errors import EXIT_RUNTIME, EXIT_USAGE, EpdctlError
 from epdctl.run import storage
 from epdctl.run.launch import LocalLauncher, SlurmLauncher
 from epdctl.run.state import (
-    RUN_ENV, StateDir, is_alive, is_up, list_state_dirs, processes_of_topology, tagged_topologies, verified_process,
+    RUN_ENV, StateDir, elsewhere, is_alive, is_up, list_state_dirs, processes_of_topology, tagged_topologies, this_host,
+    verified_process,
 )
 from epdctl.run.teardown import DEFAULT_GRACE_S, stop_processes
 
@@ -76,6 +77,9 @@ def down(target: Optional[str], grace: float = DEFAULT_GRACE_S, out=None, ignore
     if state is None:
         return _down_without_state(state_dir, grace, out, ignore_missing)
     started = time.monotonic()
+    host = elsewhere(state.get("supervisor") or {})
+    if host:
+        return _down_elsewhere(state_dir, state, host, grace, out, started)
     supervisor = _hand_over(state.get("supervisor") or {})
     report = stop_processes(state.get("processes", []), state.get("run_token"), grace,
                             launcher=launcher_of(state, state_dir))
@@ -90,6 +94,27 @@ def down(target: Optional[str], grace: float = DEFAULT_GRACE_S, out=None, ignore
         if line:
             print(f"  {line}", file=out)
     state_dir.remove()
+    print(f"epdctl: {name} is down ({time.monotonic() - started:.2f}s)", file=out)
+    return 0
+
+
+def _down_elsewhere(state_dir: StateDir, state: dict[str, Any], host: str, grace: float, out, started: float) -> int:
+    """The supervisor runs on another host (launcher slurm, a shared state folder): its pids mean
+    nothing here, so ask it to stop through the state folder and wait for it to finish."""
+    name = state_dir.name
+    state_dir.request_stop(by=this_host())
+    print(f"epdctl: stopping {name}: asked its supervisor on {host} (through {state_dir.path})", file=out)
+    deadline = time.monotonic() + grace + 60  # its teardown takes up to the grace, then the sweep
+    while state_dir.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    launcher = launcher_of(state, state_dir)
+    left = launcher.end_run(state["run_token"]) if state.get("run_token") else []
+    if state_dir.exists():
+        raise EpdctlError(f"{name}: its supervisor on {host} did not stop it in {grace + 60:g}s"
+                          + ("; ended its job steps through Slurm" if not left else f"; steps left: {', '.join(left)}")
+                          + f"; its proxy may still run on {host}: run `epdctl down {name}` there")
+    if left:
+        raise EpdctlError(f"{name}: job steps still there after scancel: {', '.join(left)}")
     print(f"epdctl: {name} is down ({time.monotonic() - started:.2f}s)", file=out)
     return 0
 

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional
 
 from epdctl.errors import EXIT_NOTHING_RUNNING, EXIT_RUNTIME, EXIT_USAGE, EpdctlError
-from epdctl.run.state import StateDir, list_state_dirs, verified_process
+from epdctl.run.state import StateDir, elsewhere, list_state_dirs, verified_process
 from epdctl.run.logfiles import Follower, tail_lines, wants_colour
 from epdctl.run.runtime import Runtime
 from epdctl.run.states import ALIVE, ENDED, Health, ProcessState, TopologyPhase
@@ -21,11 +21,17 @@ def live_status(state: dict[str, Any], runtime: Optional[Runtime] = None) -> dic
     records = state.get("processes", [])
     phase = state.get("phase")
 
-    supervised = verified_process((state.get("supervisor") or {}).get("pid"),
-                                  (state.get("supervisor") or {}).get("create_time")) is not None
+    sup_record = state.get("supervisor") or {}
+    remote = elsewhere(sup_record)  # launcher slurm, read from another host: its pids mean nothing here
+    live_steps = _live_steps(state) if remote else {}
+    supervised = bool(live_steps) if remote else verified_process(sup_record.get("pid"),
+                                                                  sup_record.get("create_time")) is not None
 
     def one(record: dict[str, Any]) -> dict[str, Any]:
-        alive = verified_process(record.get("pid"), record.get("create_time")) is not None
+        if remote:  # a step is alive while Slurm lists it; the proxy (on the supervisor's host) while it answers
+            alive = record.get("step") in live_steps if record.get("node") else runtime.probe(record["url"], timeout=1.0)
+        else:
+            alive = verified_process(record.get("pid"), record.get("create_time")) is not None
         if not alive:
             # Only a live supervisor is restarting anything; a dead one's "restarting" is a lie.
             recorded = record.get("state")
@@ -71,7 +77,7 @@ def live_status(state: dict[str, Any], runtime: Optional[Runtime] = None) -> dic
         overall = TopologyPhase.STOPPED
     sup = state.get("supervisor") or {}
     report = {"name": state["name"], "state": overall, "instances": instances, "proxy": proxy,
-              "supervisor": {"pid": sup.get("pid"), "mode": sup.get("mode"),
+              "supervisor": {"pid": sup.get("pid"), "mode": sup.get("mode"), **({"host": remote} if remote else {}),
                              "state": "running" if supervised else "gone"}}
     report["health"], report["reasons"] = health(report, state.get("error"))
     if not supervised and overall not in (TopologyPhase.STOPPED, TopologyPhase.FAILED) and sup.get("pid"):
@@ -79,6 +85,15 @@ def live_status(state: dict[str, Any], runtime: Optional[Runtime] = None) -> dic
                              f"`epdctl up {state.get('source') or 'FILE'}` adopts the running processes")
     return report
 
+
+
+def _live_steps(state: dict[str, Any]) -> dict[str, str]:
+    launcher = state.get("launcher") or {}
+    if launcher.get("kind") != "slurm" or not launcher.get("job") or not state.get("run_token"):
+        return {}
+    from epdctl.run.slurm import steps_of
+
+    return steps_of(str(launcher["job"]), state["run_token"])
 
 
 def health(report: dict[str, Any], error: Optional[str]) -> tuple[str, list[str]]:

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import secrets
+import socket
 import stat
 import sys
 from pathlib import Path
@@ -25,6 +26,9 @@ from epdctl.errors import EXIT_USAGE, EpdctlError
 
 STATE_FILE = "state.json"
 LOCK_FILE = "lock"
+# `epdctl down` on another host than the supervisor's (launcher slurm, a shared state folder):
+# it cannot signal the supervisor, so it leaves this file, which the supervisor obeys.
+STOP_FILE = "stop-request"
 RUN_ENV = "EPDCTL_RUN"  # every child gets this tag; the sweep finds strays by it
 INSTANCE_ENV = "EPDCTL_INSTANCE"  # and its instance's name: a restart sweeps what the dead one left
 CREATE_TIME_TOLERANCE_S = 0.05
@@ -200,8 +204,21 @@ class StateDir:
 
     def remove(self) -> None:
         """Delete only what we create here: state, lock, logs and events, then the folder if empty."""
-        self._remove(lambda entry: entry in (STATE_FILE, LOCK_FILE) or bool(_LOG.fullmatch(entry) or _STEP.fullmatch(entry)),
+        self._remove(lambda entry: entry in (STATE_FILE, LOCK_FILE, STOP_FILE) or bool(_LOG.fullmatch(entry) or _STEP.fullmatch(entry)),
                      rmdir=True)
+
+    def request_stop(self, by: str) -> None:
+        write_json_atomic(self.path / STOP_FILE, {"by": by})
+
+    def clear_stop(self) -> None:
+        """A new supervisor starts without an earlier run's request (only a file of ours, never a link's target)."""
+        try:
+            os.unlink(self.path / STOP_FILE)
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            pass
+
+    def stop_requested(self) -> bool:
+        return os.path.lexists(self.path / STOP_FILE)
 
     def step_file(self, instance: str) -> Path:
         return self.path / f"{instance}.step"
@@ -227,6 +244,16 @@ class StateDir:
                 self.path.rmdir()
             except OSError:
                 pass
+
+
+def this_host() -> str:
+    return socket.gethostname()
+
+
+def elsewhere(record: Mapping[str, Any]) -> Optional[str]:
+    """The host a recorded process runs on when it is not this one (its pid means nothing here)."""
+    host = record.get("host")
+    return host if isinstance(host, str) and host and host != this_host() else None
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

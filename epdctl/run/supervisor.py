@@ -31,7 +31,7 @@ from epdctl.run.progress import LogTailer, Progress
 from epdctl.run.runtime import Runtime
 from epdctl.run.states import ALIVE, ENDED, RUNNING_NOW, ProcessState, TopologyPhase
 from epdctl.run.state import (
-    INSTANCE_ENV, RUN_ENV, StateDir, new_run_token, tagged_processes, verified_process, write_json_atomic,
+    INSTANCE_ENV, RUN_ENV, StateDir, new_run_token, tagged_processes, this_host, verified_process, write_json_atomic,
 )
 from epdctl.run.teardown import DEFAULT_GRACE_S, stop_processes
 
@@ -81,6 +81,8 @@ class Supervisor:
         self.claimed: dict[str, bool] = {}  # shared folder -> created by this run
         self.signals: list[int] = []
         self.handed_over = False  # `epdctl down` took over the teardown
+        if self.state_dir.verify():
+            self.state_dir.clear_stop()
         self.adopted = False
 
     # ------------------------------------------------------------ state, events, notes
@@ -92,7 +94,7 @@ class Supervisor:
         state = {
             "name": self.plan.name, "source": self.source, "run_token": self.run_token, "phase": self.phase,
             "error": self.error, "failure": self.failure, "state_dir": str(self.state_dir.path),
-            "supervisor": {"pid": me.pid, "create_time": me.create_time(), "mode": self.mode},
+            "supervisor": {"pid": me.pid, "create_time": me.create_time(), "mode": self.mode, "host": this_host()},
             "storage": [{"path": path, "created": created} for path, created in self.claimed.items()],
             "launcher": {"kind": self.plan.launcher, "job": self.plan.slurm_job},
             "processes": [child.record() for child in self.children],
@@ -146,6 +148,8 @@ class Supervisor:
             raise Stop(signal.SIGUSR1)
         if self.signals:
             raise Stop(self.signals[0])
+        if self.state_dir.stop_requested():  # `epdctl down` on another host
+            raise Stop(signal.SIGTERM)
 
     # ------------------------------------------------------------ start
 
@@ -368,6 +372,10 @@ class Supervisor:
                 self.note(f"{signal.Signals(signum).name} received, stopping {self.plan.name}")
                 self.teardown(grace=DEFAULT_GRACE_S)
                 return SIGNAL_EXIT[signum] if self.mode == "foreground" else 0
+            if self.state_dir.stop_requested():
+                self.note(f"`epdctl down` asked (from another host) to stop {self.plan.name}")
+                self.teardown(grace=DEFAULT_GRACE_S)
+                return 0
             now = self.runtime.now()
             changed = False
             for child in self.children:

@@ -16,7 +16,7 @@ import pytest
 
 from epdctl.run.teardown import stop_processes
 
-from conftest import assert_no_orphans, epdctl, http_post, signal_and_wait, wait_healthy, write_sim_topology
+from conftest import assert_no_orphans, epdctl, http_post, signal_and_wait, wait_for, wait_healthy, write_sim_topology
 
 CHAT = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 2}
 
@@ -138,15 +138,25 @@ def test_child_dying_after_it_was_healthy_while_others_start_fails_fast(tmp_path
 def test_instance_port_taken_after_the_check_fails_fast(tmp_path, state_dir):
     """A child that cannot bind dies during start-up; `up` names it and cleans up."""
     topology, ports = write_sim_topology(tmp_path, "1e1pd", name="raced",
-                                         instance_args={"encode-0": {"sim-startup-ms": 500}})
+                                         instance_args={"encode-0": {"sim-startup-ms": 5000}})
     proc = start_foreground(topology)
     holder = None
+
+    def take_the_port():
+        # up's own port check binds it for an instant: a bind that meets it is tried again.
+        sock = socket.socket()
+        try:
+            sock.bind(("127.0.0.1", ports["encode-0"]))
+        except OSError:
+            sock.close()
+            return None
+        sock.listen()
+        return sock
+
     try:
-        time.sleep(0.2)
-        holder = socket.socket()
-        holder.bind(("127.0.0.1", ports["encode-0"]))
-        holder.listen()
-        out, _ = proc.communicate(timeout=30)
+        # Taken while encode-0 sleeps its 5 s start-up (or before up's check): either way it is taken.
+        holder = wait_for(take_the_port, 30, "the encoder's port")
+        out, _ = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -233,3 +233,35 @@ def test_a_node_outside_the_allocation_names_file_line(env, tmp_path):
                             capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
     assert result.returncode == 2, result.stderr
     assert f"{topo.name}:" in result.stderr and "decode[0].node: 'n9' is not a node of the allocation" in result.stderr
+
+
+def test_status_and_down_from_another_host(env, tmp_path):
+    """`status` and `down` from a host that only shares the state folder (a "login" host: a host
+    name and a network of its own, outside the job), while the supervisor is the batch script on
+    n1: status reads Slurm's steps, down asks the supervisor through the state folder."""
+    name = "slurm-far"
+    topo = _topology(tmp_path, name)
+    job_sh = tmp_path / "job.sh"
+    epdctl("export", "slurm", str(topo), "-o", str(job_sh), "--nodes", "2", check=0)
+    submitted = subprocess.run(["sbatch", "--parsable", str(job_sh)], capture_output=True, text=True, cwd=tmp_path)
+    assert submitted.returncode == 0, submitted.stderr
+    job = submitted.stdout.strip().split(";")[0]
+
+    def on_n2(*args: str) -> subprocess.CompletedProcess:
+        # Not a step of the job: the job's end would cancel it with the others.
+        return subprocess.run(["nsenter", "--net=/run/netns/epdctl-n2", "unshare", "--uts", "sh", "-c",
+                               'hostname login && exec "$@"', "sh", sys.executable, "-m", "epdctl", *args],
+                              capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL)
+    try:
+        local = wait_for(lambda: _healthy(name), 120, f"{name} healthy")
+        far = on_n2("status", name, "--json")
+        assert far.returncode == 0, far.stderr
+        report = json.loads(far.stdout)
+        assert report["health"] == "healthy" and report["supervisor"]["host"] == "n1", report
+        assert {i["name"]: i["step"] for i in report["instances"]} == {i["name"]: i["step"] for i in local["instances"]}
+        down = on_n2("down", name)
+        assert down.returncode == 0, (down.stdout, down.stderr)
+        assert "asked its supervisor on n1" in down.stdout and "is down" in down.stdout, down.stdout
+        _nothing_left(name, job)
+    finally:
+        subprocess.run(["scancel", job], capture_output=True)
