@@ -152,6 +152,10 @@ def validate(file: Annotated[str, typer.Argument(help=FILE_HELP, show_default=Fa
 
     file = _topology_file(file)
     topology = _load(file)
+    if topology.launcher == "slurm" and (os.environ.get("SLURM_JOB_ID") or os.environ.get("SLURM_JOBID")):
+        from epdctl.plan import place
+
+        place(topology, _allocation(topology))  # in an allocation: its nodes are known, so check node: too
     roles = ", ".join(f"{len(getattr(topology, r))} {r}" for r in ("encode", "prefill", "decode", "pd") if getattr(topology, r))
     print(one_line(f"{file}: ok: topology {topology.name!r}, engine {topology.engine}, platform {topology.platform}: {roles}; proxy on {topology.proxy.host}:{topology.proxy.port}"))
 
