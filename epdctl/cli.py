@@ -264,6 +264,22 @@ def down(
 
 
 @_command
+def scale(
+    name: Annotated[str, typer.Argument(help=NAME_HELP)],
+    counts: Annotated[Optional[list[str]], typer.Argument(help="ROLE=N for encode, prefill, decode or pd (e.g. encode=3).",
+                                                          show_default=False)] = None,
+    wait_timeout: Annotated[str, typer.Option("--wait-timeout", help="Seconds to wait for new instances to be healthy "
+                                              "and removed ones to drain.")] = "900",
+) -> None:
+    """Grow or drain a running topology's role without restarting the rest: new instances take traffic
+    once healthy, removed ones finish their requests first."""
+    seconds = _number("--wait-timeout", wait_timeout, float, *WAIT_SECONDS, above=True)
+    from epdctl.scale import scale as run_scale
+
+    raise SystemExit(run_scale(_topology_name(name), counts or [], seconds))
+
+
+@_command
 def events(
     name: Annotated[str, typer.Argument(help=NAME_HELP)],
     follow: Annotated[bool, typer.Option("-f", "--follow", help="Keep printing new events.")] = False,
@@ -395,7 +411,7 @@ def _typer_app():
         rich_markup_mode=None,
     )
     app.callback()(_global_options)
-    for command in (validate, plan, up, status, logs, events, down, topologies, init):
+    for command in (validate, plan, up, status, logs, events, down, scale, topologies, init):
         app.command()(command)
     passthrough = {"context_settings": {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
                    "add_help_option": False}

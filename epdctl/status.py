@@ -37,6 +37,8 @@ def live_status(state: dict[str, Any], runtime: Optional[Runtime] = None) -> dic
             recorded = record.get("state")
             current = ProcessState(recorded) if recorded == ProcessState.FAILED or (
                 recorded == ProcessState.RESTARTING and supervised) else ProcessState.EXITED
+        elif record.get("state") == ProcessState.DRAINING:
+            current = ProcessState.DRAINING  # `epdctl scale` removes it: no new requests, finishing its own
         elif runtime.probe(record["url"], timeout=1.0):
             current = ProcessState.HEALTHY
         else:
@@ -65,7 +67,7 @@ def live_status(state: dict[str, Any], runtime: Optional[Runtime] = None) -> dic
     if proxy:
         proxy = {k: v for k, v in proxy.items() if k != "role"}
     states = [e["state"] for e in entries]
-    if states and all(s == ProcessState.HEALTHY for s in states):
+    if states and all(s in (ProcessState.HEALTHY, ProcessState.DRAINING) for s in states):
         overall = TopologyPhase.RUNNING
     elif phase == TopologyPhase.STARTING and ProcessState.EXITED not in states:
         overall = TopologyPhase.STARTING  # instances still loading are not a degraded topology

@@ -4,6 +4,7 @@ lock, then supervise in the foreground or in a detached fork whose start this pr
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import signal
 import sys
@@ -104,8 +105,36 @@ def _adoptable(state_dir: StateDir, plan: Plan) -> Optional[dict[str, Any]]:
     return state
 
 
+def _as_scaled(topology, plan: Plan, state_dir: StateDir) -> Plan:
+    """A run whose supervisor died after `epdctl scale` is adopted at its scaled size: the plan of
+    the file with the recorded instance counts and ports (run/scaling.py)."""
+    if topology is None or state_dir.is_locked():
+        return plan
+    try:
+        state = state_dir.read() or {}
+    except EpdctlError:
+        return plan
+    scale = state.get("scale") or {}
+    counts, ports = scale.get("counts"), scale.get("ports") or {}
+    if not isinstance(counts, dict) or not ports or not any(
+            verified_process(p.get("pid"), p.get("create_time")) for p in state.get("processes", [])):
+        return plan
+    from epdctl.commands import python_command, router_command
+    from epdctl.plan import build_plan
+    from epdctl.run.scaling import counts_of, scaled_topology
+
+    try:
+        wanted = {r: int(n) for r, n in counts.items() if r in counts_of(topology)}
+        scaled = build_plan(scaled_topology(topology, wanted, ports), python=python_command(), router=router_command())
+        # The proxy keeps the spec it was started with: it learns the pool from the pool file.
+        return dataclasses.replace(scaled, proxy=plan.proxy)
+    except (KeyError, ValueError, TypeError):
+        return plan  # not a record this version wrote: _adoptable says the plans differ
+
+
 def up(topology, plan: Plan, *, detach: bool, wait_timeout: Optional[float], source: Path) -> int:
     state_dir = StateDir(plan.name)
+    plan = _as_scaled(topology, plan, state_dir)
     adopt = _adoptable(state_dir, plan)
     if adopt is None:
         _refuse_if_running(state_dir)
@@ -120,14 +149,14 @@ def up(topology, plan: Plan, *, detach: bool, wait_timeout: Optional[float], sou
     timeout = wait_timeout if wait_timeout is not None else plan.health_timeout_s
     source_path = os.path.abspath(source)  # read later from other folders (`calibrate --twin`)
     if detach:
-        return _up_detached(plan, state_dir, lock_fd, timeout, source_path, adopt)
-    return _up_foreground(plan, state_dir, timeout, source_path, adopt)
+        return _up_detached(plan, state_dir, lock_fd, timeout, source_path, adopt, topology)
+    return _up_foreground(plan, state_dir, timeout, source_path, adopt, topology)
 
 
 def _up_foreground(plan: Plan, state_dir: StateDir, timeout: float, source: str,
-                   adopt: Optional[dict[str, Any]] = None) -> int:
+                   adopt: Optional[dict[str, Any]] = None, topology=None) -> int:
     with _output_that_may_close(plan.name, state_dir):
-        return _supervise_foreground(plan, state_dir, timeout, source, adopt)
+        return _supervise_foreground(plan, state_dir, timeout, source, adopt, topology)
 
 
 @contextlib.contextmanager
@@ -150,8 +179,8 @@ def _output_that_may_close(name: str, state_dir: StateDir):
 
 
 def _supervise_foreground(plan: Plan, state_dir: StateDir, timeout: float, source: str,
-                          adopt: Optional[dict[str, Any]]) -> int:
-    sup = Supervisor(plan, state_dir, "foreground", source=source)
+                          adopt: Optional[dict[str, Any]], topology=None) -> int:
+    sup = Supervisor(plan, state_dir, "foreground", source=source, topology=topology)
     sup.install_signals()
     if adopt:
         sup.adopt(adopt)
@@ -174,7 +203,7 @@ DAEMON_OK, DAEMON_FAILED, DAEMON_HANDED_OVER = 0, 1, 3
 
 
 def _up_detached(plan: Plan, state_dir: StateDir, lock_fd: int, timeout: float, source: str,
-                 adopt: Optional[dict[str, Any]] = None) -> int:
+                 adopt: Optional[dict[str, Any]] = None, topology=None) -> int:
     if adopt is None:
         state_dir.state_file.unlink(missing_ok=True)
     # The supervisor is a fork of this process, not a new interpreter: it starts with the plan
@@ -187,7 +216,7 @@ def _up_detached(plan: Plan, state_dir: StateDir, lock_fd: int, timeout: float, 
         try:
             os.setsid()
             redirect_stdio(state_dir.log_file("supervisor"))
-            code = _supervise_detached(plan, state_dir, lock_fd, timeout, source, adopt)
+            code = _supervise_detached(plan, state_dir, lock_fd, timeout, source, adopt, topology)
         except BaseException:
             import traceback
 
@@ -277,9 +306,9 @@ def _daemon_failure(state_dir: StateDir, code: int) -> EpdctlError:
 
 
 def _supervise_detached(plan: Plan, state_dir: StateDir, lock_fd: int, timeout: float, source: str,
-                        adopt: Optional[dict[str, Any]] = None) -> int:
+                        adopt: Optional[dict[str, Any]] = None, topology=None) -> int:
     """The detached supervisor's life: start (or fail and clean up), then heal until the end."""
-    sup = Supervisor(plan, state_dir, "detached", source=source)
+    sup = Supervisor(plan, state_dir, "detached", source=source, topology=topology)
     sup.install_signals()
     if adopt:
         sup.adopt(adopt)

@@ -68,6 +68,8 @@ def parse_args(argv: list[str]):
                              "the EC consumers, one per prefill URL (E+P+D) or per decode URL (E+PD), in their order; "
                              "encoders are told to push to the consumer that then gets the request.")
     parser.add_argument("--probe-interval-s", type=number(float, 0, 3600, above=True), default=2.0, help="Background /health probe period.")
+    parser.add_argument("--pool-file", help="A JSON file of the instances to route to, watched while serving "
+                                             "(written by epdctl's supervisor for `epdctl scale`).")
     parser.add_argument("--log-level", default="info")
     parser.add_argument("--workers", type=number(int, 1, MAX_WORKERS), default=1,
                         help="Proxy processes sharing the port (SO_REUSEPORT), for hosts with cores to spare; each "
@@ -163,7 +165,7 @@ async def _serve(args) -> int:
         ec_storage_path=args.ec_shared_storage_path, allowed_local_media_path=args.allowed_local_media_path,
         probe_interval_s=args.probe_interval_s, max_media_items=args.max_media_items, kv_connector=args.kv_connector,
         encode_names=args.encode_names, prefill_names=args.prefill_names, decode_names=args.decode_names,
-        ec_connector=args.ec_connector, ec_consumer_zmq_addrs=args.ec_zmq_addrs,
+        ec_connector=args.ec_connector, ec_consumer_zmq_addrs=args.ec_zmq_addrs, pool_file=args.pool_file,
         # A worker among several: metrics summed over all of them (epdctl/proxy/workers.py).
         metrics_dir=os.environ.get("PROMETHEUS_MULTIPROC_DIR") if args.worker_index is not None else None,
     )

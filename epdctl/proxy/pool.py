@@ -27,7 +27,7 @@ class NoBackend(Exception):
 
 class Backend:
     __slots__ = ("url", "role", "name", "in_flight", "load", "healthy", "was_healthy", "ejected_at", "failures", "gauge",
-                 "_endpoints")
+                 "draining", "_endpoints")
 
     def __init__(self, url: str, role: str, name: str):
         self.url = url.rstrip("/")
@@ -40,6 +40,7 @@ class Backend:
         self.ejected_at = 0.0
         self.failures = 0
         self.gauge = None  # the in-flight gauge child, set by the server
+        self.draining = False  # leaving the pool (epdctl scale): finishes its requests, takes no new one
         self._endpoints: dict[str, URL] = {}
 
     def endpoint(self, path: str) -> URL:
@@ -51,7 +52,7 @@ class Backend:
 
     @property
     def routable(self) -> bool:
-        return self.healthy is not False
+        return self.healthy is not False and not self.draining
 
     def acquire(self, weight: float) -> None:
         self.in_flight += 1
@@ -95,7 +96,7 @@ class Pool:
         if not candidates:
             # All ejected: try one anyway. A stale ejection then costs one fast connection
             # error, where refusing outright would fail every request until the next probe.
-            candidates = [b for b in self.backends if b not in exclude]
+            candidates = [b for b in self.backends if b not in exclude and not b.draining]
         if not candidates:
             raise NoBackend(self.role)
         if len(candidates) == 1:

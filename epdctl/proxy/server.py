@@ -100,6 +100,8 @@ class ProxyConfig:
     # One of several workers: /metrics sums every worker's values from this folder
     # (prometheus_client's multiprocess mode; epdctl/proxy/workers.py).
     metrics_dir: Optional[str] = None
+    # The pool the supervisor wants, watched while serving (epdctl scale; proxy/membership.py).
+    pool_file: Optional[str] = None
 
 
 class StageError(Exception):
@@ -149,6 +151,13 @@ class Metrics:
                                registry=self.registry)
         self.ejections = Counter("epdctl_proxy_ejections", "Instances taken out of rotation after a failure.", ["role"],
                                  registry=self.registry)
+        # The pool as `epdctl scale`/autoscale changed it: what the supervisor waits on to drain.
+        self.pool_size = Gauge("epdctl_proxy_pool_instances", "Instances taking new requests, per role.", ["role"],
+                               registry=self.registry, multiprocess_mode="livemax")
+        self.pool_version = Gauge("epdctl_proxy_pool_version", "The version of the pool file every worker serves.",
+                                  registry=self.registry, multiprocess_mode="livemin")
+        self.drains = Counter("epdctl_proxy_drains", "Instances set to drain (no new requests).", ["role"],
+                              registry=self.registry)
         # Label lookups take a lock; resolve each child once.
         self.stage_encode = self.stage.labels("encode")
         self.stage_prefill = self.stage.labels("prefill")
@@ -192,6 +201,8 @@ class Proxy:
         for pool in self.pools:
             for backend in pool.backends:
                 backend.gauge = self.metrics.in_flight.labels(pool.role, backend.name, backend.url)
+            self.metrics.pool_size.labels(pool.role).set(len(pool.backends))
+        self._watcher: Optional[asyncio.Task] = None
         self.timeouts = {
             "encode": aiohttp.ClientTimeout(total=config.encode_timeout_s, sock_connect=CONNECT_TIMEOUT_S),
             "prefill": aiohttp.ClientTimeout(total=config.prefill_timeout_s, sock_connect=CONNECT_TIMEOUT_S),
@@ -268,20 +279,25 @@ class Proxy:
                 connector=connector, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
                 skip_auto_headers=SKIPPED_AUTO_HEADERS)
         self._prober = asyncio.create_task(self._probe_loop())
+        if self.config.pool_file:
+            from epdctl.proxy.membership import PoolWatcher
+
+            self._watcher = asyncio.create_task(PoolWatcher(self, self.config.pool_file).run())
 
     async def close(self) -> None:
-        if self._prober:
-            self._prober.cancel()
-            try:
-                await self._prober
-            except (asyncio.CancelledError, Exception):
-                pass
+        for task in (self._prober, self._watcher):
+            if task:
+                task.cancel()
+                try:
+                    await task
+                except (asyncio.CancelledError, Exception):
+                    pass
         for session in self.sessions.values():
             await session.close()
 
     # ------------------------------------------------------------ health
 
-    async def _probe(self, backend: Backend) -> bool:
+    async def probe(self, backend: Backend) -> bool:
         try:
             async with self.sessions["probe"].get(backend.url + "/health",
                                                   timeout=aiohttp.ClientTimeout(total=PROBE_TIMEOUT_S)) as resp:
@@ -303,9 +319,9 @@ class Proxy:
         return ok
 
     async def _probe_loop(self) -> None:
-        backends = [b for pool in self.pools for b in pool.backends]
         while True:
-            await asyncio.gather(*(self._probe(b) for b in backends), return_exceptions=True)
+            backends = [b for pool in self.pools for b in pool.backends]  # the pool may change (scale)
+            await asyncio.gather(*(self.probe(b) for b in backends), return_exceptions=True)
             settled = all(b.healthy for b in backends)
             await asyncio.sleep(self.config.probe_interval_s if settled else min(FAST_PROBE_INTERVAL_S,
                                                                                    self.config.probe_interval_s))

@@ -40,3 +40,17 @@ class Runtime:
             return False
         finally:
             conn.close()
+
+    def fetch(self, url: str, timeout: float = 1.0) -> Optional[str]:
+        """GET url → its text when 200, else None (the proxy's /metrics, while a drain waits on it)."""
+        parsed = urlparse(url)
+        conn = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=timeout)
+        try:
+            conn.request("GET", parsed.path or "/")
+            resp = conn.getresponse()
+            body = resp.read(16 * 1024 * 1024)
+            return body.decode("utf-8", "replace") if resp.status == 200 else None
+        except (OSError, http.client.HTTPException):
+            return None
+        finally:
+            conn.close()

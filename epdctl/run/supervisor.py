@@ -29,6 +29,7 @@ from epdctl.run.events import EVENTS_FILE, EVENTS_KEEP, EVENTS_MAX_BYTES, append
 from epdctl.run.launch import LocalLauncher, SlurmLauncher
 from epdctl.run.progress import LogTailer, Progress
 from epdctl.run.runtime import Runtime
+from epdctl.run.scaler import Scaler
 from epdctl.run.states import ALIVE, ENDED, RUNNING_NOW, ProcessState, TopologyPhase
 from epdctl.run.state import (
     INSTANCE_ENV, RUN_ENV, StateDir, new_run_token, tagged_processes, this_host, verified_process, write_json_atomic,
@@ -67,6 +68,7 @@ class Supervisor:
     source: str = ""
     runtime: Runtime = field(default_factory=Runtime)
     out: Any = None
+    topology: Any = None  # the loaded Topology: what `epdctl scale` re-plans from (run/scaler.py)
 
     def __post_init__(self) -> None:
         self.out = self.out or sys.stdout
@@ -84,6 +86,7 @@ class Supervisor:
         if self.state_dir.verify():
             self.state_dir.clear_stop()
         self.adopted = False
+        self.scaler = Scaler(self, self.topology)
 
     # ------------------------------------------------------------ state, events, notes
 
@@ -99,6 +102,7 @@ class Supervisor:
             "launcher": {"kind": self.plan.launcher, "job": self.plan.slurm_job},
             "processes": [child.record() for child in self.children],
             "health_timeout_s": self.plan.health_timeout_s,
+            "scale": self.scaler.record(),
         }
         try:
             if not self.state_dir.verify():
@@ -185,7 +189,10 @@ class Supervisor:
             logfiles.open_log(child.log_path, truncate=True).close()
         child.error, child.adopted = None, False
         try:
-            child.popen = self.runtime.spawn(list(spec.argv), env, child.log_path, node=spec.node)
+            argv = list(spec.argv)
+            if spec.role == "proxy" and self.plan.proxy_impl == "epdctl":  # the pool `epdctl scale` changes
+                argv += ["--pool-file", str(self.scaler.pool_path)]
+            child.popen = self.runtime.spawn(argv, env, child.log_path, node=spec.node)
         except FileNotFoundError:
             child.error = f"cannot start {spec.argv[0]!r}: command not found"
         except PermissionError:
@@ -318,6 +325,9 @@ class Supervisor:
     def adopt(self, state: dict[str, Any]) -> None:
         """Take over the processes of a run whose supervisor died (pid and create_time checked)."""
         self.run_token = state["run_token"]
+        scale = state.get("scale") or {}
+        self.scaler.ports = {k: v for k, v in (scale.get("ports") or {}).items() if isinstance(v, int)}
+        self.scaler.version = int(scale.get("pool_version") or 0)
         self.claimed = {f["path"]: bool(f.get("created")) for f in state.get("storage") or [] if f.get("path")}
         self.renew_storage()
         records = {r["name"]: r for r in state.get("processes", [])}
@@ -378,11 +388,13 @@ class Supervisor:
                 return 0
             now = self.runtime.now()
             changed = False
-            for child in self.children:
+            for child in list(self.children):
                 changed |= self._tend(child, now)
+            changed |= self.scaler.tend(now)
             if changed or self.phase == TopologyPhase.ADOPTING:  # adopting: every process was looked at once now
                 adopting = self.phase == TopologyPhase.ADOPTING
-                self.phase = (TopologyPhase.RUNNING if all(c.state == ProcessState.HEALTHY for c in self.children)
+                serving = (ProcessState.HEALTHY, ProcessState.DRAINING)  # a drain is a scale, not a fault
+                self.phase = (TopologyPhase.RUNNING if all(c.state in serving for c in self.children)
                               else TopologyPhase.DEGRADED)
                 self.save()
                 if adopting:

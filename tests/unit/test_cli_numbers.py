@@ -32,6 +32,7 @@ NUMBER_OPTIONS = {
     "up --wait-timeout": ["up", "missing.yaml", "--wait-timeout"],
     "smoke --wait-timeout": ["smoke", "missing.yaml", "--wait-timeout"],
     "down -t": ["down", "x", "-t"],
+    "scale --wait-timeout": ["scale", "x", "encode=2", "--wait-timeout"],
     "export slurm --nodes": ["export", "slurm", "missing.yaml", "--nodes"],
     "export slurm --grace": ["export", "slurm", "missing.yaml", "--grace"],
     **{f"bench {flag}": BENCH + [flag] for flag in (

@@ -47,6 +47,7 @@ TEXT_OPTIONS = {
         "--encode-servers-urls", "--prefill-servers-urls", "--decode-servers-urls", "--host", "--policy",
         "--encode-servers-names", "--prefill-servers-names", "--decode-servers-names",
         "--ec-shared-storage-path", "--allowed-local-media-path",  # read (and refused outside), never written
+        "--pool-file",  # read (bounded, O_NOFOLLOW, a regular file of ours), never written
         "--kv-connector", "--ec-connector", "--ec-consumer-zmq-addrs", "--log-level")),
 }
 

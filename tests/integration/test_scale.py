@@ -1,0 +1,167 @@
+"""`epdctl scale`: a running topology's encoders grown and drained under load, with real sims,
+a real proxy and real signals: every new encoder serves, not one request fails, nothing else
+restarts, and `down` after it leaves nothing."""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import json
+import os
+import signal
+import threading
+
+import psutil
+import pytest
+
+from conftest import assert_no_orphans, epdctl, http_post, metrics, wait_for, write_sim_topology
+
+COUNTER = itertools.count()
+
+
+def _image_request() -> dict:
+    """A request with an image never seen before: its encoder call is real work for some encoder."""
+    data = base64.b64encode(f"scale test image {next(COUNTER)} {os.getpid()}".encode()).decode()
+    return {"model": "sim-model", "max_tokens": 2, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "what is it?"}, {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{data}"}}]}]}
+
+
+class Load:
+    """Clients sending image requests back to back until stopped; every answer's status is kept."""
+
+    def __init__(self, url: str, clients: int = 3):
+        self.url = url
+        self.statuses: list[tuple[int, bytes]] = []
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._client, daemon=True) for _ in range(clients)]
+
+    def _client(self) -> None:
+        while not self.stop.is_set():
+            status, body = http_post(self.url + "/v1/chat/completions", _image_request(), timeout=60)
+            self.statuses.append((status, body[:200]))
+
+    def __enter__(self):
+        for thread in self.threads:
+            thread.start()
+        wait_for(lambda: len(self.statuses) >= 3, 60, "the load to get going")
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(timeout=90)
+
+    def failed(self) -> list[tuple[int, bytes]]:
+        return [s for s in self.statuses if s[0] != 200]
+
+
+def _state(state_dir, name) -> dict:
+    return json.loads((state_dir / name / "state.json").read_text())
+
+
+def _processes(state_dir, name) -> dict[str, dict]:
+    return {p["name"]: p for p in _state(state_dir, name)["processes"]}
+
+
+def _encoded(url: str) -> float:
+    return metrics(url).get("epdctl_sim_encoded_items_total", 0.0)
+
+
+@pytest.fixture
+def scalable(tmp_path, state_dir):
+    """An E+PD sim whose encoders take a while (so a drain has requests to wait for), up -d."""
+    topology, ports = write_sim_topology(tmp_path, "1e1pd", name="sc",
+                                         timings="sim-ttft-ms: 5, sim-tpot-ms: 1, sim-encode-ms: 150")
+    epdctl("up", "-d", str(topology), check=0)
+    yield topology, ports, f"http://127.0.0.1:{ports['proxy']}"
+    epdctl("down", "sc", check=0)
+    assert_no_orphans(str(state_dir), list(ports.values()))
+
+
+def test_scale_up_under_load_every_new_encoder_serves_and_no_request_fails(scalable, state_dir):
+    topology, ports, url = scalable
+    pd_before = _processes(state_dir, "sc")["pd-0"]
+    with Load(url) as load:
+        result = epdctl("scale", "sc", "encode=3", timeout=300, check=0)
+        assert "encode-1: healthy, taking traffic" in result.stdout and "sc scaled to encode=3" in result.stdout
+        procs = _processes(state_dir, "sc")
+        new = [procs["encode-1"], procs["encode-2"]]
+        # Every new encoder serves requests of the same load (the proxy balances by load).
+        wait_for(lambda: all(_encoded(p["url"]) > 0 for p in new), 120, "both new encoders to encode items")
+    assert len(load.statuses) > 10 and not load.failed(), load.failed()[:3]
+    pd_after = _processes(state_dir, "sc")["pd-0"]
+    assert (pd_after["pid"], pd_after["restarts"]) == (pd_before["pid"], 0)  # nothing else restarted
+    status = json.loads(epdctl("status", "sc", "--json", check=0).stdout)
+    assert [i["name"] for i in status["instances"] if i["role"] == "encode"] == ["encode-0", "encode-1", "encode-2"]
+    assert status["health"] == "healthy"
+    events = epdctl("events", "sc", check=0).stdout
+    assert "encode-2" in events and "started" in events
+
+
+def test_scale_down_drains_with_zero_failed_requests(scalable, state_dir):
+    topology, ports, url = scalable
+    epdctl("scale", "sc", "encode=3", timeout=300, check=0)
+    procs = _processes(state_dir, "sc")
+    leaving = [psutil.Process(procs[n]["pid"]) for n in ("encode-1", "encode-2")]
+    with Load(url, clients=4) as load:
+        wait_for(lambda: all(_encoded(procs[n]["url"]) > 0 for n in ("encode-1", "encode-2")), 120,
+                 "the encoders that will leave to be busy")
+        result = epdctl("scale", "sc", "encode=1", timeout=300, check=0)
+        assert "encode-1: drained and stopped" in result.stdout and "encode-2: drained and stopped" in result.stdout
+        served = len(load.statuses)
+        wait_for(lambda: len(load.statuses) >= served + 6, 60, "requests after the drain")
+    assert not load.failed(), load.failed()[:3]
+    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in leaving)
+    assert set(_processes(state_dir, "sc")) == {"encode-0", "pd-0", "proxy"}
+    assert _processes(state_dir, "sc")["pd-0"]["restarts"] == 0
+    # The proxy's /metrics shows the pool as it is now, and the drains it did.
+    seen = metrics(url)
+    assert seen['epdctl_proxy_pool_instances{role="encode"}'] == 1
+    assert seen['epdctl_proxy_drains_total{role="encode"}'] == 2
+
+
+def test_an_adopting_up_keeps_the_scaled_pool(scalable, state_dir):
+    topology, ports, url = scalable
+    epdctl("scale", "sc", "encode=2", timeout=300, check=0)
+    supervisor = _state(state_dir, "sc")["supervisor"]["pid"]
+    os.kill(supervisor, signal.SIGKILL)
+    wait_for(lambda: not psutil.pid_exists(supervisor) or psutil.Process(supervisor).status() == psutil.STATUS_ZOMBIE,
+             30, "the supervisor to die")
+    again = epdctl("up", "-d", str(topology), check=0)
+    assert "adopted" in again.stdout, again.stdout
+    status = json.loads(epdctl("status", "sc", "--json", check=0).stdout)
+    assert [i["name"] for i in status["instances"] if i["role"] == "encode"] == ["encode-0", "encode-1"]
+    assert status["health"] == "healthy"
+    # And it scales on from there.
+    assert "sc scaled to encode=1" in epdctl("scale", "sc", "encode=1", timeout=300, check=0).stdout
+
+
+def test_scale_with_proxy_workers_every_worker_learns_the_pool(tmp_path, state_dir):
+    topology, ports = write_sim_topology(tmp_path, "1e1pd", name="scw",
+                                         timings="sim-ttft-ms: 5, sim-tpot-ms: 1, sim-encode-ms: 20")
+    line = f"proxy: {{host: 127.0.0.1, port: {ports['proxy']}}}"
+    topology.write_text(topology.read_text().replace(line, line[:-1] + ", workers: 2}"))
+    url = f"http://127.0.0.1:{ports['proxy']}"
+    try:
+        epdctl("up", "-d", str(topology), check=0)
+        assert "scw scaled to encode=2" in epdctl("scale", "scw", "encode=2", timeout=300, check=0).stdout
+        new = _processes(state_dir, "scw")["encode-1"]["url"]
+        # `done` waited for the lowest pool version over the live workers: each one routes there now.
+        for _ in range(20):
+            assert http_post(url + "/v1/chat/completions", _image_request())[0] == 200
+        assert _encoded(new) > 0
+    finally:
+        epdctl("down", "scw", check=0)
+    assert_no_orphans(str(state_dir), list(ports.values()))
+
+
+def test_scale_refuses_what_cannot_be_scaled(scalable, state_dir):
+    topology, ports, url = scalable
+    for words, needle, code in [
+        (["sc", "pd=0"], "pd=0", 2), (["sc", "encoder=2"], "ROLE=N expected", 2), (["sc"], "ROLE=N", 2),
+        (["sc", "prefill=2"], "no prefill instance to scale", 2), (["nosuch", "encode=2"], "no topology named", 1),
+    ]:
+        result = epdctl("scale", *words, timeout=120)
+        assert result.returncode == code and needle in result.stderr, (words, result.stderr)
+        assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1, result.stderr
+    assert set(_processes(state_dir, "sc")) == {"encode-0", "pd-0", "proxy"}
