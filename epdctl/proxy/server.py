@@ -282,7 +282,9 @@ class Proxy:
         if self.config.pool_file:
             from epdctl.proxy.membership import PoolWatcher
 
-            self._watcher = asyncio.create_task(PoolWatcher(self, self.config.pool_file).run())
+            watcher = PoolWatcher(self, self.config.pool_file)
+            await watcher.check()  # a restarted proxy serves the scaled pool from its first request
+            self._watcher = asyncio.create_task(watcher.run())
 
     async def close(self) -> None:
         for task in (self._prober, self._watcher):

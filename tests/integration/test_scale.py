@@ -165,3 +165,18 @@ def test_scale_refuses_what_cannot_be_scaled(scalable, state_dir):
         assert result.returncode == code and needle in result.stderr, (words, result.stderr)
         assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1, result.stderr
     assert set(_processes(state_dir, "sc")) == {"encode-0", "pd-0", "proxy"}
+
+
+def test_a_restarted_proxy_serves_the_scaled_pool(scalable, state_dir):
+    topology, ports, url = scalable
+    epdctl("scale", "sc", "encode=2", timeout=300, check=0)
+    epdctl("scale", "sc", "encode=1", timeout=300, check=0)
+    epdctl("scale", "sc", "encode=2", timeout=300, check=0)  # encode-1 again, as a new process
+    procs = _processes(state_dir, "sc")
+    os.kill(procs["proxy"]["pid"], signal.SIGKILL)  # its restart starts from the argv of `up`: encode-0 only
+    wait_for(lambda: _processes(state_dir, "sc")["proxy"]["restarts"] == 1
+             and _processes(state_dir, "sc")["proxy"]["state"] == "healthy", 60, "the proxy restarted")
+    before = _encoded(procs["encode-1"]["url"])
+    for _ in range(12):
+        assert http_post(url + "/v1/chat/completions", _image_request())[0] == 200
+    assert _encoded(procs["encode-1"]["url"]) > before  # it read the pool file before its first request
