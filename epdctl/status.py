@@ -82,6 +82,13 @@ def live_status(state: dict[str, Any], runtime: Optional[Runtime] = None) -> dic
               "supervisor": {"pid": sup.get("pid"), "mode": sup.get("mode"), **({"host": remote} if remote else {}),
                              "state": "running" if supervised else "gone"}}
     report["health"], report["reasons"] = health(report, state.get("error"))
+    auto = (state.get("scale") or {}).get("autoscale")
+    if isinstance(auto, dict) and isinstance(auto.get("roles"), dict):
+        # The pool under `autoscale:`: its bounds, its size now, and its changes over time.
+        sizes = {role: sum(1 for e in instances if e["role"] == role) for role in auto["roles"]}
+        report["autoscale"] = {role: {**bounds, "size": sizes.get(role, 0),
+                                      "history": [h for h in auto.get("history") or [] if h.get("role") == role]}
+                               for role, bounds in auto["roles"].items()}
     if not supervised and overall not in (TopologyPhase.STOPPED, TopologyPhase.FAILED) and sup.get("pid"):
         report["warning"] = (f"the supervisor (pid {sup['pid']}) is gone: nothing restarts or records exits; "
                              f"`epdctl up {state.get('source') or 'FILE'}` adopts the running processes")
@@ -180,6 +187,11 @@ def _print_table(reports, states, out) -> None:
             table.add_row(row["name"], row["role"], *where, pid, str(row["port"]), row["url"], row["state"],
                           str(row.get("restarts") or 0), code)
         console.print(table)
+        for role, pool in (report.get("autoscale") or {}).items():
+            last = pool["history"][-1] if pool["history"] else None
+            console.print(escape(f"autoscale {role}: {pool['size']} instance(s) (min {pool['min']}, max {pool['max']}, "
+                                 f"target {pool['target_inflight']:g} in flight each)"
+                                 + (f"; last {last['from']} -> {last['to']} at {last['at']}: {last['why']}" if last else "")))
         if report.get("warning"):
             console.print(f"warning: {report['warning']}")
         for row in rows:

@@ -15,7 +15,8 @@ import unicodedata
 from collections import defaultdict
 from typing import Any, Iterator, Mapping, Optional
 
-from epdctl.config.schema import ROLES, ProxySpec, Topology, effective_memory_fraction, flag_value, tensor_parallel_size
+from epdctl.config.schema import (MAX_INSTANCES, ROLES, ProxySpec, Topology, effective_memory_fraction, flag_value,
+                                  tensor_parallel_size)
 from epdctl.config.simflags import SIM_FLAGS, value_problem
 from epdctl.config.yamlmarks import did_you_mean
 from epdctl.connectors import (EC_CPU, EC_EXAMPLE, EC_MOONCAKE, EC_NUMBERS, EC_PLANNED_ENV, MAX_EC_BYTES,
@@ -119,6 +120,7 @@ def cross_check(topology: Topology, device_count: int | None = None, check_folde
                 claim(port, loc, f"{name}'s EC port")
 
     problems += _launcher_problems(topology)
+    problems += _autoscale_problems(topology)
     if topology.launcher == "slurm":
         device_count = None  # the devices are the nodes', not this machine's
 
@@ -156,6 +158,40 @@ def cross_check(topology: Topology, device_count: int | None = None, check_folde
                      f"device {device}{f' of node {node}' if topology.launcher == 'slurm' else ''} is shared "
                      f"with a memory budget of {total:g} > 1.0 ({detail})", True)
                 )
+    return problems
+
+
+def scale_refusal(topology: Topology, role: str, count: int) -> Optional[str]:
+    """Why `role` cannot be scaled to `count` in this topology, or None."""
+    if role not in ROLES:
+        return f"{role!r} is not a role (encode, prefill, decode or pd)"
+    if not 1 <= count <= MAX_INSTANCES:
+        return f"{role}={count}: between 1 and {MAX_INSTANCES} instances"
+    if not getattr(topology, role):
+        return f"the topology has no {role} instance to scale (roles are set at up)"
+    if topology.proxy.impl != "epdctl":
+        return f"proxy.impl {topology.proxy.impl} routes to a fixed list of workers; scale needs impl: epdctl"
+    if topology.launcher != "local":
+        return f"launcher {topology.launcher}: scaling is for launcher local this round"
+    ec = topology.ec_transfer
+    consumer = "prefill" if topology.prefill else "pd"
+    if ec is not None and ec.connector == EC_MOONCAKE and topology.encode and role == consumer:
+        return (f"{EC_MOONCAKE}: the proxy names each {consumer} instance's control address to the encoders at "
+                f"start, so the {consumer} pool is fixed (encoders can be scaled)")
+    return None
+
+
+def _autoscale_problems(topology: Topology) -> list[Problem]:
+    """A role under autoscale must exist, be one that can scale, and start within its bounds."""
+    problems: list[Problem] = []
+    for role, spec in topology.autoscale.roles().items():
+        count = len(getattr(topology, role))
+        reason = scale_refusal(topology, role, max(1, min(count, MAX_INSTANCES)))
+        if reason:
+            problems.append((("autoscale", role), f"cannot autoscale {role}: {reason}", True))
+        elif not spec.min <= count <= spec.max:
+            problems.append((("autoscale", role), f"the file has {count} {role} instance(s), outside min {spec.min} "
+                             f"and max {spec.max}: up starts what the file has", True))
     return problems
 
 

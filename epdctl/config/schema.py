@@ -15,6 +15,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr,
 from epdctl.config.yamlmarks import Marks, dotted, error_line
 
 ROLES = ("encode", "prefill", "decode", "pd")
+MAX_INSTANCES = 64  # of one role, as `epdctl scale` and `autoscale:` may grow it
 NAME_PATTERN = r"^[a-z0-9][a-z0-9-]*$"
 # A Slurm node name as an allocation lists it (host names, also n[1-4]'s members): no path, no option.
 NODE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
@@ -176,6 +177,33 @@ class ProxySpec(_Model):
     _restart = field_validator("restart", mode="before")(_restart_shorthand)
 
 
+class AutoscaleRole(_Model):
+    """One role's pool under `autoscale:` (run/autoscale.py has the rule)."""
+
+    min: int = Field(1, ge=1, le=MAX_INSTANCES)
+    max: int = Field(4, ge=1, le=MAX_INSTANCES)
+    # Requests in flight per instance the pool aims at (the proxy's count: encoder calls for encode).
+    target_inflight: float = Field(2, gt=0, le=10_000)
+    scale_up_after_s: float = Field(5, ge=0, le=3600)  # above the target this long: one more
+    scale_down_after_s: float = Field(60, ge=0, le=86_400)  # below half of it this long: one fewer
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "AutoscaleRole":
+        if self.min > self.max:
+            raise ValueError(f"min ({self.min}) is above max ({self.max})")
+        return self
+
+
+class AutoscaleSpec(_Model):
+    encode: Optional[AutoscaleRole] = None
+    prefill: Optional[AutoscaleRole] = None
+    decode: Optional[AutoscaleRole] = None
+    pd: Optional[AutoscaleRole] = None
+
+    def roles(self) -> dict[str, AutoscaleRole]:
+        return {role: getattr(self, role) for role in ROLES if getattr(self, role) is not None}
+
+
 class HealthSpec(_Model):
     timeout_s: float = Field(600, gt=0)
     interval_s: float = Field(0.5, gt=0)
@@ -211,6 +239,7 @@ class Topology(_Model):
     media: MediaSpec = MediaSpec()
     restart: RestartSpec = RestartSpec()
     logs: LogsSpec = LogsSpec()
+    autoscale: AutoscaleSpec = AutoscaleSpec()  # per role: the pool grows and shrinks with its load
     # A cost profile from `epdctl calibrate` (engine: sim only); relative to the topology's folder.
     sim_profile: Optional[str] = Field(None, min_length=1, max_length=4096)
 

@@ -13,8 +13,10 @@ from epdctl.ports import port_is_free
 from epdctl.run.child import Child
 from epdctl.run.scaling import (DRAIN_TIMEOUT_S, POOL_FILE, SCALE_FILE, ScaleJob, in_flight_from_metrics,
                                 new_ports, pool_document, refusal, scaled_topology)
+from epdctl.run.autoscale import SAMPLE_EVERY_S, Watch
+from epdctl.run.events import EVENTS_FILE, append_event, now_iso
 from epdctl.run.state import write_json_atomic
-from epdctl.run.states import ENDED, ProcessState
+from epdctl.run.states import ENDED, ProcessState, TopologyPhase
 from epdctl.run.teardown import stop_processes
 
 if TYPE_CHECKING:
@@ -22,6 +24,7 @@ if TYPE_CHECKING:
     from epdctl.run.supervisor import Supervisor
 
 MAX_REQUEST_BYTES = 64 * 1024
+HISTORY = 50  # autoscale changes kept in the state
 METRICS_EVERY_S = 0.2
 
 
@@ -39,14 +42,25 @@ class Scaler:
         self.next_metrics = 0.0
         self.view: tuple[Optional[int], dict[str, float]] = (None, {})
         self.written: Optional[tuple] = None
+        roles = topology.autoscale.roles() if topology is not None else {}
+        self.watches = {role: Watch(spec) for role, spec in roles.items()}
+        self.next_sample = 0.0
+        self.auto_count = 0
+        self.history: list[dict[str, Any]] = []  # the autoscaler's changes, newest last (status shows them)
 
     @property
     def pool_path(self):
         return self.sup.state_dir.path / POOL_FILE
 
     def record(self) -> dict[str, Any]:
-        return {"counts": self.counts(), "ports": self.ports, "pool_version": self.version,
-                "job": self.job.record() if self.job else None}
+        record = {"counts": self.counts(), "ports": self.ports, "pool_version": self.version,
+                  "job": self.job.record() if self.job else None}
+        if self.watches:
+            record["autoscale"] = {"roles": {role: {"min": w.spec.min, "max": w.spec.max,
+                                                    "target_inflight": w.spec.target_inflight}
+                                             for role, w in self.watches.items()},
+                                   "history": self.history[-HISTORY:]}
+        return record
 
     def counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -60,6 +74,7 @@ class Scaler:
     def tend(self, now: float) -> bool:
         """Returns whether anything changed (the supervisor then saves its state)."""
         changed = self._take_request(now)
+        changed |= self._autoscale(now)
         changed |= self._sync_pool()
         changed |= self._finish_drains(now)
         changed |= self._finish_job(now)
@@ -89,6 +104,47 @@ class Scaler:
         if job.status != "working":
             self.sup.note(f"scale {job.id}: {job.status}: {job.reason}")
         return True
+
+    def _autoscale(self, now: float) -> bool:
+        """The autoscale rule (run/autoscale.py) on the proxy's in-flight counts, every half second."""
+        if not self.watches or now < self.next_sample:
+            return False
+        self.next_sample = now + SAMPLE_EVERY_S
+        busy = self.job is not None and self.job.status == "working"
+        if busy or self.sup.phase not in (TopologyPhase.RUNNING, TopologyPhase.DEGRADED):
+            for watch in self.watches.values():
+                watch.hold()
+            return False
+        _, flying = self._proxy_view(now, fresh=True)
+        if not flying:
+            return False  # the proxy does not answer: nothing to judge by
+        for role, watch in self.watches.items():
+            members = [c for c in self.sup.children if c.spec.role == role and c.state == ProcessState.HEALTHY]
+            if not members:
+                continue
+            load = sum(flying.get(c.spec.name, 0.0) for c in members) / len(members)
+            size = sum(1 for c in self.sup.children if c.spec.role == role)
+            decision = watch.decide(now, size, load)
+            if decision is None:
+                continue
+            target, why = decision
+            self.auto_count += 1
+            job = ScaleJob(id=f"auto-{self.auto_count}", counts={role: target})
+            self.job = job
+            try:
+                self._plan_and_start(job, now)
+            except EpdctlError as exc:
+                job.status, job.reason = "failed", str(exc).splitlines()[0]
+            self.history.append({"at": now_iso(), "role": role, "from": size, "to": target, "why": why,
+                                 "status": job.status if job.status != "working" else "started"})
+            del self.history[:-HISTORY]
+            append_event(self.sup.state_dir.path / EVENTS_FILE, f"autoscale-{role}", "autoscale",
+                         size=f"{size}->{target}", reason=why)
+            self.sup.note(f"autoscale: {role} {size} -> {target} ({why})")
+            for other in self.watches.values():
+                other.hold()
+            return True
+        return False
 
     def _plan_and_start(self, job: ScaleJob, now: float) -> None:
         from epdctl.commands import python_command, router_command
@@ -168,9 +224,9 @@ class Scaler:
             self.drain_version.setdefault(name, self.version)
         return True
 
-    def _proxy_view(self, now: float) -> tuple[Optional[int], dict[str, float]]:
+    def _proxy_view(self, now: float, fresh: bool = False) -> tuple[Optional[int], dict[str, float]]:
         """(the pool version every proxy worker serves, in flight per instance), at most every 0.2 s."""
-        if now >= self.next_metrics:
+        if fresh or now >= self.next_metrics:
             self.next_metrics = now + METRICS_EVERY_S
             text = self.sup.runtime.fetch(self.sup.plan.proxy.url + "/metrics")
             self.view = in_flight_from_metrics(text) if text else (None, {})

@@ -14,34 +14,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
-from epdctl.config.schema import ROLES, Topology
-from epdctl.connectors import EC_MOONCAKE
+from epdctl.config.checks import scale_refusal as refusal  # noqa: F401  (the supervisor asks it here)
+from epdctl.config.schema import MAX_INSTANCES, ROLES, Topology
 from epdctl.plan import Plan, hand_out
 
 SCALE_FILE = "scale-request"  # `epdctl scale` writes it; the supervisor takes it
 POOL_FILE = "pool.json"  # the supervisor writes it; the proxy watches it
-MAX_INSTANCES = 64  # of one role
 DRAIN_TIMEOUT_S = 120.0
-
-
-def refusal(topology: Topology, role: str, count: int) -> Optional[str]:
-    """Why `role` cannot be scaled to `count` in this topology, or None."""
-    if role not in ROLES:
-        return f"{role!r} is not a role (encode, prefill, decode or pd)"
-    if not 1 <= count <= MAX_INSTANCES:
-        return f"{role}={count}: between 1 and {MAX_INSTANCES} instances"
-    if not getattr(topology, role):
-        return f"the topology has no {role} instance to scale (roles are set at up)"
-    if topology.proxy.impl != "epdctl":
-        return f"proxy.impl {topology.proxy.impl} routes to a fixed list of workers; scale needs impl: epdctl"
-    if topology.launcher != "local":
-        return f"launcher {topology.launcher}: scaling is for launcher local this round"
-    ec = topology.ec_transfer
-    consumer = "prefill" if topology.prefill else "pd"
-    if ec is not None and ec.connector == EC_MOONCAKE and topology.encode and role == consumer:
-        return (f"{EC_MOONCAKE}: the proxy names each {consumer} instance's control address to the encoders at "
-                f"start, so the {consumer} pool is fixed (encoders can be scaled)")
-    return None
 
 
 def counts_of(topology: Topology) -> dict[str, int]:

@@ -180,3 +180,34 @@ def test_a_restarted_proxy_serves_the_scaled_pool(scalable, state_dir):
     for _ in range(12):
         assert http_post(url + "/v1/chat/completions", _image_request())[0] == 200
     assert _encoded(procs["encode-1"]["url"]) > before  # it read the pool file before its first request
+
+
+def _encoders(state_dir, name) -> int:
+    return sum(1 for n in _processes(state_dir, name) if n.startswith("encode-"))
+
+
+def test_autoscale_grows_the_encoders_under_load_and_shrinks_them_after(tmp_path, state_dir):
+    topology, ports = write_sim_topology(
+        tmp_path, "1e1pd", name="auto", timings="sim-ttft-ms: 5, sim-tpot-ms: 1, sim-encode-ms: 200",
+        extra="autoscale: {encode: {min: 1, max: 3, target_inflight: 1, scale_up_after_s: 1, scale_down_after_s: 2}}")
+    url = f"http://127.0.0.1:{ports['proxy']}"
+    try:
+        epdctl("up", "-d", str(topology), check=0)
+        with Load(url, clients=6) as load:
+            wait_for(lambda: _encoders(state_dir, "auto") == 3 and _state(state_dir, "auto")["phase"] == "running",
+                     120, "the pool to grow to its max under load")
+            served = len(load.statuses)
+            wait_for(lambda: len(load.statuses) >= served + 6, 60, "requests on the grown pool")
+        assert not load.failed(), load.failed()[:3]
+        wait_for(lambda: _encoders(state_dir, "auto") == 1, 120, "the pool to shrink to its min once idle")
+        status = json.loads(epdctl("status", "auto", "--json", check=0).stdout)
+        pool = status["autoscale"]["encode"]
+        assert pool["size"] == 1 and (pool["min"], pool["max"]) == (1, 3)
+        steps = [(h["from"], h["to"]) for h in pool["history"]]
+        assert steps[:2] == [(1, 2), (2, 3)] and steps[-2:] == [(3, 2), (2, 1)], steps
+        assert "autoscale encode: 1 instance(s)" in epdctl("status", "auto", check=0).stdout
+        events = epdctl("events", "auto", check=0).stdout
+        assert "autoscale" in events and "above the target" in events and "below half the target" in events
+    finally:
+        epdctl("down", "auto", check=0)
+    assert_no_orphans(str(state_dir), list(ports.values()))

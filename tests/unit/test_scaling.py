@@ -4,6 +4,7 @@ pure, no process, no port."""
 from __future__ import annotations
 
 import json
+import re
 import os
 
 import pytest
@@ -113,3 +114,36 @@ def test_the_proxy_reads_no_pool_through_a_symlink_or_past_its_bound(tmp_path):
     huge.write_text(json.dumps({**good, "pad": "x" * (1 << 21)}))
     assert read_pool_file(str(huge)) is None
     assert read_pool_file(str(tmp_path / "missing.json")) is None
+
+
+def test_autoscale_rule_on_a_virtual_clock():
+    from epdctl.config.schema import AutoscaleRole
+    from epdctl.run.autoscale import Watch
+
+    watch = Watch(AutoscaleRole(min=1, max=3, target_inflight=2, scale_up_after_s=5, scale_down_after_s=60))
+    assert watch.decide(0, 1, 3.0) is None  # above the target: the clock starts
+    assert watch.decide(4.9, 1, 3.0) is None
+    grown = watch.decide(5.0, 1, 3.0)
+    assert grown[0] == 2 and "above the target 2" in grown[1]
+    assert watch.decide(6, 2, 1.5) is None  # between half and the target: hold
+    assert watch.decide(7, 2, 2.5) is None and watch.decide(8, 2, 1.5) is None  # a dip restarts the count
+    assert watch.decide(12.9, 2, 2.5) is None and watch.decide(17.9, 2, 2.5) is None
+    assert watch.decide(18, 3, 9.0) is None and watch.decide(30, 3, 9.0) is None  # max: never beyond
+    assert watch.decide(100, 3, 0.5) is None
+    shrunk = watch.decide(160, 3, 0.5)
+    assert shrunk[0] == 2 and "below half the target" in shrunk[1]
+    watch.hold()
+    assert watch.decide(161, 2, 0.0) is None and watch.decide(221, 2, 0.0)[0] == 1
+    assert watch.decide(400, 1, 0.0) is None and watch.decide(500, 1, 0.0) is None  # min: never below
+
+
+def test_autoscale_is_checked_at_validate(tmp_path):
+    from epdctl.errors import EpdctlError
+
+    for extra, needle in [("autoscale: {encode: {min: 3, max: 2}}", "min (3) is above max (2)"),
+                          ("autoscale: {encode: {min: 2, max: 4}}", "outside min 2"),
+                          ("autoscale: {prefill: {max: 2}}", "no prefill instance"),
+                          ("autoscale: {encode: {target_inflight: 0}}", "greater than 0")]:
+        with pytest.raises(EpdctlError, match=re.escape(needle)):
+            _topology(tmp_path, extra)
+    assert _topology(tmp_path, "autoscale: {encode: {max: 4}}").autoscale.encode.max == 4
