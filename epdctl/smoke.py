@@ -22,44 +22,12 @@ from xml.sax.saxutils import escape, quoteattr
 
 from epdctl.connectors import EC_FILENAME
 from epdctl.errors import EXIT_RUNTIME, EpdctlError
+from epdctl.evidence import (EC_EVIDENCE, SIM, VLLM_EC_LOADED, VLLM_ENCODER_RAN, VLLM_LOCAL_KV_TOKENS,
+                             VLLM_REMOTE_KV_TOKENS, VLLM_REQUESTS, parse_metrics)
 from epdctl.plan import Plan, ProcessSpec
 from epdctl.run.logfiles import display
 
 REQUEST_TIMEOUT_S = 600.0  # a real model's first request can take long to warm up
-
-# Counters the sim exports (docs/design.md, Separate processes: the proxy and the sim).
-SIM = {
-    "requests": "epdctl_sim_requests_total",
-    "encoded": "epdctl_sim_encoded_items_total",
-    "loaded": "epdctl_sim_ec_loaded_total",
-    "missed": "epdctl_sim_ec_missed_total",
-    "prefills": "epdctl_sim_prefills_total",
-    "remote_prefills": "epdctl_sim_remote_prefills_total",
-}
-# vLLM's own (names read in vLLM 0.32's vllm/v1/metrics/loggers.py): finished requests (all finish
-# reasons summed), and prompt tokens by where their KV came from.
-VLLM_REQUESTS = "vllm:request_success_total"
-VLLM_REMOTE_KV_TOKENS = 'vllm:prompt_tokens_by_source_total{source="external_kv_transfer"}'
-VLLM_LOCAL_KV_TOKENS = 'vllm:prompt_tokens_by_source_total{source="local_compute"}'
-# ECExampleConnector has no metric: its DEBUG log says what it loaded (VLLM_LOGGING_LEVEL=DEBUG),
-# and `--enable-logging-iteration-details` logs the encoder inputs an instance computed itself.
-VLLM_EC_LOADED = "Success load encoder cache for hash"
-VLLM_ENCODER_RAN = ", encoder inputs: "
-# The other connectors export no ECConnector metric either (vLLM 0.32: neither implements
-# build_prom_metrics); their log lines, from vllm/distributed/ec_transfer/ec_connector/.
-EC_EVIDENCE = {
-    "ECCPUConnector": {
-        # DEBUG: a producer's output landed in its CPU region; a consumer read one over NIXL.
-        "saved": "EC producer: mm_hash=", "saved_end": " marked ready",
-        "loaded": "EC consumer: NIXL xfer complete mm_hash=",
-        # WARNING/ERROR: the consumer gave up on a remote read and encoded the item itself, or failed it.
-        "fallbacks": ("; using local input", "needs remote encoding"),
-    },
-    "ECMooncakeConnector": {
-        "fallbacks": ("never arrived", "EC Mooncake pushed load failed", "could not resolve a transfer id",
-                      "Rejected conflicting EC push"),
-    },
-}
 
 
 @dataclass
@@ -140,29 +108,13 @@ def _get(url: str, timeout: float = 10.0) -> bytes:
         return resp.read()
 
 
-# Labels that only say which engine or model answered: summed over, never keyed.
-IGNORED_LABELS = ("engine", "model_name")
-
-
 def scrape(url: str) -> dict[str, float]:
-    """Each sample name summed over labels, and also keyed by each other label: `name{label="value"}`."""
-    from prometheus_client.parser import text_string_to_metric_families
-
+    """The instance's /metrics, each sample summed over labels and keyed by each (evidence.parse_metrics)."""
     try:
         text = _get(url + "/metrics").decode()
     except (OSError, urllib.error.URLError) as exc:
         raise EpdctlError(f"cannot read {url}/metrics: {exc}") from None
-    totals: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name.endswith(("_created", "_bucket")):
-                continue
-            totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
-            for label, value in sample.labels.items():
-                if label not in IGNORED_LABELS:
-                    key = f'{sample.name}{{{label}="{value}"}}'
-                    totals[key] = totals.get(key, 0.0) + sample.value
-    return totals
+    return parse_metrics(text)
 
 
 def send(proxy: str, golden: Golden) -> str:

@@ -81,7 +81,11 @@ def live_status(state: dict[str, Any], runtime: Optional[Runtime] = None) -> dic
     report = {"name": state["name"], "state": overall, "instances": instances, "proxy": proxy,
               "supervisor": {"pid": sup.get("pid"), "mode": sup.get("mode"), **({"host": remote} if remote else {}),
                              "state": "running" if supervised else "gone"}}
+    seen = _evidence(state, instances, supervised)
     report["health"], report["reasons"] = health(report, state.get("error"))
+    if seen and report["state"] in (TopologyPhase.RUNNING, TopologyPhase.DEGRADED):
+        # What the instances' own signals say (run/witness.py): a missing transfer degrades a running topology.
+        report["health"], report["reasons"] = Health.DEGRADED, report["reasons"] + seen
     auto = (state.get("scale") or {}).get("autoscale")
     if isinstance(auto, dict) and isinstance(auto.get("roles"), dict):
         # The pool under `autoscale:`: its bounds, its size now, and its changes over time.
@@ -103,6 +107,26 @@ def _live_steps(state: dict[str, Any]) -> dict[str, str]:
     from epdctl.run.slurm import steps_of
 
     return steps_of(str(launcher["job"]), state["run_token"])
+
+
+def _evidence(state: dict[str, Any], instances: list[dict[str, Any]], supervised: bool) -> list[str]:
+    """Each instance's `evidence` from the supervisor's last look; the reasons it gives to degrade."""
+    record = state.get("evidence") if supervised else None
+    record = record if isinstance(record, dict) else {}
+    seen = record.get("instances") if isinstance(record.get("instances"), dict) else {}
+    for entry in instances:
+        mine = seen.get(entry["name"])
+        if entry["state"] not in (ProcessState.HEALTHY, ProcessState.DRAINING):
+            entry["evidence"] = {"verdict": "unknown", "detail": f"it is {entry['state']}"}
+        elif not supervised:
+            entry["evidence"] = {"verdict": "unknown", "detail": "the supervisor is gone: nobody reads its signals"}
+        elif not isinstance(mine, dict):
+            entry["evidence"] = {"verdict": "unknown", "detail": "not looked at yet"}
+        else:
+            entry["evidence"] = {**mine, "at": record.get("at")}
+    reasons = record.get("reasons")
+    names = {e["name"] for e in instances if e["evidence"].get("verdict") == "degraded"}
+    return [r for r in reasons if isinstance(r, str) and r.split(" ", 1)[0] in names] if isinstance(reasons, list) else []
 
 
 def health(report: dict[str, Any], error: Optional[str]) -> tuple[str, list[str]]:
@@ -187,6 +211,12 @@ def _print_table(reports, states, out) -> None:
             table.add_row(row["name"], row["role"], *where, pid, str(row["port"]), row["url"], row["state"],
                           str(row.get("restarts") or 0), code)
         console.print(table)
+        said = [f"{e['name']} {e['evidence']['detail']}" for e in report["instances"]
+                if e.get("evidence", {}).get("counts")]
+        if report["health"] != Health.HEALTHY and report["reasons"]:
+            console.print(escape("why: " + "; ".join(report["reasons"])))
+        elif said:
+            console.print(escape("evidence: " + " · ".join(said)))
         for role, pool in (report.get("autoscale") or {}).items():
             last = pool["history"][-1] if pool["history"] else None
             console.print(escape(f"autoscale {role}: {pool['size']} instance(s) (min {pool['min']}, max {pool['max']}, "

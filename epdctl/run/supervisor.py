@@ -30,6 +30,7 @@ from epdctl.run.launch import LocalLauncher, SlurmLauncher
 from epdctl.run.progress import LogTailer, Progress
 from epdctl.run.runtime import Runtime
 from epdctl.run.scaler import Scaler
+from epdctl.run.witness import Witness
 from epdctl.run.states import ALIVE, ENDED, RUNNING_NOW, ProcessState, TopologyPhase
 from epdctl.run.state import (
     INSTANCE_ENV, RUN_ENV, StateDir, new_run_token, tagged_processes, this_host, verified_process, write_json_atomic,
@@ -87,6 +88,7 @@ class Supervisor:
             self.state_dir.clear_stop()
         self.adopted = False
         self.scaler = Scaler(self, self.topology)
+        self.witness = Witness(self)  # what each instance's signals say it did (status's evidence)
 
     # ------------------------------------------------------------ state, events, notes
 
@@ -103,6 +105,7 @@ class Supervisor:
             "processes": [child.record() for child in self.children],
             "health_timeout_s": self.plan.health_timeout_s,
             "scale": self.scaler.record(),
+            "evidence": self.witness.record or None,
         }
         try:
             if not self.state_dir.verify():
@@ -391,6 +394,7 @@ class Supervisor:
             for child in list(self.children):
                 changed |= self._tend(child, now)
             changed |= self.scaler.tend(now)
+            changed |= self.witness.tend(now)
             if changed or self.phase == TopologyPhase.ADOPTING:  # adopting: every process was looked at once now
                 adopting = self.phase == TopologyPhase.ADOPTING
                 serving = (ProcessState.HEALTHY, ProcessState.DRAINING)  # a drain is a scale, not a fault
@@ -399,6 +403,7 @@ class Supervisor:
                 self.save()
                 if adopting:
                     self._report_adoption()
+            self.witness.topology_health(self.phase == TopologyPhase.RUNNING)
             hopeless = self._role_that_cannot_serve()
             if hopeless and self.mode == "foreground":
                 if tailer:
@@ -534,6 +539,7 @@ class Supervisor:
         """Stop everything; print (to `report`, default our output) and return the report lines."""
         previous = self.phase
         self.phase = TopologyPhase.STOPPING
+        self.witness.close()
         self.save()
         records = [c.record() for c in self.children if c.pid]
         count = len(self.signals)

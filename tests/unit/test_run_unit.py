@@ -66,6 +66,9 @@ class FakeRuntime:
     def probe(self, url: str, timeout: float = 1.0) -> bool:
         return url in self.healthy
 
+    def fetch(self, url: str, timeout: float = 1.0):
+        return None  # no /metrics: the witness's evidence stays unknown
+
     def at(self, when: float, action) -> None:
         self.scheduled.append((self.clock + when, action))
 
