@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from epdctl.bench import ec_reuse
+from epdctl.bench.pool import describe as describe_pool
 from epdctl.bench.runner import Run
 from epdctl.errors import EXIT_USAGE, EpdctlError
 from epdctl.run.logfiles import display
@@ -68,6 +69,8 @@ def summarize(run: Run, config: dict[str, Any], slo_ttft_ms: Optional[float] = N
         report["goodput"] = good / duration
         report["slo"] = {"ttft_ms": slo_ttft_ms, "tpot_ms": slo_tpot_ms, "met": good}
     report["ec"] = ec_reuse.summarize(run.ec_reused, *media, encoders=encoders)
+    if run.pool:  # an epdctl proxy: its pool at the start and at each change (bench/pool.py)
+        report["pool"] = run.pool
     report["errors"] = sorted({r.error for r in failed})[:5]
     report["config"] = {**config, "model": run.model}
     report["samples_ms"] = {"ttft": ttft, "tpot": tpot, "e2e": e2e}
@@ -104,6 +107,9 @@ def print_table(report: dict[str, Any], out) -> None:
                else ec_reuse.describe(report["ec"], bool(report["config"].get("reuse_images"))))
     if ec_line:
         console.print(ec_line, markup=False, highlight=False)
+    pool_line = describe_pool(report.get("pool") or [])
+    if pool_line:
+        console.print(pool_line, markup=False, highlight=False)
     for error in report.get("errors", []):
         console.print(f"[red]error:[/red] {escape(display(error))}", markup=True, highlight=False)  # not markup
 

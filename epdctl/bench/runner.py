@@ -19,6 +19,7 @@ import aiohttp
 from epdctl import jsoncodec
 from epdctl.bench.dataset import BenchRequest
 from epdctl.bench.ec_reuse import read_reused
+from epdctl.bench.pool import watch as watch_pool
 from epdctl.errors import EpdctlError
 from epdctl.run.logfiles import display
 
@@ -42,6 +43,7 @@ class Run:
     model: str
     ec_reused: Optional[float] = None  # EC items the proxy reused during the measured requests; None: unknown
     interrupted: bool = False  # cancelled (Ctrl-C): `results` are the requests that finished before
+    pool: list = field(default_factory=list)  # the proxy's pool at the start and at each change (bench/pool.py)
 
 
 async def discover_model(session: aiohttp.ClientSession, url: str) -> str:
@@ -144,6 +146,7 @@ async def _run(measured: Run, url: str, requests: list[BenchRequest], *, concurr
         reused_before = await read_reused(session, url)
         started = time.perf_counter()
         tasks = []
+        pool_watch = asyncio.create_task(watch_pool(session, url, measured.pool, started))
         try:
             for request in requests:
                 tasks.append(asyncio.create_task(one(request)))
@@ -152,9 +155,10 @@ async def _run(measured: Run, url: str, requests: list[BenchRequest], *, concurr
             await asyncio.gather(*tasks)
         finally:  # also when cancelled: the figures then cover what finished until then
             measured.duration = time.perf_counter() - started
+            pool_watch.cancel()
             for task in tasks:  # the requests still in flight end with the run, not after it
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(*tasks, pool_watch, return_exceptions=True)
         reused_after = await read_reused(session, url)
         if reused_before is not None and reused_after is not None and reused_after >= reused_before:
             measured.ec_reused = reused_after - reused_before  # a counter that went down means the proxy restarted: unknown

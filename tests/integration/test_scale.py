@@ -211,3 +211,22 @@ def test_autoscale_grows_the_encoders_under_load_and_shrinks_them_after(tmp_path
     finally:
         epdctl("down", "auto", check=0)
     assert_no_orphans(str(state_dir), list(ports.values()))
+
+
+def test_bench_on_an_autoscaled_topology_reports_the_pool_over_the_run(tmp_path, state_dir):
+    topology, ports = write_sim_topology(
+        tmp_path, "1e1pd", name="autob", timings="sim-ttft-ms: 5, sim-tpot-ms: 1, sim-encode-ms: 200",
+        extra="autoscale: {encode: {min: 1, max: 2, target_inflight: 1, scale_up_after_s: 1, scale_down_after_s: 600}}")
+    try:
+        epdctl("up", "-d", str(topology), check=0)
+        # Enough single-image requests at 6 in flight that one encoder stays above the target for a while.
+        result = epdctl("bench", "autob", "--num-prompts", "120", "--concurrency", "6", "--images-per-request", "1",
+                        "--max-tokens", "2", "--json", timeout=600, check=0)
+        report = json.loads(result.stdout)
+        assert report["failed"] == 0
+        pool = report["pool"]
+        assert pool[0]["sizes"] == {"encode": 1, "decode": 1} and pool[0]["t_s"] < pool[-1]["t_s"], pool
+        assert pool[-1]["sizes"]["encode"] == 2, pool  # the autoscaler grew it during the run, and bench saw it
+    finally:
+        epdctl("down", "autob", check=0)
+    assert_no_orphans(str(state_dir), list(ports.values()))

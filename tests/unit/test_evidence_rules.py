@@ -189,3 +189,13 @@ def test_the_witness_judges_a_window_and_writes_an_event_when_health_changes(tmp
         assert witness.record["instances"]["pd-0"]["recent"]["encoded_locally"] == 0
     finally:
         witness.close()
+
+
+def test_the_bench_pool_line_shows_each_change_and_only_when_there_was_one():
+    from epdctl.bench.pool import describe
+
+    assert describe([]) is None
+    assert describe([{"t_s": 0.0, "sizes": {"encode": 1, "decode": 1}}]) is None  # a fixed pool: no line
+    samples = [{"t_s": 0.0, "sizes": {"encode": 1, "decode": 1}}, {"t_s": 6.1, "sizes": {"encode": 2, "decode": 1}},
+               {"t_s": 12.0, "sizes": {"encode": 3, "decode": 1}}]
+    assert describe(samples) == "pool over the run: encode 1 (0s) -> 2 (6.1s) -> 3 (12s); decode 1"
