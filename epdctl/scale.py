@@ -11,7 +11,8 @@ import time
 from typing import Optional
 
 from epdctl.errors import EXIT_RUNTIME, EXIT_USAGE, EpdctlError
-from epdctl.run.scaling import MAX_INSTANCES, SCALE_FILE
+from epdctl.config.schema import MAX_INSTANCES
+from epdctl.run.scaling import SCALE_FILE
 from epdctl.run.state import StateDir, elsewhere, verified_process, write_json_atomic
 
 ASSIGNMENT = re.compile(r"(encode|prefill|decode|pd)=([0-9]{1,3})")

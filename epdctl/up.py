@@ -16,12 +16,13 @@ from epdctl.plan import Plan
 from epdctl.run import storage
 from epdctl.run.child import Child
 from epdctl.run.events import EVENTS_FILE, append_event
-from epdctl.run.logfiles import tail_lines
+from epdctl.run.logfiles import redirect_stdio, tail_lines
+from epdctl.run.preflight import check_ports
 from epdctl.run.progress import Progress
 from epdctl.run.runtime import Runtime
 from epdctl.run.state import RUN_ENV, StateDir, list_state_dirs, processes_of_topology, verified_process
 from epdctl.run.states import ProcessState, TopologyPhase
-from epdctl.run.supervisor import SIGNAL_EXIT, Stop, Supervisor, check_ports, redirect_stdio
+from epdctl.run.supervisor import SIGNAL_EXIT, Stop, Supervisor
 
 
 def _refuse_if_running(state_dir: StateDir) -> None:

@@ -23,13 +23,11 @@ import struct
 import time
 import uuid
 from dataclasses import dataclass
-from http import HTTPStatus
 from typing import Any, Optional
 
 import aiohttp
 from aiohttp import web
-from aiohttp.http import HttpProcessingError
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client import CollectorRegistry, disable_created_metrics, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.multiprocess import MultiProcessCollector
 
@@ -37,6 +35,9 @@ from epdctl import jsoncodec
 from epdctl.connectors import ec_exists
 from epdctl.media import MediaError, check_media_key, content_hash, iter_media, local_media_path, strip_text
 from epdctl.proxy.ec_handles import HANDLE_CONNECTORS, consumer_params, push_params
+from epdctl.proxy.errors import (JsonErrorServer, StageError, describe_failure, error_body, error_response, snippet,
+                                 too_large)
+from epdctl.proxy.metrics import Metrics, Outcome, outcome_of
 from epdctl.proxy.pool import Backend, NoBackend, Pool
 
 log = logging.getLogger("epdctl.proxy")
@@ -65,7 +66,6 @@ HANDOFF_KV_CONNECTORS = frozenset({
     "NixlConnector", "NixlPullConnector", "NixlPushConnector", "MooncakeConnector", "MoRIIOConnector",
     "P2pNcclConnector", "MultiConnector",
 })
-STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 FORWARDED_HEADERS = ("Authorization",)
 SKIPPED_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding")
 SSE_DONE = b"data: [DONE]\n\n"
@@ -102,87 +102,6 @@ class ProxyConfig:
     metrics_dir: Optional[str] = None
     # The pool the supervisor wants, watched while serving (epdctl scale; proxy/membership.py).
     pool_file: Optional[str] = None
-
-
-class StageError(Exception):
-    """A request that must end with an error status. `body` passes a backend's own answer on."""
-
-    def __init__(self, status: int, message: str, body: Optional[bytes] = None, content_type: str = "application/json"):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.body = body
-        self.content_type = content_type
-
-    def response(self, request_id: str) -> web.Response:
-        headers = {"X-Request-Id": request_id}
-        if self.body is not None:
-            return web.Response(status=self.status, body=self.body, content_type=self.content_type, headers=headers)
-        return error_response(self.message, self.status, headers)
-
-
-ERROR_TYPES = {400: "BadRequestError", 404: "NotFoundError", 405: "MethodNotAllowed", 413: "RequestEntityTooLarge",
-               417: "ExpectationFailed",
-               502: "BadGatewayError", 503: "ServiceUnavailableError", 504: "GatewayTimeoutError"}
-
-
-def error_body(message: str, status: int) -> dict[str, Any]:
-    return {"error": {"message": message, "type": ERROR_TYPES.get(status, "InternalServerError"), "param": None, "code": status}}
-
-
-def error_response(message: str, status: int, headers: Optional[dict] = None) -> web.Response:
-    return web.json_response(error_body(message, status), status=status, headers=headers)
-
-
-class Metrics:
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.requests = Counter("epdctl_proxy_requests", "Requests by route and outcome.", ["route", "outcome"],
-                                registry=self.registry)
-        # livesum: with several workers, the sum over the live ones (ignored with one process).
-        self.in_flight = Gauge("epdctl_proxy_in_flight", "Requests in flight per instance.", ["role", "instance", "url"],
-                               registry=self.registry, multiprocess_mode="livesum")
-        self.stage = Histogram("epdctl_proxy_stage_seconds",
-                               "Per-request stage latency: encode (all items), prefill, decode_ttft (to the first byte).",
-                               ["stage"], buckets=STAGE_BUCKETS, registry=self.registry)
-        self.ec_reused = Counter("epdctl_proxy_ec_reused_items", "Media items whose EC file existed, so no encoder was called.",
-                                 registry=self.registry)
-        self.retries = Counter("epdctl_proxy_retries", "Calls retried on another instance after a failure.", ["role"],
-                               registry=self.registry)
-        self.ejections = Counter("epdctl_proxy_ejections", "Instances taken out of rotation after a failure.", ["role"],
-                                 registry=self.registry)
-        # The pool as `epdctl scale`/autoscale changed it: what the supervisor waits on to drain.
-        self.pool_size = Gauge("epdctl_proxy_pool_instances", "Instances taking new requests, per role.", ["role"],
-                               registry=self.registry, multiprocess_mode="livemax")
-        self.pool_version = Gauge("epdctl_proxy_pool_version", "The version of the pool file every worker serves.",
-                                  registry=self.registry, multiprocess_mode="livemin")
-        self.drains = Counter("epdctl_proxy_drains", "Instances set to drain (no new requests).", ["role"],
-                              registry=self.registry)
-        # Label lookups take a lock; resolve each child once.
-        self.stage_encode = self.stage.labels("encode")
-        self.stage_prefill = self.stage.labels("prefill")
-        self.stage_decode = self.stage.labels("decode_ttft")
-        self._outcomes: dict[tuple[str, str], Any] = {}
-
-    def count(self, route: str, outcome: str) -> None:
-        child = self._outcomes.get((route, outcome))
-        if child is None:
-            child = self._outcomes[(route, outcome)] = self.requests.labels(route, outcome)
-        child.inc()
-
-
-@dataclass
-class Outcome:
-    """How a request ended, for the requests counter. Set as soon as it is known: a client that
-    hangs up right after the last byte cancels the handler while the stream is being closed."""
-
-    value: str = "cancelled"
-
-
-def _outcome(status: int) -> str:
-    if status < 400:
-        return "ok"
-    return "client_error" if status < 500 else "upstream_error"
 
 
 class Proxy:
@@ -248,7 +167,7 @@ class Proxy:
                     if (request.content_length or 0) > limit:
                         # Refused before the client sends its body: "Connection: close", as whether
                         # that body follows now is the client's choice (aiohttp discards it, if so).
-                        response = error_response(_too_large(limit), 413)
+                        response = error_response(too_large(limit), 413)
                         response.force_close()
                         return response
                     await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -266,7 +185,7 @@ class Proxy:
 
         # handler_cancellation: a client that disconnects cancels its handler, and with it the
         # upstream requests, instead of letting them run to completion for nobody.
-        return _Server(dispatch, request_factory=make_request, handler_cancellation=True, access_log=None)
+        return JsonErrorServer(dispatch, request_factory=make_request, handler_cancellation=True, access_log=None)
 
     async def start(self) -> None:
         # One long-lived session (and connection pool) per role: no per-request handshakes,
@@ -366,7 +285,7 @@ class Proxy:
                 body = await resp.read()
                 return web.Response(status=resp.status, body=body, content_type=resp.content_type)
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            return error_response(f"{backend.name} ({backend.url}): {_describe(exc)}", 502)
+            return error_response(f"{backend.name} ({backend.url}): {describe_failure(exc)}", 502)
 
     # ------------------------------------------------------------ requests
 
@@ -384,7 +303,7 @@ class Proxy:
             try:
                 raw = await request.read()
             except web.HTTPRequestEntityTooLarge:
-                raise StageError(413, _too_large(self.config.max_body_bytes)) from None
+                raise StageError(413, too_large(self.config.max_body_bytes)) from None
             try:
                 body = jsoncodec.loads(raw)
             except (ValueError, UnicodeDecodeError) as exc:
@@ -414,7 +333,7 @@ class Proxy:
             return await self._decode(request, payload, path, stream, request_id, headers, weight, outcome,
                                       only=None if self.prefill else consumer)
         except StageError as exc:
-            outcome.value = _outcome(exc.status)
+            outcome.value = outcome_of(exc.status)
             return exc.response(request_id)
         finally:
             self.metrics.count(route, outcome.value)
@@ -544,17 +463,17 @@ class Proxy:
                     if resp.status >= 500:
                         self._eject(backend)
                         error = StageError(502, f"{pool.role} {backend.name} ({backend.url}) answered {resp.status}: "
-                                                f"{_snippet(data)}")
+                                                f"{snippet(data)}")
                         continue
                     if resp.status != 200:
                         # The client's fault (a bad image, an unknown model): pass the answer on.
-                        raise StageError(resp.status, _snippet(data), body=data, content_type=resp.content_type)
+                        raise StageError(resp.status, snippet(data), body=data, content_type=resp.content_type)
                     if not parse:
                         return None
                     try:
                         return jsoncodec.loads(data)
                     except ValueError:
-                        error = StageError(502, f"{pool.role} {backend.name} answered invalid JSON: {_snippet(data)}")
+                        error = StageError(502, f"{pool.role} {backend.name} answered invalid JSON: {snippet(data)}")
                         continue
             except asyncio.TimeoutError:
                 self._eject(backend)
@@ -562,7 +481,7 @@ class Proxy:
                                         f"{time.perf_counter() - sent:.1f}s (limit {timeout.total:g}s)")
             except aiohttp.ClientError as exc:
                 self._eject(backend)
-                error = StageError(502, f"{pool.role} {backend.name} ({backend.url}): {_describe(exc)}")
+                error = StageError(502, f"{pool.role} {backend.name} ({backend.url}): {describe_failure(exc)}")
             finally:
                 backend.release(weight)
         raise error or StageError(503, f"no healthy {pool.role} instance")
@@ -593,7 +512,7 @@ class Proxy:
                 except aiohttp.ClientError as exc:
                     # Nothing reached the client yet, so another decoder can take the request.
                     self._eject(backend)
-                    error = StageError(502, f"decode {backend.name} ({backend.url}): {_describe(exc)}")
+                    error = StageError(502, f"decode {backend.name} ({backend.url}): {describe_failure(exc)}")
                     continue
                 try:
                     return await self._relay(request, resp, backend, stream, request_id, started, outcome)
@@ -611,8 +530,8 @@ class Proxy:
                 data = await resp.read()
                 self.metrics.stage_decode.observe(time.perf_counter() - started)
                 if resp.status >= 500:
-                    raise StageError(502, f"{where} answered {resp.status}: {_snippet(data)}")
-                outcome.value = _outcome(resp.status)
+                    raise StageError(502, f"{where} answered {resp.status}: {snippet(data)}")
+                outcome.value = outcome_of(resp.status)
                 return web.Response(status=resp.status, body=data, content_type=resp.content_type,
                                     headers={"X-Request-Id": request_id})
             # Hold the 200 until the first byte: an error before it is still a clean error status.
@@ -620,7 +539,7 @@ class Proxy:
         except asyncio.TimeoutError:
             raise StageError(504, f"{where} sent nothing for {self.timeouts['decode'].sock_read:g}s") from None
         except aiohttp.ClientError as exc:
-            raise StageError(502, f"{where}: {_describe(exc)}") from None
+            raise StageError(502, f"{where}: {describe_failure(exc)}") from None
         self.metrics.stage_decode.observe(time.perf_counter() - started)
         out = web.StreamResponse(headers={
             "Content-Type": resp.headers.get("Content-Type", "text/event-stream"),
@@ -641,7 +560,7 @@ class Proxy:
             outcome.value = "ok"
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             outcome.value = "stream_error"
-            message = f"{where} failed mid-stream: {_describe(exc)}"
+            message = f"{where} failed mid-stream: {describe_failure(exc)}"
             log.warning("request %s: %s", request_id, message)
             event = json.dumps(error_body(message, 502), separators=(",", ":"))
             await out.write(f"data: {event}\n\ndata: [DONE]\n\n".encode())
@@ -649,59 +568,6 @@ class Proxy:
         return out
 
 
-class _JsonErrors(web.RequestHandler):
-    """aiohttp's own error answers as the OpenAI-style JSON of every other error: a request its HTTP
-    parser refused (two Content-Lengths, Content-Length with Transfer-Encoding, an obs-fold, a
-    header line over 8 KiB, a bad method), and a handler's exception. aiohttp still frames the
-    answer, and closes the connection after it."""
-
-    def handle_error(self, request: web.BaseRequest, status: int = 500, exc: Optional[BaseException] = None,
-                     message: Optional[str] = None) -> web.StreamResponse:
-        if isinstance(exc, HttpProcessingError):
-            # A client's malformed bytes: one line in the log, not aiohttp's ERROR with a traceback.
-            reason = (message or str(exc)).strip().split("\n", 1)[0].rstrip(":")[:120]
-            log.info("refused a malformed HTTP request from %s: %s", request.remote, reason)
-            text = f"malformed HTTP request: {reason}"
-        else:
-            super().handle_error(request, status, exc, message)  # logs it, and refuses once bytes are out
-            text = HTTPStatus(status).phrase
-        response = error_response(text, status)
-        response.force_close()
-        return response
-
-
-class _Server(web.Server):
-    """web.Server whose connections answer aiohttp's own errors in JSON (_JsonErrors)."""
-
-    def __call__(self) -> web.RequestHandler:
-        # As web.Server makes its RequestHandler, with the subclass instead.
-        return _JsonErrors(self, loop=self._loop, **self._kwargs)
-
-
-def _too_large(limit: int) -> str:
-    return f"request body larger than {limit} bytes (raise the proxy's max_body_mb)"
-
-
 def _others(pool: Pool, only: Optional[Backend]) -> list[Backend]:
     """The backends a call pinned to `only` must not fall back to (none when it is not pinned)."""
     return [] if only is None else [backend for backend in pool.backends if backend is not only]
-
-
-def _snippet(data: bytes, limit: int = 300) -> str:
-    text = data.decode(errors="replace").strip()
-    try:
-        parsed = json.loads(text)
-        if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
-            text = str(parsed["error"].get("message", text))
-        elif isinstance(parsed, dict) and "detail" in parsed:
-            text = str(parsed["detail"])
-    except ValueError:
-        pass
-    return text[:limit] or "(empty body)"
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, asyncio.TimeoutError):
-        return "timed out"
-    text = str(exc) or type(exc).__name__
-    return text

@@ -180,3 +180,13 @@ class Follower:
     def _shown(self, line: bytes) -> str:
         text = line.decode(errors="replace")
         return text if self.raw else display(text, self.colour)
+
+
+def redirect_stdio(log_path: Path) -> None:
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
+    os.dup2(devnull, 0)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    os.close(devnull)
+    os.close(log)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
 from epdctl.config.checks import scale_refusal as refusal  # noqa: F401  (the supervisor asks it here)
-from epdctl.config.schema import MAX_INSTANCES, ROLES, Topology
+from epdctl.config.schema import ROLES, Topology
 from epdctl.plan import Plan, hand_out
 
 SCALE_FILE = "scale-request"  # `epdctl scale` writes it; the supervisor takes it

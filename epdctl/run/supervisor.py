@@ -15,27 +15,27 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional
 
 import psutil
 
 from epdctl.errors import EXIT_RUNTIME, EpdctlError
-from epdctl.plan import Plan, ProcessSpec
-from epdctl.ports import busy_ports
+from epdctl.plan import Plan
 from epdctl.run import logfiles, storage
 from epdctl.run.child import Child, describe_exit
 from epdctl.run.events import EVENTS_FILE, EVENTS_KEEP, EVENTS_MAX_BYTES, append_event
 from epdctl.run.launch import LocalLauncher, SlurmLauncher
+from epdctl.run.logfiles import redirect_stdio
+from epdctl.run.preflight import check_ports
 from epdctl.run.progress import LogTailer, Progress
 from epdctl.run.runtime import Runtime
 from epdctl.run.scaler import Scaler
-from epdctl.run.witness import Witness
-from epdctl.run.states import ALIVE, ENDED, RUNNING_NOW, ProcessState, TopologyPhase
 from epdctl.run.state import (
     INSTANCE_ENV, RUN_ENV, StateDir, new_run_token, tagged_processes, this_host, verified_process, write_json_atomic,
 )
+from epdctl.run.states import ALIVE, ENDED, RUNNING_NOW, ProcessState, TopologyPhase
 from epdctl.run.teardown import DEFAULT_GRACE_S, stop_processes
+from epdctl.run.witness import Witness
 
 LOG_TAIL_LINES = 20
 SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129}
@@ -584,30 +584,3 @@ def _instance_of(proc: psutil.Process) -> Optional[str]:
         return proc.environ().get(INSTANCE_ENV)
     except psutil.Error:
         return None
-
-
-def check_ports(plan: Plan) -> None:
-    def what(spec: ProcessSpec, port: int) -> str:
-        if port == spec.port:
-            return spec.name
-        if port == spec.metrics_port:
-            return f"{spec.name}'s metrics"
-        return f"{spec.name}'s NIXL side channel" if port == spec.side_channel_port else f"{spec.name}'s EC port"
-
-    # An instance on a Slurm node binds its ports there, not here: its own node is the judge.
-    problems = busy_ports((port, what(spec, port)) for spec in plan.processes if spec.node is None
-                          for port in spec.ports())
-    if len(problems) == 1:
-        raise EpdctlError(problems[0])
-    if problems:
-        raise EpdctlError("\n".join([f"epdctl: {plan.name}: planned ports are in use:"] + [f"  {p}" for p in problems]))
-
-
-def redirect_stdio(log_path: Path) -> None:
-    devnull = os.open(os.devnull, os.O_RDONLY)
-    log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
-    os.dup2(devnull, 0)
-    os.dup2(log, 1)
-    os.dup2(log, 2)
-    os.close(devnull)
-    os.close(log)

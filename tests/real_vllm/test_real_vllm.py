@@ -21,7 +21,7 @@ import pytest
 from epdctl.config.load import load_topology
 from epdctl.plan import build_plan
 
-from conftest import REPO, TOPOLOGIES, assert_no_orphans, epdctl
+from conftest import REPO, TOPOLOGIES, assert_no_orphans, epdctl, wait_for
 
 pytestmark = pytest.mark.real_vllm
 
@@ -139,6 +139,20 @@ def prompt_tokens_by_source(url: str) -> dict[str, float]:
     return counts
 
 
+def live_evidence(name: str, env: dict, done) -> dict[str, dict]:
+    """status --json's per-instance evidence once `done(evidence)` holds; the topology must be healthy then."""
+    seen: dict = {}
+
+    def look():
+        result = epdctl("status", name, "--json", env=env, timeout=60)
+        report = json.loads(result.stdout)
+        seen.update(report=report, evidence={e["name"]: e["evidence"] for e in report["instances"]})
+        return done(seen["evidence"])
+    wait_for(look, 60, f"{name}'s evidence")
+    assert seen["report"]["health"] == "healthy", seen["report"]
+    return seen["evidence"]
+
+
 @pytest.fixture(scope="module")
 def aggregated(tiny_model, tmp_path_factory) -> dict:
     """The aggregated baseline, brought up once: one PD encoding its own images and computing its own
@@ -185,6 +199,10 @@ def test_cpu_1e1pd_up_smoke_compare_down(tiny_model, tmp_path, state_dir, aggreg
         disaggregated = ask_all(plan.proxy.url, str(tiny_model))
         log = (state_dir / "cpu-1e1pd" / "pd-0.log").read_text(errors="replace")
         assert log.count("Success load encoder cache for hash") >= 4 + 3
+        # status's live evidence reads the same signals while serving (the supervisor looks every 2 s).
+        evidence = live_evidence("cpu-1e1pd", env, lambda e: ((e["pd-0"].get("counts") or {}).get("ec_loaded") or 0) >= 7)
+        assert evidence["encode-0"]["verdict"] == "ok" and evidence["encode-0"]["counts"]["encoded"] >= 4, evidence
+        assert evidence["pd-0"]["verdict"] == "ok" and evidence["pd-0"]["counts"]["encoded_locally"] == 0, evidence
     finally:
         down = epdctl("down", "cpu-1e1pd", env=env, timeout=120)
     assert down.returncode == 0, down.stdout + down.stderr
@@ -230,6 +248,10 @@ def test_cpu_1e1p1d_up_smoke_long_request_down(tiny_model, tmp_path, state_dir, 
         assert disaggregated["prompt_tokens"] >= 3 * KV_BLOCK, disaggregated
         assert remote >= whole_blocks > 0, (before, after, disaggregated["prompt_tokens"])
         assert any((tmp_path / "kv").iterdir()), "P wrote no KV to the shared folder"
+        evidence = live_evidence("cpu-1e1p1d", env, lambda e: ((e["decode-0"].get("counts") or {}).get("kv_remote") or 0) >= remote)
+        assert evidence["prefill-0"]["verdict"] == "ok" and evidence["prefill-0"]["counts"]["ec_loaded"] >= 4, evidence
+        assert evidence["prefill-0"]["counts"]["encoded_locally"] == 0, evidence
+        assert evidence["decode-0"]["verdict"] == "ok", evidence
         # A storage connector answers the prefill without kv_transfer_params by design: no false alarm.
         proxy_log = (state_dir / "cpu-1e1p1d" / "proxy.log").read_text(errors="replace")
         assert "prefill answered without kv_transfer_params" not in proxy_log, proxy_log[-2000:]

@@ -180,7 +180,7 @@ OWN_WRITERS = {
     ("epdctl/run/storage.py", "_mark", "os.open"): "a shared folder's marker: O_EXCL|O_NOFOLLOW",
     ("epdctl/run/storage.py", "_mark", "fdopen"): "the descriptor opened just above",
     ("epdctl/run/slurm.py", "check_shared_folder", "os.open"): "a marker in the shared EC folder: O_EXCL|O_NOFOLLOW, removed at once",
-    ("epdctl/run/supervisor.py", "redirect_stdio", "os.open"): "the supervisor's log: O_APPEND|O_NOFOLLOW",
+    ("epdctl/run/logfiles.py", "redirect_stdio", "os.open"): "the supervisor's log: O_APPEND|O_NOFOLLOW",
     ("epdctl/proxy/workers.py", "run", "mkdtemp"): "the workers' metrics folder: new, 0700, removed at exit",
     ("epdctl/tiny_vlm.py", "build", "save_pretrained"): "python -m epdctl.tiny_vlm OUT_DIR: a model folder, no epdctl command",
     ("epdctl/tiny_vlm.py", "build", "write_text"): "the same model folder",
