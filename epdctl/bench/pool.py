@@ -20,6 +20,7 @@ from epdctl.evidence import parse_metrics
 GAUGE = "epdctl_proxy_pool_instances"
 SAMPLE_EVERY_S = 1.0
 MAX_SAMPLES = 1000  # changes kept; a run that changes more often keeps the first ones
+MAX_METRICS_BYTES = 16 * 1024 * 1024  # a --url target's /metrics is read no further
 _ROLE = re.compile(GAUGE + r'\{role="(encode|prefill|decode)"\}')
 
 
@@ -29,10 +30,12 @@ async def read_pool(session: aiohttp.ClientSession, url: str) -> Optional[dict[s
         async with session.get(url + "/metrics", timeout=aiohttp.ClientTimeout(total=5)) as resp:
             if resp.status != 200:
                 return None
-            text = await resp.text(errors="replace")
-        metrics = parse_metrics(text)
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError):
-        return None
+            data = await resp.content.read(MAX_METRICS_BYTES + 1)
+        if len(data) > MAX_METRICS_BYTES:
+            return None  # no proxy of ours says this much: not a pool to follow
+        metrics = parse_metrics(data.decode("utf-8", "replace"))
+    except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError, IndexError, KeyError, TypeError):
+        return None  # a target whose /metrics is not Prometheus text has no pool to report
     sizes = {m.group(1): int(value) for key, value in metrics.items() if (m := _ROLE.fullmatch(key))}
     return sizes or None
 

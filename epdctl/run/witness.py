@@ -108,7 +108,7 @@ class Witness:
         text = self.sup.runtime.fetch(url + "/metrics", timeout=FETCH_TIMEOUT_S)
         try:
             metrics = parse_metrics(text) if text is not None else None
-        except ValueError:
+        except (ValueError, IndexError, KeyError, TypeError):
             metrics = None  # not Prometheus text: nothing it says can be trusted as evidence
         return metrics, (log.read_on() if log is not None else None)
 

@@ -199,3 +199,55 @@ def test_the_bench_pool_line_shows_each_change_and_only_when_there_was_one():
     samples = [{"t_s": 0.0, "sizes": {"encode": 1, "decode": 1}}, {"t_s": 6.1, "sizes": {"encode": 2, "decode": 1}},
                {"t_s": 12.0, "sizes": {"encode": 3, "decode": 1}}]
     assert describe(samples) == "pool over the run: encode 1 (0s) -> 2 (6.1s) -> 3 (12s); decode 1"
+
+
+class _Answer:
+    def __init__(self, body: bytes, status: int = 200):
+        self.status = status
+        self.content = self
+        self._body = body
+
+    async def read(self, limit: int) -> bytes:
+        return self._body[:limit]
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        return False
+
+
+class _Session:
+    """aiohttp.ClientSession's get, answering what a (possibly hostile) --url target would."""
+
+    def __init__(self, body: bytes, status: int = 200):
+        self.answer = _Answer(body, status)
+
+    def get(self, url, timeout=None):
+        return self.answer
+
+
+@pytest.mark.parametrize("body", [
+    b"x" * (17 * 1024 * 1024),  # larger than any proxy of ours writes: not read on
+    b'{"object": "list"}',  # not Prometheus text
+    b'epdctl_proxy_pool_instances{role="encode" 1\n',  # malformed
+    b"\xff\xfe\x00garbage\n",
+    b"# TYPE other gauge\nother 1\n",  # Prometheus, but no pool gauge
+])
+def test_a_targets_metrics_that_are_no_pool_give_no_pool(body):
+    import asyncio
+
+    from epdctl.bench.pool import read_pool
+
+    assert asyncio.run(read_pool(_Session(body), "http://target")) is None
+
+
+def test_the_proxys_pool_gauge_is_read_per_role():
+    import asyncio
+
+    from epdctl.bench.pool import read_pool
+
+    text = (b'# TYPE epdctl_proxy_pool_instances gauge\nepdctl_proxy_pool_instances{role="encode"} 3.0\n'
+            b'epdctl_proxy_pool_instances{role="decode"} 1.0\n')
+    assert asyncio.run(read_pool(_Session(text), "http://proxy")) == {"encode": 3, "decode": 1}
+    assert asyncio.run(read_pool(_Session(text, status=404), "http://proxy")) is None
