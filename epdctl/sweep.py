@@ -141,6 +141,17 @@ def derive(base: Topology, split: str, devices: list[int]) -> dict[str, Any]:
     for role in ROLES:
         data.pop(role, None)
     data.update(layout(base, counts, devices))
+    if data.get("autoscale"):
+        # The base's `autoscale:` holds for the roles the split has (its count is the starting size);
+        # the twin autoscales as a real run would, and the report shows the pool over the run.
+        kept = {role: bounds for role, bounds in data["autoscale"].items() if role in data}
+        for role, bounds in kept.items():
+            if not bounds["min"] <= len(data[role]) <= bounds["max"]:
+                raise NoFit(f"{role}={len(data[role])} is outside the base file's autoscale bounds "
+                            f"{bounds['min']}..{bounds['max']}")
+        data["autoscale"] = kept
+        if not kept:
+            del data["autoscale"]
     data["name"] = f"{base.name}-{split_name(counts)}"[:200]
     return data
 

@@ -193,3 +193,30 @@ def _in_flight(proxy: str) -> bool:
         return any(value > 0 for key, value in metrics(proxy).items() if key.startswith("epdctl_proxy_in_flight"))
     except OSError:
         return False
+
+
+def test_a_base_files_autoscale_holds_for_the_splits_roles_and_bounds_their_counts(tmp_path):
+    path, _ = base_file(tmp_path, extra="autoscale: {encode: {min: 1, max: 2, target_inflight: 1}}")
+    base = parse_topology(path.read_text(), str(path))
+    one = derive(base, "1e1pd", [0, 1, 2, 3])
+    assert one["autoscale"]["encode"]["max"] == 2  # the split starts at 1 encoder and may grow to 2
+    assert "autoscale" not in derive(base, "pd", [0, 1, 2, 3])  # no encoders: nothing to autoscale
+    with pytest.raises(NoFit, match="encode=3 is outside the base file's autoscale bounds 1..2"):
+        derive(base, "3e1pd", [0, 1, 2, 3])
+    import yaml
+
+    parse_topology(yaml.safe_dump(one), "derived.yaml")  # still a valid topology
+
+
+def test_sweep_of_an_autoscaled_base_reports_each_splits_pool_over_the_run(tmp_path, state_dir):
+    path, start = base_file(tmp_path, encode_ms=150, budget=0.3, extra=(
+        "autoscale: {encode: {min: 1, max: 2, target_inflight: 1, scale_up_after_s: 1, scale_down_after_s: 600}}"))
+    result = epdctl("sweep", str(path), "--splits", "1e1pd,pd", "--devices", "0,1,2,3", "--num-prompts", "80",
+                    "--concurrency", "6", "--images-per-request", "1", "--max-tokens", "2", "--json", timeout=600)
+    assert result.returncode == 0, result.stderr
+    splits = {s["split"]: s for s in json.loads(result.stdout)["splits"]}
+    assert splits["1e1pd"]["status"] == "ok" and splits["pd"]["status"] == "ok", splits
+    pool = splits["1e1pd"]["report"]["pool"]
+    assert pool[0]["sizes"]["encode"] == 1 and pool[-1]["sizes"]["encode"] == 2, pool  # the twin autoscaled
+    assert len(splits["pd"]["report"].get("pool", [])) <= 1  # a fixed pool: nothing changed
+    assert_no_orphans(str(state_dir), list(range(start, start + 12)))
