@@ -146,6 +146,20 @@ def cross_check(topology: Topology, device_count: int | None = None, check_folde
         node = (ref.spec.node or ref.name) if topology.launcher == "slurm" else None
         for device in set(devices):
             budget[(node or "", device)].append((ref.name, effective_memory_fraction(topology, ref.spec)))
+    for role, pool in topology.scale_devices.roles().items():
+        loc = ("scale_devices", role)
+        if topology.platform == "cpu":
+            problems.append((loc, "platform cpu has no devices to hand out", True))
+        elif not getattr(topology, role):
+            problems.append((loc, f"the topology has no {role} instance to scale", True))
+        for device in pool:
+            if device < 0:
+                problems.append((loc, f"device {device} is negative", False))
+            elif device_count is not None and device >= device_count:
+                machine = f"{device_count} devices: 0..{device_count - 1}" if device_count else "it has no devices"
+                problems.append((loc, f"device {device} is outside this machine ({machine})", False))
+        if len(set(pool)) != len(pool):
+            problems.append((loc, f"device {sorted(d for d in pool if pool.count(d) > 1)[0]} is listed twice", False))
     if topology.platform != "cpu":
         for (node, device), users in sorted(budget.items()):
             total = sum(fraction for _, fraction in users)

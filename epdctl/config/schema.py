@@ -204,6 +204,19 @@ class AutoscaleSpec(_Model):
         return {role: getattr(self, role) for role in ROLES if getattr(self, role) is not None}
 
 
+class ScaleDevices(_Model):
+    """`scale_devices:`: per role, the devices an instance added by `epdctl scale` or `autoscale:`
+    may take (run/scaling.py), before it shares its role's last instance's."""
+
+    encode: tuple[Device, ...] = ()
+    prefill: tuple[Device, ...] = ()
+    decode: tuple[Device, ...] = ()
+    pd: tuple[Device, ...] = ()
+
+    def roles(self) -> dict[str, tuple[int, ...]]:
+        return {role: getattr(self, role) for role in ROLES if getattr(self, role)}
+
+
 class HealthSpec(_Model):
     timeout_s: float = Field(600, gt=0)
     interval_s: float = Field(0.5, gt=0)
@@ -240,6 +253,7 @@ class Topology(_Model):
     restart: RestartSpec = RestartSpec()
     logs: LogsSpec = LogsSpec()
     autoscale: AutoscaleSpec = AutoscaleSpec()  # per role: the pool grows and shrinks with its load
+    scale_devices: ScaleDevices = ScaleDevices()  # per role: devices for instances a scale adds
     # A cost profile from `epdctl calibrate` (engine: sim only); relative to the topology's folder.
     sim_profile: Optional[str] = Field(None, min_length=1, max_length=4096)
 

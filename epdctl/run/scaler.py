@@ -166,7 +166,8 @@ class Scaler:
         problems = cross_check(target)
         if problems:
             loc, message, _ = problems[0]
-            raise EpdctlError(f"{'.'.join(str(p) for p in loc)}: {message}")
+            hint = " (give the role devices of its own under scale_devices:)" if "memory budget" in message else ""
+            raise EpdctlError(f"{'.'.join(str(p) for p in loc)}: {message}{hint}")
         plan = build_plan(target, python=python_command(), router=router_command())
         children = {c.spec.name: c for c in sup.children}
         for spec in plan.instances:

@@ -29,15 +29,31 @@ def counts_of(topology: Topology) -> dict[str, int]:
 
 def scaled_topology(topology: Topology, counts: Mapping[str, int], ports: Mapping[str, int]) -> Topology:
     """The topology with `counts` instances per role: the first ones as the file has them, then
-    copies of the role's last instance on `ports` (by instance name)."""
+    copies of the role's last instance on `ports` (by instance name).
+
+    A copy takes its devices (as many as the last instance has) from the role's `scale_devices`
+    pool, those no instance uses yet, in the pool's order; when the pool has none left it shares
+    the devices of the role's last instance in the file, and the memory budget check (config/checks.py) decides whether that fits.
+    The same counts always give the same devices: a scaled instance's plan never changes.
+    """
     update: dict[str, Any] = {}
-    for role, count in counts.items():
+    used = {device for ref in topology.instances() for device in ref.spec.devices}
+    for role in ROLES:
+        count = counts.get(role)
+        if count is None:
+            continue
         specs = list(getattr(topology, role))
         template = specs[-1]
+        pool = [d for d in getattr(topology.scale_devices, role) if d not in used]
+        need = len(template.devices)
         while len(specs) < count:
             name = f"{role}-{len(specs)}"
+            devices = template.devices
+            if need and len(pool) >= need:
+                devices, pool = tuple(pool[:need]), pool[need:]
             # Its own ports: a pinned side channel or EC port of the template must not be shared.
-            specs.append(template.model_copy(update={"port": ports[name], "side_channel_port": None, "ec_port": None}))
+            specs.append(template.model_copy(update={"port": ports[name], "side_channel_port": None, "ec_port": None,
+                                                     "devices": devices}))
         update[role] = tuple(specs[:count])
     return topology.model_copy(update=update)
 

@@ -230,3 +230,32 @@ def test_bench_on_an_autoscaled_topology_reports_the_pool_over_the_run(tmp_path,
     finally:
         epdctl("down", "autob", check=0)
     assert_no_orphans(str(state_dir), list(ports.values()))
+
+
+def test_a_scaled_instance_takes_a_device_of_its_roles_pool_and_one_that_cannot_fit_is_refused(tmp_path, state_dir):
+    from conftest import free_ports
+
+    ports = free_ports(3)
+    topology = tmp_path / "gpu.yaml"
+    topology.write_text(
+        "name: gpu\nmodel: sim-model\nengine: sim\nplatform: cuda\n"
+        "defaults: {args: {sim-ttft-ms: 5, sim-tpot-ms: 1, sim-encode-ms: 5}}\n"
+        f"ec_transfer: {{connector: ECExampleConnector, shared_storage_path: {tmp_path / 'ec'}}}\n"
+        f"encode: [{{devices: [0], port: {ports[0]}, gpu_memory_utilization: 0.6}}]\n"
+        f"pd: [{{devices: [1], port: {ports[1]}}}]\nproxy: {{host: 127.0.0.1, port: {ports[2]}}}\n"
+        "scale_devices: {encode: [2]}\nhealth: {timeout_s: 30, interval_s: 0.05}\n")
+    env = {"EPDCTL_DEVICE_COUNT": "4"}
+    try:
+        epdctl("up", "-d", str(topology), env=env, check=0)
+        epdctl("scale", "gpu", "encode=2", env=env, check=0)
+        added = _processes(state_dir, "gpu")["encode-1"]
+        assert added["devices"] == [2] and added["env"]["CUDA_VISIBLE_DEVICES"] == "2", added
+        assert psutil.Process(added["pid"]).environ()["CUDA_VISIBLE_DEVICES"] == "2"
+        # The pool is spent: a third encoder would share device 0 at 1.2 of its memory.
+        refused = epdctl("scale", "gpu", "encode=3", env=env)
+        assert refused.returncode != 0 and "device 0 is shared with a memory budget of 1.2" in refused.stderr, refused
+        assert "scale_devices" in refused.stderr and "Traceback" not in refused.stderr
+        assert [p for p in _processes(state_dir, "gpu") if p.startswith("encode")] == ["encode-0", "encode-1"]
+    finally:
+        epdctl("down", "gpu", env=env, check=0)
+    assert_no_orphans(str(state_dir), ports)

@@ -147,3 +147,46 @@ def test_autoscale_is_checked_at_validate(tmp_path):
         with pytest.raises(EpdctlError, match=re.escape(needle)):
             _topology(tmp_path, extra)
     assert _topology(tmp_path, "autoscale: {encode: {max: 4}}").autoscale.encode.max == 4
+
+
+def _gpu_topology(tmp_path, extra: str = ""):
+    path = tmp_path / "g.yaml"
+    path.write_text("name: g\nmodel: m\nengine: sim\nplatform: cuda\n"
+                    "ec_transfer: {connector: ECExampleConnector, shared_storage_path: /tmp/x-ec}\n"
+                    "encode: [{devices: [0], port: 19501, gpu_memory_utilization: 0.45}]\n"
+                    "pd: [{devices: [1], port: 19502}]\nproxy: {port: 10001}\n" + extra)
+    return load_topology(path, device_count=4), path
+
+
+def test_new_instances_take_their_roles_scale_devices_then_share_within_the_budget(tmp_path):
+    from epdctl.config.checks import cross_check
+
+    topology, _ = _gpu_topology(tmp_path, "scale_devices: {encode: [1, 2, 3]}\n")
+    ports = {f"encode-{i}": 19600 + i for i in range(1, 6)}
+    scaled = scaled_topology(topology, {"encode": 4}, ports)
+    # Device 1 is pd-0's: skipped. Then 2 and 3; the pool spent, encode-3 shares the file's encode-0's.
+    assert [s.devices for s in scaled.encode] == [(0,), (2,), (3,), (0,)]
+    assert cross_check(scaled) == []  # 2 x 0.45 on device 0 fits
+    assert scaled_topology(topology, {"encode": 4}, ports) == scaled  # the same counts, the same devices
+    over = scaled_topology(topology, {"encode": 5}, ports)
+    [(loc, message, _)] = cross_check(over)
+    assert loc == ("encode", 4, "gpu_memory_utilization") and "device 0 is shared with a memory budget of 1.35" in message
+    # Without a pool a copy shares its template's device, within the budget only.
+    plain, _ = _gpu_topology(tmp_path)
+    assert [s.devices for s in scaled_topology(plain, {"encode": 2}, ports).encode] == [(0,), (0,)]
+    assert cross_check(scaled_topology(plain, {"encode": 3}, ports))
+
+
+@pytest.mark.parametrize("extra,error", [
+    ("scale_devices: {encode: [2, 2]}\n", "scale_devices.encode: device 2 is listed twice"),
+    ("scale_devices: {encode: [7]}\n", "scale_devices.encode: device 7 is outside this machine (4 devices: 0..3)"),
+    ("scale_devices: {encode: [-1]}\n", "scale_devices.encode"),
+    ("scale_devices: {prefill: [2]}\n", "scale_devices.prefill: the topology has no prefill instance to scale"),
+    ("scale_devices: {encoder: [2]}\n", "unknown key"),
+])
+def test_scale_devices_is_checked_at_validate(tmp_path, extra, error):
+    from epdctl.errors import EpdctlError
+
+    with pytest.raises(EpdctlError) as caught:
+        _gpu_topology(tmp_path, extra)
+    assert error in str(caught.value) and "g.yaml:" in str(caught.value), str(caught.value)
