@@ -16,9 +16,10 @@ from epdctl.errors import EXIT_RUNTIME, EXIT_USAGE, EpdctlError
 from epdctl.run import storage
 from epdctl.run.launch import LocalLauncher, SlurmLauncher
 from epdctl.run.state import (
-    RUN_ENV, StateDir, elsewhere, is_alive, is_up, list_state_dirs, processes_of_topology, tagged_topologies, this_host,
+    RUN_ENV, StateDir, elsewhere, is_alive, is_up, processes_of_topology, readable_states, tagged_topologies, this_host,
     verified_process,
 )
+from epdctl.run.staterecord import UnreadableState
 from epdctl.run.teardown import DEFAULT_GRACE_S, stop_processes
 
 
@@ -38,7 +39,7 @@ def resolve_name(target: Optional[str]) -> Optional[str]:
 
 
 def _states() -> list[tuple[StateDir, dict[str, Any]]]:
-    return [(d, state) for d in list_state_dirs() if (state := d.read())]
+    return list(readable_states())
 
 
 def _nothing_up_lines() -> list[str]:
@@ -73,7 +74,12 @@ def down(target: Optional[str], grace: float = DEFAULT_GRACE_S, out=None, ignore
         print("\n".join(_nothing_up_lines()), file=out)
         return 0
     state_dir = StateDir(name)
-    state = state_dir.read()
+    try:
+        state = state_dir.read()
+    except UnreadableState as exc:
+        # Ours, but not the format (hand-edited, truncated): its pids cannot be trusted, its tags can.
+        print(f"epdctl: {exc.message.split(';')[0]}; looking for its processes by their {RUN_ENV} tag", file=sys.stderr)
+        state = None
     if state is None:
         return _down_without_state(state_dir, grace, out, ignore_missing)
     started = time.monotonic()

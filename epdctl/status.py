@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional
 
 from epdctl.errors import EXIT_NOTHING_RUNNING, EXIT_RUNTIME, EXIT_USAGE, EpdctlError
-from epdctl.run.state import StateDir, elsewhere, list_state_dirs, verified_process
+from epdctl.run.state import StateDir, elsewhere, readable_states, verified_process
 from epdctl.run.logfiles import Follower, tail_lines, wants_colour
 from epdctl.run.runtime import Runtime
 from epdctl.run.states import ALIVE, ENDED, Health, ProcessState, TopologyPhase
@@ -165,7 +165,7 @@ def show_status(name: Optional[str], as_json: bool, out=None) -> int:
         state = StateDir(name).read()
         states = [state] if state else []
     else:
-        states = [s for s in (d.read() for d in list_state_dirs()) if s]
+        states = [state for _, state in readable_states()]
     strays = _unknown_state_note(name, {s.get("name") for s in states})
     if not states:
         if as_json:

@@ -23,6 +23,7 @@ import psutil
 
 from epdctl.atomicfile import write_atomic
 from epdctl.errors import EXIT_USAGE, EpdctlError
+from epdctl.run.staterecord import UnreadableState, checked
 
 STATE_FILE = "state.json"
 LOCK_FILE = "lock"
@@ -171,12 +172,13 @@ class StateDir:
             state = json.loads(data)
             if not isinstance(state, dict):
                 raise ValueError("not a JSON object")
-            return state
         except ValueError as exc:
-            raise EpdctlError(f"{self.state_file}: unreadable state ({exc}); remove it after checking no process is left") from None
+            raise UnreadableState(str(self.state_file), str(exc), self.name) from None
+        return checked(state, str(self.state_file), self.name)  # the typed format (run/staterecord.py), or one line
 
     def write(self, state: dict[str, Any]) -> None:
-        write_json_atomic(self.state_file, state)
+        """Write the state after checking it against the format: a bad value is a bug, never on disk."""
+        write_json_atomic(self.state_file, checked(state, str(self.state_file), self.name))
 
     def try_lock(self) -> Optional[int]:
         """An fd holding the topology's exclusive lock, or None when someone else holds it."""
@@ -277,6 +279,19 @@ def list_state_dirs(root: Optional[Path] = None) -> Iterator[StateDir]:
                 yield state_dir
         except EpdctlError as exc:
             print(f"epdctl: warning: skipping {exc}", file=sys.stderr)
+
+
+def readable_states(root: Optional[Path] = None) -> Iterator[tuple[StateDir, dict[str, Any]]]:
+    """Each of our topologies with its state; one whose state is unreadable is skipped with a warning
+    (listing every topology must not fail because of one hand-edited file)."""
+    for state_dir in list_state_dirs(root):
+        try:
+            state = state_dir.read()
+        except UnreadableState as exc:
+            print(f"epdctl: warning: skipping {exc}", file=sys.stderr)
+            continue
+        if state:
+            yield state_dir, state
 
 
 def _ours(proc: psutil.Process) -> bool:

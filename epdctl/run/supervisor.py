@@ -31,7 +31,7 @@ from epdctl.run.progress import LogTailer, Progress
 from epdctl.run.runtime import Runtime
 from epdctl.run.scaler import Scaler
 from epdctl.run.state import (
-    INSTANCE_ENV, RUN_ENV, StateDir, new_run_token, tagged_processes, this_host, verified_process, write_json_atomic,
+    INSTANCE_ENV, RUN_ENV, StateDir, new_run_token, tagged_processes, this_host, verified_process,
 )
 from epdctl.run.states import ALIVE, ENDED, RUNNING_NOW, ProcessState, TopologyPhase
 from epdctl.run.teardown import DEFAULT_GRACE_S, stop_processes
@@ -115,7 +115,7 @@ class Supervisor:
                 if self.mode == "detached":  # our log went with the folder: start a new one
                     redirect_stdio(self.state_dir.log_file("supervisor"))
                 self.note(f"the state folder {self.state_dir.path} was removed; recreated it")
-            write_json_atomic(self.state_dir.state_file, state)
+            self.state_dir.write(state)  # checked against run/staterecord.py first
         except (OSError, EpdctlError) as exc:
             # Supervising matters more than recording: a state write that fails must not
             # orphan every child by killing the supervisor.

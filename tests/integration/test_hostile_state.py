@@ -441,3 +441,29 @@ def test_the_detached_supervisor_logs_deaths_and_decisions(tmp_path, state_dir):
     finally:
         epdctl("down", "journal", check=0)
     assert_no_orphans(str(state_dir), list(ports.values()))
+
+
+def test_a_hand_edited_state_is_one_line_and_down_still_stops_everything_by_tag(tmp_path, state_dir):
+    topology, ports = write_sim_topology(tmp_path, "1e1pd", name="edited")
+    epdctl("up", "-d", str(topology), check=0)
+    try:
+        # The supervisor's first look at the instances is saved; with no traffic nothing is saved after it.
+        wait_for(lambda: _state(state_dir, "edited").get("evidence"), 30, "the supervisor's first look")
+        state = _state(state_dir, "edited")
+        supervisor = state["supervisor"]["pid"]
+        state["processes"][0]["pid"] = True  # `true` must not be read as pid 1
+        (state_dir / "edited" / "state.json").write_text(json.dumps(state))
+        status = epdctl("status", "edited")
+        assert status.returncode == 1 and status.stdout == "", status
+        [line] = status.stderr.splitlines()
+        assert "unreadable state (processes.0.pid: Input should be a valid integer)" in line and "epdctl down edited" in line
+        listing = epdctl("status")  # every topology: the unreadable one is skipped, not fatal
+        assert "warning: skipping" in listing.stderr and "Traceback" not in listing.stderr
+        down = epdctl("down", "edited", "-t", "2", check=0)
+        assert "looking for its processes by their EPDCTL_RUN tag" in down.stderr
+        assert "found 3 process(es) by their EPDCTL_RUN tag" in down.stdout, down.stdout
+        assert not psutil.pid_exists(supervisor) or psutil.Process(supervisor).status() == psutil.STATUS_ZOMBIE
+        assert not (state_dir / "edited").exists()
+    finally:
+        epdctl("down", "edited")
+    assert_no_orphans(str(state_dir), list(ports.values()))
