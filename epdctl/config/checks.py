@@ -131,15 +131,7 @@ def cross_check(topology: Topology, device_count: int | None = None, check_folde
         devices = ref.spec.devices
         if topology.platform != "cpu" and not devices:
             problems.append(((ref.role, ref.index), f"devices: required on platform {topology.platform}", True))
-        for device in devices:
-            if device < 0:
-                problems.append((loc, f"device {device} is negative", False))
-            elif device_count is not None and device >= device_count:
-                machine = f"{device_count} devices: 0..{device_count - 1}" if device_count else "it has no devices"
-                problems.append((loc, f"device {device} is outside this machine ({machine})", False))
-        duplicated = sorted({d for d in devices if devices.count(d) > 1})
-        if duplicated:
-            problems.append((loc, f"device {duplicated[0]} is listed twice", False))
+        problems += _device_list_problems(loc, devices, device_count)
         if ref.spec.gpu_memory_utilization is not None and "gpu-memory-utilization" in _normalized_keys(ref.spec.args):
             problems.append(((ref.role, ref.index, "args"), "gpu-memory-utilization is set both here and as gpu_memory_utilization", True))
         # An instance not pinned to a node is placed by `up`, which checks the budget once placed.
@@ -152,14 +144,7 @@ def cross_check(topology: Topology, device_count: int | None = None, check_folde
             problems.append((loc, "platform cpu has no devices to hand out", True))
         elif not getattr(topology, role):
             problems.append((loc, f"the topology has no {role} instance to scale", True))
-        for device in pool:
-            if device < 0:
-                problems.append((loc, f"device {device} is negative", False))
-            elif device_count is not None and device >= device_count:
-                machine = f"{device_count} devices: 0..{device_count - 1}" if device_count else "it has no devices"
-                problems.append((loc, f"device {device} is outside this machine ({machine})", False))
-        if len(set(pool)) != len(pool):
-            problems.append((loc, f"device {sorted(d for d in pool if pool.count(d) > 1)[0]} is listed twice", False))
+        problems += _device_list_problems(loc, pool, device_count)
     if topology.platform != "cpu":
         for (node, device), users in sorted(budget.items()):
             total = sum(fraction for _, fraction in users)
@@ -172,6 +157,21 @@ def cross_check(topology: Topology, device_count: int | None = None, check_folde
                      f"device {device}{f' of node {node}' if topology.launcher == 'slurm' else ''} is shared "
                      f"with a memory budget of {total:g} > 1.0 ({detail})", True)
                 )
+    return problems
+
+
+def _device_list_problems(loc: tuple, devices: tuple[int, ...], device_count: Optional[int]) -> list[Problem]:
+    """A list of devices (an instance's, or a role's scale_devices): none negative, repeated or beyond the machine."""
+    problems: list[Problem] = []
+    for device in devices:
+        if device < 0:
+            problems.append((loc, f"device {device} is negative", False))
+        elif device_count is not None and device >= device_count:
+            machine = f"{device_count} devices: 0..{device_count - 1}" if device_count else "it has no devices"
+            problems.append((loc, f"device {device} is outside this machine ({machine})", False))
+    duplicated = sorted({d for d in devices if devices.count(d) > 1})
+    if duplicated:
+        problems.append((loc, f"device {duplicated[0]} is listed twice", False))
     return problems
 
 
