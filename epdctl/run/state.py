@@ -367,10 +367,11 @@ def processes_of_topology(name: str) -> dict[str, list[psutil.Process]]:
     """Live processes of ours tagged with any run of topology `name`, by run token.
 
     What `down` falls back on when the state folder is gone: the tag is `<name>-<16 hex>`,
-    matched whole, so topology `a` never takes `a-b`'s processes.
+    matched whole, so topology `a` never takes `a-b`'s processes; and only under our state root,
+    so a `down` with another EPDCTL_STATE_DIR never takes a same-named topology of that root.
     """
     runs: dict[str, list[psutil.Process]] = {}
-    for proc, tag in _tagged(lambda tag: _topology_of_tag(tag) == name):
+    for proc, tag in _tagged(lambda tag: _topology_of_tag(tag) == name, this_root=True):
         runs.setdefault(tag, []).append(proc)
     return runs
 

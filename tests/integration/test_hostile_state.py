@@ -467,3 +467,20 @@ def test_a_hand_edited_state_is_one_line_and_down_still_stops_everything_by_tag(
     finally:
         epdctl("down", "edited")
     assert_no_orphans(str(state_dir), list(ports.values()))
+
+
+def test_down_by_tag_never_takes_a_same_named_topology_of_another_state_root(tmp_path, state_dir):
+    """Two state roots (two EPDCTL_STATE_DIRs, say two test suites or two projects) may each run a
+    topology of one name: a `down NAME` that finds no state under its root must not stop the other's."""
+    topology, ports = write_sim_topology(tmp_path, "1e1pd", name="twin-name")
+    epdctl("up", "-d", str(topology), check=0)
+    try:
+        other_root = {"EPDCTL_STATE_DIR": str(tmp_path / "another-root")}
+        result = epdctl("down", "twin-name", env=other_root)
+        assert result.returncode == 1 and "no topology named 'twin-name'" in result.stderr, result
+        assert epdctl("up", "-d", str(topology), env=other_root).returncode != 0  # its ports are taken, nothing else
+        status = json.loads(epdctl("status", "twin-name", "--json", check=0).stdout)
+        assert status["state"] == "running" and all(i["state"] == "healthy" for i in status["instances"]), status
+    finally:
+        epdctl("down", "twin-name", check=0)
+    assert_no_orphans(str(state_dir), list(ports.values()))
