@@ -28,10 +28,10 @@ import secrets
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 from epdctl.cliparse import CommandParser, number
 from epdctl.errors import EXIT_RUNTIME, EXIT_USAGE, EpdctlError
@@ -60,6 +60,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="Side of the probe images in pixels; encode cost depends on it (default 224, as bench).")
     parser.add_argument("--max-batch", type=number(int, 1, 256), default=8, help="Most requests at once in a probe (default 8).")
     parser.add_argument("--decode-tokens", type=number(int, 3, 4096), default=32, help="Tokens per decode probe stream (default 32).")
+    parser.add_argument("--contention", choices=("auto", "cpu", "device", "none"), default="auto",
+                        help="The twin's contention model: cpu (measure each instance's CPU share; the twin burns it), "
+                             "device (sims sharing a device split its time), none; auto: cpu when the instances have "
+                             "no devices, else device (default auto).")
     parser.add_argument("--timeout-s", type=number(float, 0, 86_400, above=True), default=300.0, help="Per probe request (default 300).")
     args = parser.parse_args(argv)
     if args.twin and not args.output:
@@ -76,6 +80,9 @@ class Target:
     role: str
     url: str
     argv: tuple[str, ...]
+    pid: Optional[int] = None
+    create_time: Optional[float] = None
+    env: Mapping[str, str] = field(default_factory=dict)  # what epdctl set for it
 
     def flag(self, flag: str) -> Optional[str]:
         """The value of `--flag` in the instance's argv (as `--flag V` or `--flag=V`)."""
@@ -98,7 +105,9 @@ def pick_targets(state: dict[str, Any]) -> dict[str, Target]:
         role = record.get("role")
         if role in (None, "proxy") or not isinstance(record.get("url"), str):
             continue
-        target = Target(str(record.get("name")), role, record["url"], tuple(str(w) for w in record.get("argv") or ()))
+        target = Target(str(record.get("name")), role, record["url"], tuple(str(w) for w in record.get("argv") or ()),
+                        record.get("pid"), record.get("create_time"),
+                        {str(k): str(v) for k, v in (record.get("env") or {}).items()})
         for job, roles in (("encode", ("encode",)), ("prefill", ("prefill", "pd")), ("decode", ("decode", "pd"))):
             if role in roles and job not in found:
                 found[job] = target
@@ -120,24 +129,27 @@ class Answer:
 
 
 class Prober:
-    def __init__(self, session, model: str, args: argparse.Namespace, tick: Callable[[], None]):
+    def __init__(self, session, model: str, args: argparse.Namespace, tick: Callable[[], None], meter=None):
         self.session = session
         self.model = model
         self.args = args
         self.tick = tick
+        self.meter = meter  # contention_probe.Meter: CPU time of the probed instance around lone probes
 
     def image(self) -> dict[str, Any]:
         from epdctl.bench.dataset import png_data_url
 
         return {"type": "image_url", "image_url": {"url": png_data_url(0, self.args.image_size, secrets.token_bytes(16))}}
 
-    async def ask(self, url: str, content: Any, max_tokens: int, stream: bool = False) -> Answer:
+    async def ask(self, url: str, content: Any, max_tokens: int, stream: bool = False, alone: bool = False) -> Answer:
+        """One probe. `alone`: nothing else is in flight, so the instance's CPU time meanwhile is its own."""
         import aiohttp
 
         body = {"model": self.model, "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
                 "ignore_eos": True, "temperature": 0, "stream": stream}
         if stream:
             body["stream_options"] = {"include_usage": True}
+        cpu_before = self.meter.read(url) if alone and self.meter else None
         started = time.perf_counter()
         first: Optional[float] = None
         usage: dict[str, Any] = {}
@@ -163,6 +175,8 @@ class Prober:
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             raise EpdctlError(f"calibrate: {url}: {type(exc).__name__}: {exc}", EXIT_RUNTIME) from None
         end = time.perf_counter()
+        if cpu_before is not None:
+            self.meter.add(url, cpu_before, end - started)
         self.tick()
         answer = Answer((end - started) * 1000, usage.get("prompt_tokens"))
         # Counted in tokens, not chunks: a token that decodes to no text (a partial UTF-8 sequence,
@@ -184,13 +198,17 @@ class Prober:
                 content: list[Any] = [self.image() for _ in range(k)]
                 if not encoder:
                     content.append({"type": "text", "text": self._text(2)})
-                answer = await self.ask(target.url, content, 1)
+                answer = await self.ask(target.url, content, 1, alone=True)
                 probes.append({"items": k, "requests": 1, "ms": answer.ms, "prompt_tokens": answer.prompt_tokens or 0})
         for batch in batches if encoder else ():  # a PD's concurrent prefills would blur the encode time
             for _ in range(self.args.repeats):
+                cpu_before = self.meter.read(target.url) if self.meter else None
                 started = time.perf_counter()
                 await asyncio.gather(*(self.ask(target.url, [self.image()], 1) for _ in range(batch)))
-                probes.append({"items": batch, "requests": batch, "ms": (time.perf_counter() - started) * 1000})
+                wall = time.perf_counter() - started
+                if self.meter:
+                    self.meter.add(target.url, cpu_before, wall, batch)
+                probes.append({"items": batch, "requests": batch, "ms": wall * 1000})
         return probes
 
     async def consumer(self, encoder: Target, target: Target, items: list[int]) -> list[dict[str, float]]:
@@ -200,7 +218,7 @@ class Prober:
             for _ in range(self.args.repeats):
                 images = [self.image() for _ in range(k)]
                 await self.ask(encoder.url, images, 1)
-                answer = await self.ask(target.url, images + [{"type": "text", "text": self._text(2)}], 1)
+                answer = await self.ask(target.url, images + [{"type": "text", "text": self._text(2)}], 1, alone=True)
                 probes.append({"items": k, "prompt_tokens": answer.prompt_tokens or 0, "ms": answer.ms})
         return probes
 
@@ -208,7 +226,7 @@ class Prober:
         probes = []
         for words in lengths:
             for _ in range(self.args.repeats):
-                answer = await self.ask(target.url, self._text(words), 1)
+                answer = await self.ask(target.url, self._text(words), 1, alone=True)
                 if answer.prompt_tokens is None:
                     raise EpdctlError(f"calibrate: {target.name} reported no usage.prompt_tokens", EXIT_RUNTIME)
                 probes.append({"words": words, "prompt_tokens": answer.prompt_tokens, "ms": answer.ms})
@@ -218,8 +236,8 @@ class Prober:
         probes = []
         for batch in batches:
             for _ in range(self.args.repeats):
-                answers = await asyncio.gather(*(self.ask(target.url, self._text(8), tokens, stream=True)
-                                                 for _ in range(batch)))
+                answers = await asyncio.gather(*(self.ask(target.url, self._text(8), tokens, stream=True,
+                                                          alone=batch == 1) for _ in range(batch)))
                 tpots = [a.tpot_ms for a in answers if a.tpot_ms is not None]
                 if not tpots:
                     raise EpdctlError(f"calibrate: {target.name} streamed fewer than 3 tokens: no TPOT to measure",
@@ -340,23 +358,30 @@ async def _probe(targets: dict[str, Target], args: argparse.Namespace, say: Call
     progress = Progress(TextColumn("calibrate {task.description}"), BarColumn(), MofNCompleteColumn(),
                         TimeElapsedColumn(), transient=True, disable=args.json or not sys.stderr.isatty())
     connector = aiohttp.TCPConnector(limit=0)
+    distinct = {t.name: t for t in targets.values()}.values()
+    meter = _meter(distinct) if args.contention == "cpu" else None
     async with aiohttp.ClientSession(connector=connector) as session:
         model = await _served_model(session, decode_target)
         with progress:
-            distinct = {t.name: t for t in targets.values()}.values()
             task = progress.add_task("", total=total + len(distinct))
-            prober = Prober(session, model, args, lambda: progress.advance(task))
+            prober = Prober(session, model, args, lambda: progress.advance(task), meter)
             for target in distinct:  # warm each instance up once: its first request is slow
                 progress.update(task, description=f"{target.name}: warm-up")
                 await prober.ask(target.url, [prober.image(), {"type": "text", "text": "hi"}]
                                  if target.role != "encode" else [prober.image()], 2)
+            if meter:
+                meter.time_cores()
             progress.update(task, description=f"{decode_target.name}: decode")
             decode = await prober.decode(decode_target, batches, tokens)
             say(f"decode: {decode_target.name}, {len(decode)} probes (batches {', '.join(map(str, batches))}, "
                 f"{tokens} tokens)")
+            if meter:
+                meter.time_cores()
             progress.update(task, description=f"{prefill_target.name}: prefill")
             prefill = await prober.prefill(prefill_target, lengths)
             say(f"prefill: {prefill_target.name}, {len(prefill)} probes (prompts of {', '.join(map(str, lengths))} words)")
+            if meter:
+                meter.time_cores()
             progress.update(task, description=f"{encode_target.name}: encode")
             encode = await prober.encode(encode_target, items, encode_batches)
             say(f"encode: {encode_target.name}, {len(encode)} probes ({args.image_size}px images)")
@@ -366,7 +391,22 @@ async def _probe(targets: dict[str, Target], args: argparse.Namespace, say: Call
                 consumer = await prober.consumer(encode_target, prefill_target, items)
                 say(f"consumer: {prefill_target.name}, {len(consumer)} probes (items from the EC)")
         version = await _vllm_version(session, decode_target)
-    return model, encode, prefill, decode, consumer, version
+    return model, encode, prefill, decode, consumer, version, meter
+
+
+def _meter(targets):
+    """CPU readers of the probed instances' process trees (contention_probe.py)."""
+    from epdctl.contention_probe import Meter, cpu_reader
+
+    from epdctl.sim.contention import bind_cores
+
+    readers, cores = {}, {}
+    for target in targets:
+        read = cpu_reader(target.pid, target.create_time)
+        if read is not None:
+            readers[target.url] = (target.role, read)
+            cores[target.url] = bind_cores(target.env.get("VLLM_CPU_OMP_THREADS_BIND"))
+    return Meter(readers, cores)
 
 
 async def _served_model(session, target: Target) -> str:
@@ -412,15 +452,28 @@ def check_outputs(args: argparse.Namespace, state: dict[str, Any]) -> None:
 
 
 def calibrate(name: str, state: dict[str, Any], args: argparse.Namespace, say: Callable[[str], None]):
+    from epdctl.contention_probe import contention_block
+
     targets = pick_targets(state)
     engine = "sim" if any("epdctl.sim" in t.argv for t in targets.values()) else "vllm"
-    model, encode, prefill, decode, consumer, version = asyncio.run(_probe(targets, args, say))
+    if args.contention == "auto":
+        on_devices = any(r.get("devices") for r in state.get("processes", []) if r.get("role") not in (None, "proxy"))
+        args.contention = "device" if on_devices else "cpu"
+    model, encode, prefill, decode, consumer, version, meter = asyncio.run(_probe(targets, args, say))
     source = {"topology": name, "engine": engine, "file": str(state.get("source") or ""),
               "probed_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "image_size": str(args.image_size)}
     if version:
         source["vllm_version"] = version
-    return fit_profile(model, targets, encode, prefill, decode, source, consumer)
+    profile = fit_profile(model, targets, encode, prefill, decode, source, consumer)
+    if args.contention == "none":
+        return profile
+    names = {t.url: t.name for t in targets.values()}
+    contention = contention_block("cpu" if args.contention == "cpu" else "device", meter, names)
+    if contention.mode == "cpu":
+        say("contention: cpu share " + ", ".join(f"{role} {share:.2f}" for role, share in contention.cpu_share.items())
+            + f" ({contention.host_cores} core(s) here)")
+    return profile.model_copy(update={"contention": contention})
 
 
 def write_twin(state: dict[str, Any], profile_path: Path, twin_path: Path) -> None:
@@ -490,3 +543,9 @@ def print_summary(profile, out) -> None:
     for role, text, fit in rows:
         r2 = "-" if fit.r2 is None else f"{fit.r2:.3f}"
         print(f"{role:<8} {fit.instance:<12} {text:<50} {fit.rmse_ms:>6.2f} ms {r2:>6}", file=out)
+    contention = profile.contention
+    if contention.mode == "cpu":
+        shares = ", ".join(f"{role} {share:.2f}" for role, share in contention.cpu_share.items())
+        print(f"contention: cpu ({contention.host_cores} core(s)); CPU burnt per ms of cost: {shares}", file=out)
+    elif contention.mode == "device":
+        print(f"contention: device; {contention.device_slots} step(s) at once per device (assumed)", file=out)

@@ -92,7 +92,7 @@ def _with_sim_profile(topology: Topology, filename: str, marks: Marks, source: P
         raise EpdctlError(error_line(filename, line, f"sim_profile: {first}"), EXIT_USAGE) from None
     # Absolute from here on: `sweep` re-reads the topology as data, from no folder.
     resolved = topology.model_copy(update={"sim_profile": str(path)})
-    resolved._sim_costs = {role: profile.cost.flags(role) for role in ROLES}
+    resolved._sim_costs = {role: profile.flags(role) for role in ROLES}
     return resolved
 
 

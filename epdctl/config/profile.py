@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Annotated, Literal, Mapping, Optional
+from typing import Annotated, Any, Literal, Mapping, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from epdctl.config.simflags import MAX_DEVICE_SLOTS
 from epdctl.config.yamlmarks import error_line, format_validation, load_marked, read_text_file
 from epdctl.errors import EXIT_USAGE, EpdctlError
 
@@ -71,13 +72,60 @@ class Fit(_Model):
     probes: list[dict[str, float]] = Field([], max_length=MAX_PROBES)
 
 
+Fraction = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
+Role = Literal["encode", "prefill", "decode", "pd"]
+
+
+class Contention(_Model):
+    """How the twin's instances slow each other down (epdctl/sim/contention.py, docs/sim.md#contention).
+
+    The default, mode none, is the sim as it was before contention was modelled: costs are slept
+    and instances never compete, so a profile without this block means what it always meant."""
+
+    mode: Literal["none", "cpu", "device"] = "none"
+    cpu_share: dict[Role, Fraction] = Field({}, max_length=4)  # cpu: CPU seconds per second of the role's work
+    # cpu: the part of the role's work that was neither CPU nor a wait for a core (default 1 - cpu_share)
+    sleep_share: dict[Role, Fraction] = Field({}, max_length=4)
+    device_slots: int = Field(1, ge=1, le=MAX_DEVICE_SLOTS)  # device: steps a device runs side by side at full speed
+    host_cores: Optional[int] = Field(None, ge=1, le=1 << 20)  # the probed host's usable cores (for the reader)
+    note: str = Field("", max_length=2000)
+    probes: list[dict[str, Union[float, str]]] = Field([], max_length=MAX_PROBES)
+
+    def flags(self, role: str) -> dict[str, Any]:
+        """The sim flags of an instance of `role`: none at all for mode none (the plan is unchanged)."""
+        if self.mode == "cpu":
+            measured = _nearest(self.cpu_share, role)
+            share = self.cpu_share[measured] if measured else 1.0
+            flags: dict[str, Any] = {"sim-contention": "cpu", "sim-cpu-share": share}
+            sleep = self.sleep_share.get(measured) if measured else None  # type: ignore[call-overload]
+            if sleep is not None:
+                flags["sim-sleep-share"] = min(sleep, 1.0 - share)
+            return flags
+        if self.mode == "device":
+            return {"sim-contention": "device", "sim-device-slots": self.device_slots}
+        return {}
+
+
+def _nearest(by_role: Mapping[str, float], role: str) -> Optional[str]:
+    """`role` when it was measured; else (a P or D twin of a PD-measured profile, or the other way
+    round) the nearest role measured; None when none was."""
+    if role in by_role:
+        return role
+    return next((r for r in ("pd", "prefill", "decode", "encode") if r in by_role), None)
+
+
 class SimProfile(_Model):
     kind: Literal["epdctl-sim-profile"] = KIND
     version: Literal[1] = VERSION
     model: str = Field(min_length=1, max_length=4096)
     source: dict[str, str] = Field({}, max_length=32)
     cost: Costs
+    contention: Contention = Contention()
     fits: dict[Literal["encode", "prefill", "decode", "consumer"], Fit] = {}
+
+    def flags(self, role: str) -> dict[str, Any]:
+        """Every sim flag the profile sets for an instance of `role`."""
+        return {**self.cost.flags(role), **self.contention.flags(role)}
 
 
 def load_profile(path: Path, environ: Optional[Mapping[str, str]] = None) -> SimProfile:

@@ -269,7 +269,7 @@ class Topology(_Model):
 
     _source: Optional[Path] = PrivateAttr(None)
     _where: Optional[tuple[str, Marks]] = PrivateAttr(None)  # (file name, marks): FILE:LINE for later checks
-    _sim_costs: dict[str, dict[str, float]] = PrivateAttr(default_factory=dict)  # role -> sim flags
+    _sim_costs: dict[str, dict[str, Any]] = PrivateAttr(default_factory=dict)  # role -> sim flags
 
     @field_validator("model")
     @classmethod
@@ -290,7 +290,7 @@ class Topology(_Model):
     def source(self) -> Optional[Path]:
         return self._source
 
-    def sim_costs(self, role: str) -> dict[str, float]:
+    def sim_costs(self, role: str) -> dict[str, Any]:
         """The sim flags of `sim_profile` for a role (the lowest level of a sim instance's flags)."""
         return self._sim_costs.get(role, {})
 

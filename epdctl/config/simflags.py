@@ -14,7 +14,8 @@ from typing import Any, NamedTuple, Optional
 
 class SimFlag(NamedTuple):
     name: str  # without the leading dashes
-    kind: str  # "ms" or "seconds" (a number, 0 or more), "switch" (true/false), "choice"
+    kind: str  # "ms" or "seconds" (a number, 0 or more), "fraction" (0 to 1), "count" (a whole number, 1 or
+    # more), "switch" (true/false), "choice"
     default: Any
     help: str
     choices: tuple[str, ...] = ()
@@ -34,6 +35,20 @@ COST_FLAGS = (
     SimFlag("sim-request-ms", "ms", 0.0, "The API server's work per request, one request at a time, before the "
                                          "step loop"),
 )
+# Instances that share a device or the host's cores slow each other down (epdctl/sim/contention.py).
+CONTENTION_FLAGS = (
+    SimFlag("sim-contention", "choice", None, "Model contention with the instances that share a resource: device "
+                                              "(sims on one device split its time, through a ledger in the state "
+                                              "folder), cpu (burn the CPU share of each cost, so the host's cores are "
+                                              "shared by the kernel), none (default: sleep the costs)",
+            ("none", "device", "cpu")),
+    SimFlag("sim-cpu-share", "fraction", 1.0, "With --sim-contention cpu: the part of each cost burnt as CPU time "
+                                              "(the rest is slept)"),
+    SimFlag("sim-sleep-share", "fraction", None, "With --sim-contention cpu: the part of each cost slept (default: "
+                                                 "what --sim-cpu-share leaves)"),
+    SimFlag("sim-device-slots", "count", 1, "With --sim-contention device: steps a device runs side by side at "
+                                            "full speed"),
+)
 # For testing supervisors.
 TESTING_FLAGS = (
     SimFlag("sim-startup-ms", "ms", 0.0, "Wait before listening (a slow start)"),
@@ -42,7 +57,8 @@ TESTING_FLAGS = (
     SimFlag("sim-spawn-child", "choice", None, "Start a child that ignores SIGTERM, in our process group or its own "
                                                "session (like vLLM's EngineCore)", ("group", "session")),
 )
-SIM_FLAGS = {flag.name: flag for flag in COST_FLAGS + TESTING_FLAGS}
+SIM_FLAGS = {flag.name: flag for flag in COST_FLAGS + CONTENTION_FLAGS + TESTING_FLAGS}
+MAX_DEVICE_SLOTS = 1024
 
 
 def number_problem(value: Any, unit: str) -> Optional[str]:
@@ -69,4 +85,23 @@ def value_problem(flag: SimFlag, value: Any) -> Optional[str]:
         return None if isinstance(value, bool) else f"must be true or false (got {value!r})"
     if flag.kind == "choice":
         return None if value in flag.choices else f"must be one of {', '.join(flag.choices)} (got {value!r})"
+    if flag.kind == "fraction":
+        bad = number_problem(value, "seconds") or float(value) > 1
+        return f"must be a fraction from 0 to 1 (got {value!r})" if bad else None
+    if flag.kind == "count":
+        whole = isinstance(value, int) and not isinstance(value, bool) or (isinstance(value, str) and value.isdigit())
+        if not whole or not 1 <= int(value) <= MAX_DEVICE_SLOTS:
+            return f"must be a whole number from 1 to {MAX_DEVICE_SLOTS} (got {value!r})"
+        return None
     return number_problem(value, "milliseconds" if flag.kind == "ms" else "seconds")
+
+
+def contention_of(argv) -> str:
+    """The `--sim-contention` mode an argv asks for (the last one wins, as argparse reads it); "none" without."""
+    mode = "none"
+    for i, word in enumerate(argv):
+        if word == "--sim-contention" and i + 1 < len(argv):
+            mode = argv[i + 1]
+        elif word.startswith("--sim-contention="):
+            mode = word.split("=", 1)[1]
+    return mode

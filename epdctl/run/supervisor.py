@@ -19,6 +19,7 @@ from typing import Any, Optional
 
 import psutil
 
+from epdctl.config.simflags import contention_of
 from epdctl.errors import EXIT_RUNTIME, EpdctlError
 from epdctl.plan import Plan
 from epdctl.run import logfiles, storage
@@ -31,7 +32,7 @@ from epdctl.run.progress import LogTailer, Progress
 from epdctl.run.runtime import Runtime
 from epdctl.run.scaler import Scaler
 from epdctl.run.state import (
-    INSTANCE_ENV, RUN_ENV, StateDir, new_run_token, tagged_processes, this_host, verified_process,
+    INSTANCE_ENV, LEDGER_FILE, RUN_ENV, StateDir, new_run_token, tagged_processes, this_host, verified_process,
 )
 from epdctl.run.states import ALIVE, ENDED, RUNNING_NOW, ProcessState, TopologyPhase
 from epdctl.run.teardown import DEFAULT_GRACE_S, stop_processes
@@ -195,6 +196,8 @@ class Supervisor:
             argv = list(spec.argv)
             if spec.role == "proxy" and self.plan.proxy_impl == "epdctl":  # the pool `epdctl scale` changes
                 argv += ["--pool-file", str(self.scaler.pool_path)]
+            elif self.plan.engine == "sim" and contention_of(argv) == "device":  # sims that share a device meet here
+                argv += ["--sim-ledger", str(self.state_dir.path / LEDGER_FILE)]
             child.popen = self.runtime.spawn(argv, env, child.log_path, node=spec.node)
         except FileNotFoundError:
             child.error = f"cannot start {spec.argv[0]!r}: command not found"

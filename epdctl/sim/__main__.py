@@ -20,7 +20,7 @@ sleeps, while keeping vLLM's encoder-cache (ECExampleConnector) and KV (NixlConn
 contracts so a disaggregated topology can run and be proven on a machine with no GPU.
 Flags of `vllm serve` that it does not model are accepted and ignored."""
 
-from epdctl.config.simflags import COST_FLAGS, TESTING_FLAGS, SimFlag, value_problem
+from epdctl.config.simflags import CONTENTION_FLAGS, COST_FLAGS, TESTING_FLAGS, SimFlag, value_problem
 from epdctl.sim.costmodel import DEFAULT_MAX_NUM_BATCHED_TOKENS, DEFAULT_MAX_NUM_SEQS
 
 _IDLE_CHILD = "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nwhile True: time.sleep(1)\n"
@@ -49,6 +49,12 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--max-num-batched-tokens", type=int, default=DEFAULT_MAX_NUM_BATCHED_TOKENS,
                         help=f"Tokens per step, as vLLM's flag: longer prompts are prefilled in chunks "
                              f"(default {DEFAULT_MAX_NUM_BATCHED_TOKENS}).")
+    contention = parser.add_argument_group("contention (epdctl/sim/contention.py; docs/sim.md#contention)")
+    for flag in CONTENTION_FLAGS:
+        _add_flag(contention, flag)
+    contention.add_argument("--sim-ledger", metavar="FILE",
+                            help="With --sim-contention device: the ledger the sims of a topology share (epdctl up "
+                                 "passes one in the topology's state folder).")
     testing = parser.add_argument_group("testing the supervisor")
     for flag in TESTING_FLAGS:
         _add_flag(testing, flag)
@@ -62,7 +68,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     for flag in ("max_num_seqs", "max_num_batched_tokens"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
-    for flag in COST_FLAGS + TESTING_FLAGS:
+    for flag in COST_FLAGS + CONTENTION_FLAGS + TESTING_FLAGS:
         value = getattr(args, flag.name.replace("-", "_"))
         problem = value_problem(flag, value)
         if problem:  # nan, inf and negative times: validate refuses the same values (epdctl/config/simflags.py)
@@ -75,6 +81,8 @@ def _add_flag(group, flag: SimFlag) -> None:
         group.add_argument(f"--{flag.name}", action="store_true", help=f"{flag.help}.")
     elif flag.kind == "choice":
         group.add_argument(f"--{flag.name}", choices=flag.choices, help=f"{flag.help}.")
+    elif flag.kind == "count":
+        group.add_argument(f"--{flag.name}", type=int, default=flag.default, help=f"{flag.help} (default {flag.default}).")
     else:
         default = "" if flag.default is None else f" (default {flag.default:g})"
         group.add_argument(f"--{flag.name}", type=float, default=flag.default, help=f"{flag.help}{default}.")
@@ -111,7 +119,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     # Set at prometheus_client's import, PROMETHEUS_MULTIPROC_DIR would send every metric to value
     # files in that folder (someone else's; a traceback when it is missing). The sim is one process.
     os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    from epdctl.sim.server import SimConfig, SimEngine, build_app, configure_from_env
+    from epdctl.sim.server import SimConfig, configure_from_env
 
     ec_role, ec = _role(args.ec_transfer_config, "ec_role", "--ec-transfer-config")
     kv_role, _ = _role(args.kv_transfer_config, "kv_role", "--kv-transfer-config")
@@ -124,7 +132,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         limit_mm_per_prompt=args.limit_mm_per_prompt, step_per_seq_ms=args.sim_step_per_seq_ms,
         prefill_token_ms=args.sim_prefill_token_ms, encode_base_ms=args.sim_encode_base_ms,
         prefill_request_ms=args.sim_prefill_request_ms, ec_load_ms=args.sim_ec_load_ms,
-        request_ms=args.sim_request_ms,
+        request_ms=args.sim_request_ms, contention=args.sim_contention or "none", cpu_share=args.sim_cpu_share,
+        sleep_share=args.sim_sleep_share,
+        device_slots=args.sim_device_slots, ledger=args.sim_ledger,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
     )
     configure_from_env(config)
@@ -139,10 +149,22 @@ def main(argv: Optional[list[str]] = None) -> int:
         uvloop.install()
     except ImportError:
         pass
-    return asyncio.run(_serve(config, build_app(SimEngine(config)), args, log))
+    return asyncio.run(_serve(config, args, log))
 
 
-async def _serve(config, app, args, log) -> int:
+async def _serve(config, args, log) -> int:
+    from epdctl.sim.contention import make_pace
+    from epdctl.sim.server import SimEngine, build_app
+
+    pace = await make_pace(config.contention, ledger_path=config.ledger, slots=config.device_slots,
+                           cpu_share=config.cpu_share, sleep_share=config.sleep_share)
+    try:
+        return await _listen(config, build_app(SimEngine(config, pace)), args, log)
+    finally:
+        pace.close()
+
+
+async def _listen(config, app, args, log) -> int:
     from aiohttp import web
 
     if args.sim_startup_ms:

@@ -19,7 +19,9 @@ so one request alone costs what the flags say (encode + TTFT, then TPOT per furt
 concurrent requests share steps. A request gets its first token at the end of the step that
 finishes its prompt, then one token per step. An encoder-only request (an ec_producer's)
 finishes with its first step. Steps whose cost is 0 are not slept on: zero-cost sims answer at
-once, and identical decode steps with nothing to stream are slept as one.
+once, and identical decode steps with nothing to stream are slept as one. With contention
+(`--sim-contention`, epdctl/sim/contention.py) each step is spent through a Pace instead: on a
+device shared with other sims, or as CPU burnt on the host's cores, one step at a time.
 """
 
 from __future__ import annotations
@@ -29,7 +31,10 @@ import collections
 import heapq
 import itertools
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
+
+if TYPE_CHECKING:
+    from epdctl.sim.contention import Pace
 
 # vLLM's defaults for `vllm serve` (OPENAI_API_SERVER) on a GPU under 70 GiB; it picks 1024 and
 # 8192 on H100-class GPUs, and less on CPU. 256 is also the value most vLLM docs show.
@@ -96,8 +101,11 @@ class _Step:
 class Scheduler:
     def __init__(self, cost: CostModel, max_num_seqs: int = DEFAULT_MAX_NUM_SEQS,
                  max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS,
-                 on_finish: Optional[Callable[[Seq], None]] = None) -> None:
+                 on_finish: Optional[Callable[[Seq], None]] = None, pace: Optional["Pace"] = None) -> None:
         self.cost = cost
+        # Set when instances contend for a device or the host's cores (epdctl/sim/contention.py):
+        # each step is then spent through it, one at a time, as the sharing can change between steps.
+        self.pace = pace
         self.on_finish = on_finish
         self.max_num_seqs = max(1, max_num_seqs)
         self.max_num_batched_tokens = max(1, max_num_batched_tokens)
@@ -195,6 +203,11 @@ class Scheduler:
                 continue
             cost = self._cost(plan)
             steps = 1
+            if self.pace is not None and cost > 0:
+                await self.pace.spend(cost)
+                clock = loop.time()
+                self._apply(plan, steps)
+                continue
             if not plan.busy and self.heap and not (self.streams and cost > 0):
                 # Identical decode steps up to the next finish: slept as one unless something must stream.
                 steps = max(1, self.heap[0][0] - self.step)

@@ -26,6 +26,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from epdctl import jsoncodec
 from epdctl.connectors import ec_exists, load_ec, save_ec
 from epdctl.media import MediaError, MediaItem, check_media_key, content_hash, iter_media, local_media_path
+from epdctl.sim.contention import Pace
 from epdctl.sim.costmodel import DEFAULT_MAX_NUM_BATCHED_TOKENS, DEFAULT_MAX_NUM_SEQS, CostModel, Scheduler, Seq
 
 log = logging.getLogger("epdctl.sim")
@@ -63,6 +64,11 @@ class SimConfig:
     prefill_request_ms: float = 0.0  # added to a prefill step per request it prefills
     ec_load_ms: float = 0.0  # added per media item a consumer loads from the EC
     request_ms: float = 0.0  # the API server's work per request, one request at a time (before the loop)
+    contention: str = "none"  # none | device | cpu (epdctl/sim/contention.py)
+    cpu_share: float = 1.0  # cpu: the part of each cost burnt as CPU time
+    sleep_share: Optional[float] = None  # cpu: the part slept (default: what cpu_share leaves)
+    device_slots: int = 1  # device: steps the device runs side by side at full speed
+    ledger: Optional[str] = None  # device: the ledger file the topology's sims share
     max_num_seqs: int = DEFAULT_MAX_NUM_SEQS
     max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS
     ec_role: Optional[str] = None  # ec_producer | ec_consumer | ec_both
@@ -127,13 +133,18 @@ class Metrics:
                               label, registry=self.registry, buckets=TPOT_BUCKETS)
         self.e2e = Histogram("vllm:e2e_request_latency_seconds", "Queued to last token.", label,
                              registry=self.registry, buckets=TTFT_BUCKETS)
+        self.contention = Gauge("epdctl_sim_contention_seconds", "Time steps took beyond their cost because "
+                                "the device or the cores were shared (--sim-contention).", registry=self.registry)
+        self.sharers = Gauge("epdctl_sim_contention_peak_sharers", "Most sims seen stepping at once on this "
+                             "one's device (--sim-contention device).", registry=self.registry)
         self.running = Gauge("vllm:num_requests_running", "Requests in the step loop.", label, registry=self.registry)
         self.waiting = Gauge("vllm:num_requests_waiting", "Requests waiting for a slot.", label, registry=self.registry)
 
 
 class SimEngine:
-    def __init__(self, config: SimConfig) -> None:
+    def __init__(self, config: SimConfig, pace: Optional[Pace] = None) -> None:
         self.config = config
+        self.pace = pace or Pace()
         self.metrics = Metrics()
         self._block_ids = itertools.count()
         self._ids = itertools.count()
@@ -146,12 +157,15 @@ class SimEngine:
                                              encode_base_ms=config.encode_base_ms,
                                              prefill_request_ms=config.prefill_request_ms,
                                              ec_load_ms=config.ec_load_ms),
-                                   config.max_num_seqs, config.max_num_batched_tokens, on_finish=self._timed)
+                                   config.max_num_seqs, config.max_num_batched_tokens, on_finish=self._timed,
+                                   pace=None if type(self.pace) is Pace else self.pace)
         name = config.served_names[0]
         self._ttft, self._tpot, self._e2e = (h.labels(model_name=name) for h in
                                              (self.metrics.ttft, self.metrics.tpot, self.metrics.e2e))
         self.metrics.running.labels(model_name=name).set_function(lambda: self.scheduler.running)
         self.metrics.waiting.labels(model_name=name).set_function(lambda: len(self.scheduler.waiting))
+        self.metrics.contention.set_function(lambda: self.pace.stretched_s)
+        self.metrics.sharers.set_function(lambda: self.pace.peak_sharers)
 
     def _timed(self, seq: Seq) -> None:
         self._e2e.observe(seq.done_at - seq.arrived)
@@ -341,7 +355,7 @@ class SimEngine:
             # vLLM's API server is one process: its per-request work (templating, tokenising, image
             # preprocessing) is done one request at a time, before the engine sees the request.
             async with self._api_server:
-                await asyncio.sleep(cfg.request_ms / 1000)
+                await self.pace.api_server(cfg.request_ms / 1000)
         seq = Seq(output=max_tokens, prefill=not (remote_prefill or encoder_only), prefill_tokens=ask.prompt_tokens,
                   items=encoded_here, loaded=loaded_here, decode=not encoder_only, stream=ask.stream,
                   arrived=arrived)

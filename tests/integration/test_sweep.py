@@ -29,13 +29,13 @@ def _block(count: int) -> int:
 
 
 def base_file(tmp: Path, *, encode_ms: int = 60, budget: float = 0.45, extra: str = "",
-              ttft_ms: int = 5) -> tuple[Path, int]:
+              ttft_ms: int = 5, contention: str = "") -> tuple[Path, int]:
     start = _block(12)
     text = f"""name: base
 model: sim-model
 engine: sim
 platform: cuda
-defaults: {{args: {{sim-ttft-ms: {ttft_ms}, sim-tpot-ms: 1, sim-encode-ms: {encode_ms}}}}}
+defaults: {{args: {{sim-ttft-ms: {ttft_ms}, sim-tpot-ms: 1, sim-encode-ms: {encode_ms}{contention}}}}}
 ec_transfer: {{connector: ECExampleConnector, shared_storage_path: {tmp / 'ec'}}}
 kv_transfer: {{connector: NixlConnector, side_channel_port_base: {start + 20}}}
 encode: [{{devices: [0], port: {start}, gpu_memory_utilization: {budget}}}]
@@ -127,6 +127,22 @@ def test_sweep_ranks_more_encoders_first_when_encoding_is_the_bottleneck(tmp_pat
     assert goodput["2e1pd"] > 1.3 * goodput["1e1pd"], goodput
     for entry in summary["splits"]:
         assert entry["report"]["completed"] == 24 and entry["report"]["ttft_ms"]["p50"] > 0
+    assert_no_orphans(str(state_dir), list(range(start, start + 12)))
+
+
+def test_told_they_contend_two_encoders_sharing_a_device_rank_below_two_on_devices_of_their_own(tmp_path, state_dir):
+    # On devices 0-2, 2e2pd gives the PDs 0 and 1, so its two encoders (0.45 each) share device 2;
+    # 2e1pd gives them 1 and 2. Encoding is the bottleneck; with device contention the shared
+    # device encodes half as fast, so the split that shares ranks below (issue #26).
+    path, start = base_file(tmp_path, encode_ms=60, contention=", sim-contention: device")
+    result = epdctl("sweep", str(path), "--splits", "2e2pd,2e1pd", "--devices", "0,1,2",
+                    "--num-prompts", "24", "--concurrency", "8", "--images-per-request", "2", "--max-tokens", "4",
+                    "--json", timeout=240)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert all(s["status"] == "ok" for s in summary["splits"]), summary
+    assert [s["split"] for s in summary["splits"]] == ["2e1pd", "2e2pd"], summary["splits"]
+    assert summary["best"] == "2e1pd"
     assert_no_orphans(str(state_dir), list(range(start, start + 12)))
 
 

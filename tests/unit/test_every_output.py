@@ -41,6 +41,7 @@ TEXT_OPTIONS = {
     "bench --url", "bench --compare", "bench --dataset",  # read, never written
     "bench --label",  # a file name inside --save (test_bench_label_cannot_put_the_report_outside_the_save_folder)
     "sweep --splits",
+    "calibrate --contention",  # a choice of models, never a path
     "export k8s --namespace", "export k8s --image", "export k8s --proxy-image", "export k8s --storage-class",
     "export slurm --time", "export slurm --partition", "export slurm --account",  # checked to Slurm's forms
     *(f"proxy {flag}" for flag in (
@@ -181,6 +182,8 @@ OWN_WRITERS = {
     ("epdctl/run/storage.py", "_mark", "fdopen"): "the descriptor opened just above",
     ("epdctl/run/slurm.py", "check_shared_folder", "os.open"): "a marker in the shared EC folder: O_EXCL|O_NOFOLLOW, removed at once",
     ("epdctl/run/logfiles.py", "redirect_stdio", "os.open"): "the supervisor's log: O_APPEND|O_NOFOLLOW",
+    ("epdctl/sim/ledger.py", "__init__", "os.open"): "the device ledger in the state folder: O_NOFOLLOW, a regular "
+                                                      "file of ours of its exact size, through a fixed-size mapping",
     ("epdctl/proxy/workers.py", "run", "mkdtemp"): "the workers' metrics folder: new, 0700, removed at exit",
     ("epdctl/tiny_vlm.py", "build", "save_pretrained"): "python -m epdctl.tiny_vlm OUT_DIR: a model folder, no epdctl command",
     ("epdctl/tiny_vlm.py", "build", "write_text"): "the same model folder",
