@@ -347,6 +347,7 @@ def export_k8s(
     image: Annotated[Optional[str], typer.Option("--image", help="Container image for the vLLM instances.")] = None,
     proxy_image: Annotated[Optional[str], typer.Option("--proxy-image", help="Container image with epdctl for the proxy.")] = None,
     storage_class: Annotated[Optional[str], typer.Option("--storage-class", help="StorageClass of the RWX EC volume.")] = None,
+    device_resource: Annotated[Optional[str], typer.Option("--device-resource", help="The device plugin's resource each instance requests (default: nvidia.com/gpu for cuda, gpu.intel.com/i915 for xpu, huawei.com/Ascend910 for npu).")] = None,
     check: Annotated[bool, typer.Option("--check", help="Validate every manifest against the Kubernetes schema.")] = False,
 ) -> None:
     """Write kubectl-apply-ready manifests (and a kustomization.yaml) for the topology."""
@@ -355,7 +356,7 @@ def export_k8s(
     file = _topology_file(file)
     topology = _load(file, on_this_machine=False)  # its devices and folders are the cluster's
     export(topology, file, output, namespace=namespace, image=image, proxy_image=proxy_image,
-           storage_class=storage_class, check=check)
+           storage_class=storage_class, device_resource=device_resource, check=check)
 
 
 @_command
@@ -367,6 +368,7 @@ def export_slurm(
     partition: Annotated[Optional[str], typer.Option("--partition", help="Slurm partition.")] = None,
     account: Annotated[Optional[str], typer.Option("--account", help="Slurm account.")] = None,
     grace: Annotated[str, typer.Option("--grace", help="Seconds before the time limit that epdctl gets SIGTERM.")] = "60",
+    gres: Annotated[Optional[str], typer.Option("--gres", help="The GRES name the nodes' devices are asked for by (--gres=NAME:N; default: npu for platform npu, else --gpus-per-node).")] = None,
 ) -> None:
     """Write a Slurm batch script that runs `epdctl up FILE` in the allocation: `sbatch job.sh`."""
     from epdctl.export.slurm import export
@@ -375,7 +377,8 @@ def export_slurm(
     grace_s = _number("--grace", grace, int, 1, 86400)
     file = _topology_file(file)
     topology = _load(file, on_this_machine=False)  # its devices and folders are the cluster's
-    export(topology, file, output, nodes=node_count, time=time, partition=partition, account=account, grace_s=grace_s)
+    export(topology, file, output, nodes=node_count, time=time, partition=partition, account=account, grace_s=grace_s,
+           gres=gres)
 
 
 @_command

@@ -36,6 +36,23 @@ NIXL_CONNECTORS = (NIXL,)  # KV connectors whose P and D instances each bind a N
 # mooncake and moriio too, but Mooncake needs a bootstrap port per prefill instance (it waits on
 # 8998 otherwise) and MoRI-IO a service-discovery address, neither of which epdctl plans yet.
 ROUTER_KV_CONNECTORS = {NIXL: "nixl"}
+# vllm-ascend's Mooncake KV connectors (Ascend NPUs) and the module each is registered from
+# (vllm_ascend/distributed/kv_transfer/__init__.py), planned as kv_connector_module_path.
+MOONCAKE_V1 = "MooncakeConnectorV1"  # D pulls from P after P's prefill: the NIXL-like hand-off
+MOONCAKE_LAYERWISE = "MooncakeLayerwiseConnector"  # D first; P pushes layer by layer (proxy/layerwise.py)
+ASCEND_KV_MODULES = {
+    MOONCAKE_V1: "vllm_ascend.distributed.kv_transfer.kv_p2p.mooncake_connector",
+    MOONCAKE_LAYERWISE: "vllm_ascend.distributed.kv_transfer.kv_p2p.mooncake_layerwise_connector",
+}
+MAX_KV_PORTS_PER_INSTANCE = 64
+
+# The fields of vLLM's KVTransferConfig and ECTransferConfig (vllm/config/kv_transfer.py,
+# ec_transfer.py): any other top-level key of a transfer JSON is a typo vLLM would not act on.
+KV_TRANSFER_FIELDS = ("kv_connector", "engine_id", "kv_buffer_device", "kv_buffer_size", "kv_role", "kv_rank",
+                      "kv_parallel_size", "kv_ip", "kv_port", "kv_connector_extra_config", "kv_connector_module_path",
+                      "enable_permute_local_kv", "kv_load_failure_policy")
+EC_TRANSFER_FIELDS = ("ec_connector", "engine_id", "ec_buffer_device", "ec_buffer_size", "ec_role", "ec_rank",
+                      "ec_parallel_size", "ec_ip", "ec_port", "ec_connector_extra_config", "ec_connector_module_path")
 
 # ---------------------------------------------------------------- bounds of what they read
 
@@ -64,6 +81,41 @@ MOONCAKE_PROTOCOL = re.compile(r"[a-z][a-z0-9_]{0,31}")
 def uses_nixl(topology: Topology) -> bool:
     """P and D exchange KV over NIXL: each binds a side channel (VLLM_NIXL_SIDE_CHANNEL_PORT)."""
     return bool(topology.prefill) and topology.kv_transfer is not None and topology.kv_transfer.connector in NIXL_CONNECTORS
+
+
+def uses_mooncake_kv(topology: Topology) -> bool:
+    """P and D run one of vllm-ascend's Mooncake connectors: each binds kv_port (+ its ranks)."""
+    return bool(topology.prefill) and topology.kv_transfer is not None and topology.kv_transfer.connector in ASCEND_KV_MODULES
+
+
+def is_layerwise(topology: Topology) -> bool:
+    """The decoder-first flow: the proxy's metaserver starts each prefill (proxy/layerwise.py)."""
+    return uses_mooncake_kv(topology) and topology.kv_transfer.connector == MOONCAKE_LAYERWISE
+
+
+def kv_port_count(topology: Topology, spec) -> int:
+    """How many consecutive ports from kv_port a Mooncake instance binds: one per rank
+    (vllm-ascend: kv_port + dp_rank * tp * pp + the rank's device index)."""
+    from epdctl.config.schema import flag_value, tensor_parallel_size
+
+    count = tensor_parallel_size(topology, spec)
+    for flag in ("pipeline-parallel-size", "data-parallel-size"):
+        value = flag_value(topology, spec, flag)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 1:
+            count *= value
+    return min(count, MAX_KV_PORTS_PER_INSTANCE)
+
+
+def parallel_sizes(topology: Topology, role: str) -> set[tuple[int, int]]:
+    """The (dp_size, tp_size) pairs of a role's instances: vllm-ascend takes one per role."""
+    from epdctl.config.schema import flag_value, tensor_parallel_size
+
+    sizes = set()
+    for spec in getattr(topology, role):
+        dp = flag_value(topology, spec, "data-parallel-size")
+        dp = dp if isinstance(dp, int) and not isinstance(dp, bool) and dp > 0 else 1
+        sizes.add((dp, tensor_parallel_size(topology, spec)))
+    return sizes
 
 
 def ec_port_owners(topology: Topology) -> list[InstanceRef]:
@@ -105,14 +157,27 @@ def ec_config(topology: Topology, role: str, ec_ports: tuple[int, ...] = (), hos
     return config
 
 
-def kv_config(topology: Topology, role: str) -> dict[str, Any]:
-    """The --kv-transfer-config of a `kv_producer` (prefill) or `kv_consumer` (decode)."""
+def kv_config(topology: Topology, role: str, kv_ports: tuple[int, ...] = ()) -> dict[str, Any]:
+    """The --kv-transfer-config of a `kv_producer` (prefill) or `kv_consumer` (decode).
+
+    vllm-ascend's Mooncake connectors also get their module, the instance's kv_port, and the
+    `prefill`/`decode` dp_size/tp_size their workers assert on, from the topology's instances."""
     kv = topology.kv_transfer
     assert kv is not None
     config: dict[str, Any] = {"kv_connector": kv.connector, "kv_role": role}
-    config.update(kv.config)
-    if kv.extra_config:
-        config["kv_connector_extra_config"] = dict(kv.extra_config)
+    extra = dict(kv.extra_config)
+    if kv.connector in ASCEND_KV_MODULES:
+        config["kv_connector_module_path"] = ASCEND_KV_MODULES[kv.connector]
+        if kv_ports:
+            config["kv_port"] = kv_ports[0]
+        for side in ("prefill", "decode"):
+            sizes = parallel_sizes(topology, side)
+            if len(sizes) == 1:  # more than one is refused at validate
+                (dp, tp), = sizes
+                extra[side] = {"dp_size": dp, "tp_size": tp}
+    config.update(kv.config)  # kv_connector_module_path may be overridden here
+    if extra:
+        config["kv_connector_extra_config"] = extra
     return config
 
 
@@ -173,6 +238,22 @@ def proxy_kv_connector(topology: Topology) -> Optional[str]:
     whether P's answer must carry kv_transfer_params (a storage connector's never does)."""
     kv = topology.kv_transfer
     return kv.connector if topology.prefill and kv is not None and kv.connector != NIXL else None
+
+
+# Addresses a proxy can bind but nobody can call back: the layerwise flow's metaserver needs a real one.
+WILDCARD_HOSTS = ("0.0.0.0", "::", "[::]", "0:0:0:0:0:0:0:0", "", "*")
+METASERVER_PATH = "/v1/metaserver"
+
+
+def metaserver_url(host: str, port: int) -> str:
+    """The URL the proxy names to decoders in the layerwise flow (an IPv6 address in brackets)."""
+    host = host.strip("[]")
+    return f"http://[{host}]:{port}{METASERVER_PATH}" if ":" in host else f"http://{host}:{port}{METASERVER_PATH}"
+
+
+def proxy_metaserver_host(topology: Topology) -> Optional[str]:
+    """The address decoders call the layerwise metaserver at, when it is not the proxy's bind address."""
+    return topology.proxy.metaserver_host if is_layerwise(topology) else None
 
 
 def proxy_ec_connector(topology: Topology) -> Optional[str]:

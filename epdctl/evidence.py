@@ -19,6 +19,7 @@ SIM = {
     "missed": "epdctl_sim_ec_missed_total",
     "prefills": "epdctl_sim_prefills_total",
     "remote_prefills": "epdctl_sim_remote_prefills_total",
+    "kv_pushes": "epdctl_sim_kv_pushes_total",  # the layerwise flow: KV a prefill pushed to a decoder
 }
 # vLLM's own (names read in vLLM 0.32's vllm/v1/metrics/loggers.py): finished requests (all finish
 # reasons summed), and prompt tokens by where their KV came from.

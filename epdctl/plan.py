@@ -13,15 +13,17 @@ from typing import TYPE_CHECKING, Any, Mapping, Optional
 from epdctl.config.schema import (InstanceRef, ProxySpec, RestartSpec, Topology, effective_memory_fraction,
                                   tensor_parallel_size)
 from epdctl.connectors import (LOOPBACK, ROUTER_KV_CONNECTORS, ec_config, ec_connector_env, ec_consumer_zmq_addrs,
-                               ec_port_count, ec_port_owners, ec_storage_path, kv_config, kv_storage_path,
-                               proxy_ec_connector, proxy_ec_storage_path, proxy_kv_connector, uses_nixl)
+                               ec_port_count, ec_port_owners, ec_storage_path, is_layerwise, kv_config, kv_port_count,
+                               kv_storage_path, proxy_ec_connector, proxy_ec_storage_path, proxy_kv_connector,
+                               proxy_metaserver_host, uses_mooncake_kv, uses_nixl)
 from epdctl.errors import EXIT_USAGE, EpdctlError
 
 if TYPE_CHECKING:  # the allocation is gathered by run/slurm.py before planning; the plan only reads it
     from epdctl.run.slurm import Allocation
 
 ENCODER_MIN_BATCHED_TOKENS = 114688  # the seeds' value: a whole multi-image prompt in one step
-DEVICE_VARIABLE = {"cuda": "CUDA_VISIBLE_DEVICES", "xpu": "ZE_AFFINITY_MASK"}
+# Ascend NPUs: vllm-ascend (torch_npu) reads ASCEND_RT_VISIBLE_DEVICES, nothing of CUDA's.
+DEVICE_VARIABLE = {"cuda": "CUDA_VISIBLE_DEVICES", "xpu": "ZE_AFFINITY_MASK", "npu": "ASCEND_RT_VISIBLE_DEVICES"}
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,8 @@ class ProcessSpec:
     ec_connector: Optional[str] = None
     ec_storage_path: Optional[str] = None
     node: Optional[str] = None  # launcher slurm: the node its job step runs on (None: where `up` runs)
+    kv_ports: tuple[int, ...] = ()  # vllm-ascend Mooncake: kv_port and one more per rank (in the JSON, not env)
+    kv_connector: Optional[str] = None  # its --kv-transfer-config's kv_connector as planned (smoke reads it)
 
     @property
     def url(self) -> str:
@@ -51,7 +55,7 @@ class ProcessSpec:
 
     def ports(self) -> tuple[int, ...]:
         return ((self.port,) + ((self.side_channel_port,) if self.side_channel_port else ()) + self.ec_ports
-                + ((self.metrics_port,) if self.metrics_port else ()))
+                + self.kv_ports + ((self.metrics_port,) if self.metrics_port else ()))
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {"name": self.name}
@@ -164,7 +168,7 @@ def engine_prefix(topology: Topology, python: str) -> tuple[list[str], bool]:
 
 
 def role_flags(topology: Topology, role: str, devices: tuple[int, ...], ec_ports: tuple[int, ...] = (),
-               host: str = LOOPBACK) -> dict[str, Any]:
+               host: str = LOOPBACK, kv_ports: tuple[int, ...] = ()) -> dict[str, Any]:
     """The flags a role needs to work (precedence level 2)."""
     flags: dict[str, Any] = {"enable-request-id-headers": True}
     if len(devices) > 1:
@@ -182,9 +186,9 @@ def role_flags(topology: Topology, role: str, devices: tuple[int, ...], ec_ports
     elif role in ("pd", "prefill") and has_encoders:
         flags["ec-transfer-config"] = ec_config(topology, "ec_consumer", ec_ports, host)
     if role == "prefill":
-        flags["kv-transfer-config"] = kv_config(topology, "kv_producer")
+        flags["kv-transfer-config"] = kv_config(topology, "kv_producer", kv_ports)
     elif role == "decode":
-        flags["kv-transfer-config"] = kv_config(topology, "kv_consumer")
+        flags["kv-transfer-config"] = kv_config(topology, "kv_consumer", kv_ports)
     return flags
 
 
@@ -262,6 +266,7 @@ def build_plan(topology: Topology, python: str = "python", router: str = "vllm-r
     prefix, positional_model = engine_prefix(topology, python)
     side_channels = side_channel_ports(topology)
     all_ec_ports = ec_ports(topology)
+    all_kv_ports = kv_ports(topology)
     device_variable = DEVICE_VARIABLE.get(topology.platform)
     instances = []
     for ref in topology.instances():
@@ -276,11 +281,14 @@ def build_plan(topology: Topology, python: str = "python", router: str = "vllm-r
         instance_flags.update(spec.args)
         # A sim profile's costs are the lowest level: any `args:` still overrides them.
         instance_ec_ports = all_ec_ports.get(ref.name, ())
+        instance_kv_ports = all_kv_ports.get(ref.name, ())
         flags = merge_flags(topology.sim_costs(ref.role), topology.defaults.args,
-                            role_flags(topology, ref.role, spec.devices, instance_ec_ports, host), instance_flags)
+                            role_flags(topology, ref.role, spec.devices, instance_ec_ports, host, instance_kv_ports),
+                            instance_flags)
         model_argv = [topology.model] if positional_model else ["--model", topology.model]
         argv = prefix + model_argv + ["--port", str(spec.port)] + flags_to_argv(flags)
         ec = _json_flag(flags, "ec-transfer-config")
+        kv = _json_flag(flags, "kv-transfer-config")
         ec_extra = ec.get("ec_connector_extra_config")
 
         role_env: dict[str, str] = {}
@@ -301,6 +309,7 @@ def build_plan(topology: Topology, python: str = "python", router: str = "vllm-r
                 restart=spec.restart.over(topology.restart) if spec.restart else topology.restart,
                 ec_connector=_text(ec.get("ec_connector")),
                 ec_storage_path=_text(ec_extra.get("shared_storage_path")) if isinstance(ec_extra, dict) else None,
+                kv_ports=instance_kv_ports, kv_connector=_text(kv.get("kv_connector")),
             )
         )
     instances_t = tuple(instances)
@@ -320,7 +329,8 @@ def build_plan(topology: Topology, python: str = "python", router: str = "vllm-r
             # environment: SPT_NOENV keeps EPDCTL_RUN readable, so `down` finds it with its state gone.
             name="proxy", env={"SPT_NOENV": "1"} if topology.proxy.impl == "vllm-router" else {},
             argv=tuple(router_argv(topology, instances_t, router) if topology.proxy.impl == "vllm-router"
-                       else proxy_argv(topology, instances_t, python, proxy_bind)),
+                       else proxy_argv(topology, instances_t, python, proxy_bind,
+                                       proxy_host if proxy_bind != proxy_host else None)),
             host=proxy_host, port=topology.proxy.port,
             metrics_port=router_metrics_port(topology.proxy) if topology.proxy.impl == "vllm-router" else None,
             restart=topology.proxy.restart.over(topology.restart) if topology.proxy.restart else topology.restart,
@@ -378,7 +388,9 @@ def router_argv(topology: Topology, instances: tuple[ProcessSpec, ...], router: 
 
 
 def proxy_argv(topology: Topology, instances: tuple[ProcessSpec, ...], python: str,
-               bind: Optional[str] = None) -> list[str]:
+               bind: Optional[str] = None, callback_host: Optional[str] = None) -> list[str]:
+    """epdctl's proxy. `callback_host`: the address the nodes reach a proxy bound to a wildcard at
+    (launcher slurm), which the layerwise flow names to decoders for its metaserver."""
     def urls(*roles: str) -> str:
         return ",".join(spec.url for spec in instances if spec.role in roles) or "disable"
 
@@ -405,6 +417,8 @@ def proxy_argv(topology: Topology, instances: tuple[ProcessSpec, ...], python: s
             argv += [flag, ",".join(names)]
     if kv_connector := proxy_kv_connector(topology):
         argv += ["--kv-connector", kv_connector]
+    if is_layerwise(topology) and (metaserver_host := proxy_metaserver_host(topology) or callback_host):
+        argv += ["--metaserver-host", metaserver_host]
     if ec_path := proxy_ec_storage_path(topology):
         argv += ["--ec-shared-storage-path", ec_path]
     if ec_connector := proxy_ec_connector(topology):
@@ -471,12 +485,38 @@ def ec_ports(topology: Topology) -> dict[str, tuple[int, ...]]:
     assert topology.ec_transfer is not None
     taken = {ref.spec.port for ref in topology.instances()} | proxy_ports(topology.proxy)
     taken |= set(side_channel_ports(topology).values()) | _pinned_ec_ports(topology)
+    taken |= {port for ports in kv_ports(topology).values() for port in ports}
     ports: dict[str, tuple[int, ...]] = {}
     candidate = topology.ec_transfer.port_base
     for ref in owners:
         count = _ec_port_count(topology, ref)
         if ref.spec.ec_port:
             ports[ref.name] = tuple(range(ref.spec.ec_port, ref.spec.ec_port + count))
+            continue
+        ports[ref.name] = hand_out(candidate, taken, count)
+        candidate = ports[ref.name][0]
+        taken |= set(ports[ref.name])
+    return ports
+
+
+def kv_ports(topology: Topology) -> dict[str, tuple[int, ...]]:
+    """vllm-ascend's Mooncake connectors: each P and D instance's kv_port and the ports after it
+    that its ranks bind (connectors.kv_port_count). Handed out from `side_channel_port_base` past
+    every other port, unless an instance sets its own `side_channel_port` (the first of them)."""
+    if not uses_mooncake_kv(topology):
+        return {}
+    assert topology.kv_transfer is not None
+    refs = [ref for ref in topology.instances() if ref.role in ("prefill", "decode")]
+    taken = {ref.spec.port for ref in topology.instances()} | proxy_ports(topology.proxy) | _pinned_ec_ports(topology)
+    for ref in refs:
+        if ref.spec.side_channel_port:
+            taken |= set(range(ref.spec.side_channel_port, ref.spec.side_channel_port + kv_port_count(topology, ref.spec)))
+    ports: dict[str, tuple[int, ...]] = {}
+    candidate = topology.kv_transfer.side_channel_port_base
+    for ref in refs:
+        count = kv_port_count(topology, ref.spec)
+        if ref.spec.side_channel_port:
+            ports[ref.name] = tuple(range(ref.spec.side_channel_port, ref.spec.side_channel_port + count))
             continue
         ports[ref.name] = hand_out(candidate, taken, count)
         candidate = ports[ref.name][0]

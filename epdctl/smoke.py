@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 from xml.sax.saxutils import escape, quoteattr
 
-from epdctl.connectors import EC_FILENAME
+from epdctl.connectors import EC_FILENAME, MOONCAKE_LAYERWISE
 from epdctl.errors import EXIT_RUNTIME, EpdctlError
 from epdctl.evidence import (EC_EVIDENCE, SIM, VLLM_EC_LOADED, VLLM_ENCODER_RAN, VLLM_LOCAL_KV_TOKENS,
                              VLLM_REMOTE_KV_TOKENS, VLLM_REQUESTS, parse_metrics)
@@ -321,6 +321,14 @@ def prove(plan: Plan, proxy: str, log_of: Optional[Callable[[str], Path]] = None
             prefilled = delta(prefills, SIM["prefills"])
             checks.append(Check("prefill instances prefilled", prefilled >= requests,
                                 f"{_names(prefills)} prefilled {prefilled:g} of {requests} requests"))
+            if any(s.kv_connector == MOONCAKE_LAYERWISE for s in prefills):
+                # Decoder first: each prefill ran on one metaserver call and pushed its KV once.
+                pushed = delta(prefills, SIM["kv_pushes"])
+                checks.append(Check("prefill pushed the KV once per request (layerwise)",
+                                    pushed == requests and prefilled == requests,
+                                    f"{_names(prefills)} prefilled {prefilled:g} and pushed {pushed:g} times for "
+                                    f"{requests} requests", hint="does the proxy run --kv-connector "
+                                                                f"{MOONCAKE_LAYERWISE}?"))
         else:
             served = delta(prefills, VLLM_REQUESTS)
             checks.append(Check("prefill instances prefilled", served >= requests,

@@ -22,7 +22,8 @@ from epdctl.config.yamlmarks import did_you_mean
 from epdctl.connectors import (EC_CPU, EC_EXAMPLE, EC_MOONCAKE, EC_NUMBERS, EC_PLANNED_ENV, MAX_EC_BYTES,
                                MAX_EC_PORTS_PER_INSTANCE, MOONCAKE_PROTOCOL, ROUTER_KV_CONNECTORS, ec_port_owners,
                                uses_nixl)
-from epdctl.plan import ec_ports, normalize_flag, router_metrics_host, router_metrics_port, side_channel_ports
+from epdctl.config.transfer_checks import transfer_problems
+from epdctl.plan import ec_ports, kv_ports, normalize_flag, router_metrics_host, router_metrics_port, side_channel_ports
 
 # Linux refuses to exec an argument or an environment string of 32 pages or more
 # (MAX_ARG_STRLEN, counting its NUL), and a whole argv + environment above ARG_MAX (2 MiB with
@@ -68,6 +69,7 @@ def cross_check(topology: Topology, device_count: int | None = None, check_folde
             problems.append((("ec_transfer", "shared_storage_path"), problem, False))
     problems += _exec_problems(topology)
     problems += _ec_connector_problems(topology)
+    problems += transfer_problems(topology)
     problems += _router_problems(topology)
 
     problems += _sim_flag_problems(topology)
@@ -111,6 +113,15 @@ def cross_check(topology: Topology, device_count: int | None = None, check_folde
                                  f"{name}'s side channel would get port {port}, past 65535: lower side_channel_port_base", False))
             elif port not in explicit:
                 claim(port, ("kv_transfer", "side_channel_port_base"), f"{name}'s side channel")
+
+    for name, ports in kv_ports(topology).items():  # vllm-ascend Mooncake: kv_port and one per rank
+        ref = next(r for r in topology.instances() if r.name == name)
+        loc = (ref.role, ref.index, "side_channel_port") if ref.spec.side_channel_port else ("kv_transfer", "side_channel_port_base")
+        for port in ports:
+            if port > 65535:
+                problems.append((loc, f"{name}'s kv_port range would run to {ports[-1]}, past 65535", False))
+                break
+            claim(port, loc, f"{name}'s Mooncake kv_port")
 
     for name, ports in ec_ports(topology).items():
         ref = next(r for r in topology.instances() if r.name == name)

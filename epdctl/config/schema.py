@@ -165,12 +165,15 @@ class ProxySpec(_Model):
     impl: Literal["epdctl", "vllm-router"] = "epdctl"
     # vllm-router's Prometheus port (it serves /metrics there, not on `port`); default port + 1.
     metrics_port: Optional[Port] = None
+    # MooncakeLayerwiseConnector: the address decoders call the proxy's /v1/metaserver at, when the
+    # proxy binds a wildcard address (default: `host` itself).
+    metaserver_host: Optional[str] = Field(None, min_length=1, max_length=253)
 
-    @field_validator("host")
+    @field_validator("host", "metaserver_host")
     @classmethod
-    def _host(cls, value: str) -> str:
+    def _host(cls, value: Optional[str]) -> Optional[str]:
         # A bind address or host name only: it reaches argv, scripts and URLs.
-        if "\0" not in value and not re.fullmatch(r"[A-Za-z0-9_.:\[\]][A-Za-z0-9_.:\[\]-]*", value):
+        if value is not None and "\0" not in value and not re.fullmatch(r"[A-Za-z0-9_.:\[\]][A-Za-z0-9_.:\[\]-]*", value):
             raise ValueError("must be a host name or an IP address")
         return value
 
@@ -237,7 +240,7 @@ class Topology(_Model):
     name: str = Field(pattern=NAME_PATTERN)
     model: str = Field(min_length=1)
     engine: Literal["vllm", "sim"] = "vllm"
-    platform: Literal["cuda", "xpu", "cpu"] = "cuda"
+    platform: Literal["cuda", "xpu", "npu", "cpu"] = "cuda"  # npu: Ascend NPUs (vllm-ascend)
     vllm_command: tuple[str, ...] = Field(("vllm", "serve"), min_length=1)
     launcher: Literal["local", "slurm"] = "local"  # slurm: each instance a job step of the allocation
     defaults: Defaults = Defaults()

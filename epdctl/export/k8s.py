@@ -22,13 +22,15 @@ import yaml
 
 from epdctl.atomicfile import check_output, make_output_folder, write_output
 from epdctl.config.schema import Topology
-from epdctl.connectors import EC_MOONCAKE, ec_consumer_zmq_addrs
+from epdctl.connectors import EC_MOONCAKE, ec_consumer_zmq_addrs, is_layerwise
 from epdctl.errors import EXIT_RUNTIME, EXIT_USAGE, EpdctlError
 from epdctl.plan import DEVICE_VARIABLE, ProcessSpec, build_plan
 
 DEFAULT_IMAGE = "vllm/vllm-openai:v0.33.0"
 DEFAULT_PROXY_IMAGE = "epdctl:0.1.0"  # build it from the repository's Dockerfile (docs/howto-kubernetes.md)
-DEVICE_RESOURCE = {"cuda": "nvidia.com/gpu", "xpu": "gpu.intel.com/i915"}
+# The device plugins' resource names; --device-resource names another (an Ascend 310P's, say).
+DEVICE_RESOURCE = {"cuda": "nvidia.com/gpu", "xpu": "gpu.intel.com/i915", "npu": "huawei.com/Ascend910"}
+RESOURCE_NAME = re.compile(r"^([a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
 EC_VOLUME_SIZE = "50Gi"
 PROBE_PERIOD_S = 5
 # Service names are DNS-1035 labels: a letter first, at most 63 characters.
@@ -129,7 +131,8 @@ def _command(topology: Topology, spec: ProcessSpec) -> list[str]:
     return argv + (["--host", "0.0.0.0"] if topology.engine == "sim" else [])
 
 
-def _deployment(topology: Topology, work: Workload, image: str, ec_claim: Optional[str]) -> dict[str, Any]:
+def _deployment(topology: Topology, work: Workload, image: str, ec_claim: Optional[str],
+                resource: Optional[str] = None) -> dict[str, Any]:
     spec = work.spec
     ports = [{"name": "http", "containerPort": spec.port}]
     if spec.side_channel_port:
@@ -149,7 +152,7 @@ def _deployment(topology: Topology, work: Workload, image: str, ec_claim: Option
     env = _container_env(topology, spec)
     if env:
         container["env"] = env
-    resource = DEVICE_RESOURCE.get(topology.platform)
+    resource = resource or DEVICE_RESOURCE.get(topology.platform)
     if resource and spec.devices:
         container["resources"] = {"limits": {resource: len(spec.devices)}}
     mounts, volumes = [], []
@@ -179,10 +182,15 @@ def _service(topology: Topology, name: str, role: str, port: int, workload: str,
     # EC ports too: the proxy names a Mooncake consumer to the encoders as tcp://SERVICE:PORT.
     ports = [{"name": "http", "port": port, "targetPort": "http"}]
     ports += [{"name": f"ec-{i}", "port": ec_port, "targetPort": f"ec-{i}"} for i, ec_port in enumerate(ec_ports)]
+    spec: dict[str, Any] = {"type": "ClusterIP", "selector": _labels(topology, role, workload), "ports": ports}
+    if role == "decode" and is_layerwise(topology):
+        # Headless: its name resolves to the pods' own IPs, the addresses their metaserver calls come
+        # from, which the proxy checks them against (a ClusterIP is never a call's source).
+        spec["clusterIP"] = "None"
     return {
         "apiVersion": "v1", "kind": "Service",
         "metadata": {"name": name, "labels": _labels(topology, role, workload)},
-        "spec": {"type": "ClusterIP", "selector": _labels(topology, role, workload), "ports": ports},
+        "spec": spec,
     }
 
 
@@ -204,6 +212,8 @@ def _proxy_deployment(topology: Topology, works: list[Workload], image: str, ec_
     kv = topology.kv_transfer
     if topology.prefill and kv is not None and kv.connector != "NixlConnector":
         command += ["--kv-connector", kv.connector]  # as `plan` passes it: the proxy's warnings know it
+    if is_layerwise(topology):  # decoders call the proxy back by its Service name
+        command += ["--metaserver-host", topology.proxy.metaserver_host or f"{_base(topology)}-proxy"]
     ec = topology.ec_transfer
     if topology.encode and ec is not None and ec.connector != "ECExampleConnector":
         command += ["--ec-connector", ec.connector]
@@ -235,8 +245,12 @@ def _proxy_deployment(topology: Topology, works: list[Workload], image: str, ec_
 
 
 def manifests(topology: Topology, source_text: str, *, image: Optional[str] = None,
-              proxy_image: Optional[str] = None, storage_class: Optional[str] = None) -> list[dict[str, Any]]:
+              proxy_image: Optional[str] = None, storage_class: Optional[str] = None,
+              device_resource: Optional[str] = None) -> list[dict[str, Any]]:
     """Every object, in apply order: config, storage, instances and their services, the proxy."""
+    if device_resource is not None and not RESOURCE_NAME.match(device_resource):
+        raise EpdctlError(f"--device-resource {device_resource!r}: a Kubernetes resource name such as "
+                          "huawei.com/Ascend910", EXIT_USAGE)
     if topology.proxy.impl != "epdctl":
         raise EpdctlError(topology.error_at(("proxy", "impl"), f"{topology.proxy.impl}: export k8s runs epdctl's proxy "
                                             "only; use impl: epdctl here (or deploy vllm-router with its own chart)"),
@@ -264,7 +278,7 @@ def manifests(topology: Topology, source_text: str, *, image: Optional[str] = No
                      "metadata": {"name": ec_claim, "labels": _labels(topology, "ec-cache")}, "spec": claim})
     works = workloads(topology, plan.instances)
     for work in works:
-        docs.append(_deployment(topology, work, image, ec_claim))
+        docs.append(_deployment(topology, work, image, ec_claim, device_resource))
         docs.append(_service(topology, work.name, work.role, work.spec.port, work.name, work.spec.ec_ports))
     docs.append(_proxy_deployment(topology, works, proxy_image, ec_claim))
     proxy = f"{_base(topology)}-proxy"
@@ -334,14 +348,14 @@ def _previous_export(output: Path) -> set[Path]:
 
 def export(topology: Topology, source: Path, output: Path, *, namespace: Optional[str] = None,
            image: Optional[str] = None, proxy_image: Optional[str] = None, storage_class: Optional[str] = None,
-           check: bool = False, out=None) -> list[Path]:
+           device_resource: Optional[str] = None, check: bool = False, out=None) -> list[Path]:
     """Write OUTPUT/manifests/*.yaml (for `kubectl apply -f`) and OUTPUT/kustomization.yaml (for `-k`)."""
     import sys
 
     out = out or sys.stdout
     stale = _previous_export(output)  # refused before any work, as every other check
     docs = manifests(topology, source.read_text(encoding="utf-8"), image=image, proxy_image=proxy_image,
-                     storage_class=storage_class)
+                     storage_class=storage_class, device_resource=device_resource)
     if namespace:
         for doc in docs:
             doc["metadata"]["namespace"] = namespace

@@ -7,6 +7,7 @@ import asyncio
 import errno
 import logging
 import os
+import re
 import signal
 import sys
 from typing import Optional
@@ -60,6 +61,9 @@ def parse_args(argv: list[str]):
                         help="The P->D KV connector (default NixlConnector). With a storage connector such as "
                              "ExampleConnector, P answers without kv_transfer_params by design, so the proxy "
                              "does not warn that decode will recompute.")
+    parser.add_argument("--metaserver-host",
+                        help="MooncakeLayerwiseConnector: the address decoders call the proxy's /v1/metaserver at "
+                             "(default: --host; required when --host is a wildcard such as 0.0.0.0).")
     parser.add_argument("--ec-connector", default="ECExampleConnector",
                         help="The E->P/PD EC connector (default ECExampleConnector). With ECCPUConnector the proxy "
                              "passes each encoder's answer (where its output can be read) on to the consumer.")
@@ -94,7 +98,33 @@ def parse_args(argv: list[str]):
                 parser.error(f"--{role}-servers-names: {len(names)} name(s) for {len(urls)} URL(s)")
         setattr(args, f"{role}_names", names)
     args.ec_zmq_addrs = _zmq_addresses(args, parser)
+    args.metaserver_url = _metaserver_url(args, parser)
     return args
+
+
+def _metaserver_url(args, parser: argparse.ArgumentParser) -> str | None:
+    """The layerwise flow's call-back URL, built from the proxy's own address (vllm-ascend's proxy
+    refuses a wildcard for the same reason: a decoder cannot call 0.0.0.0 back)."""
+    from epdctl.connectors import MOONCAKE_LAYERWISE as LAYERWISE_KV_CONNECTOR
+    from epdctl.connectors import WILDCARD_HOSTS, metaserver_url
+
+    if args.kv_connector != LAYERWISE_KV_CONNECTOR:
+        if args.metaserver_host is not None:
+            parser.error(f"--metaserver-host is for --kv-connector {LAYERWISE_KV_CONNECTOR}")
+        return None
+    if not args.prefill_urls:
+        parser.error(f"--kv-connector {LAYERWISE_KV_CONNECTOR} needs --prefill-servers-urls (the decoder-first flow "
+                     "runs a prefill for each request)")
+    if args.workers > 1:
+        parser.error(f"--kv-connector {LAYERWISE_KV_CONNECTOR} runs with --workers 1: a decoder's metaserver call "
+                     "must reach the worker that sent it the request")
+    host = args.metaserver_host if args.metaserver_host is not None else args.host
+    if host.strip() in WILDCARD_HOSTS:
+        parser.error(f"--kv-connector {LAYERWISE_KV_CONNECTOR}: decoders call the proxy back at {host!r}, a wildcard "
+                     "address: give --host a real address, or --metaserver-host the one decoders reach it at")
+    if not re.fullmatch(r"[A-Za-z0-9_.:\[\]-]{1,253}", host):
+        parser.error(f"--metaserver-host {host!r}: a host name or an IP address")
+    return metaserver_url(host, args.port)
 
 
 def _zmq_addresses(args, parser: argparse.ArgumentParser) -> list[str] | None:
@@ -166,6 +196,7 @@ async def _serve(args) -> int:
         probe_interval_s=args.probe_interval_s, max_media_items=args.max_media_items, kv_connector=args.kv_connector,
         encode_names=args.encode_names, prefill_names=args.prefill_names, decode_names=args.decode_names,
         ec_connector=args.ec_connector, ec_consumer_zmq_addrs=args.ec_zmq_addrs, pool_file=args.pool_file,
+        metaserver_url=args.metaserver_url,
         # A worker among several: metrics summed over all of them (epdctl/proxy/workers.py).
         metrics_dir=os.environ.get("PROMETHEUS_MULTIPROC_DIR") if args.worker_index is not None else None,
     )

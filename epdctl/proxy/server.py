@@ -23,7 +23,7 @@ import struct
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import aiohttp
 from aiohttp import web
@@ -32,7 +32,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from epdctl import jsoncodec
-from epdctl.connectors import ec_exists
+from epdctl.connectors import MOONCAKE_LAYERWISE, ec_exists
 from epdctl.media import MediaError, check_media_key, content_hash, iter_media, local_media_path, strip_text
 from epdctl.proxy.ec_handles import HANDLE_CONNECTORS, consumer_params, push_params
 from epdctl.proxy.errors import (JsonErrorServer, StageError, describe_failure, error_body, error_response, snippet,
@@ -64,7 +64,7 @@ PREFILL_KV_PARAMS = {
 # KV by the prompt itself. MultiConnector may wrap either kind.
 HANDOFF_KV_CONNECTORS = frozenset({
     "NixlConnector", "NixlPullConnector", "NixlPushConnector", "MooncakeConnector", "MoRIIOConnector",
-    "P2pNcclConnector", "MultiConnector",
+    "P2pNcclConnector", "MultiConnector", "MooncakeConnectorV1",
 })
 FORWARDED_HEADERS = ("Authorization",)
 SKIPPED_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding")
@@ -102,6 +102,8 @@ class ProxyConfig:
     metrics_dir: Optional[str] = None
     # The pool the supervisor wants, watched while serving (epdctl scale; proxy/membership.py).
     pool_file: Optional[str] = None
+    # MooncakeLayerwiseConnector: the metaserver URL decoders call back (proxy/layerwise.py).
+    metaserver_url: Optional[str] = None
 
 
 class Proxy:
@@ -135,6 +137,11 @@ class Proxy:
         self._warned_no_kv = False
         consumers = self.prefill or self.decode
         self.ec_zmq: dict[Backend, str] = dict(zip(consumers.backends, config.ec_consumer_zmq_addrs or []))
+        self.layerwise = None
+        if config.kv_connector == MOONCAKE_LAYERWISE and self.prefill and config.metaserver_url:
+            from epdctl.proxy.layerwise import Layerwise
+
+            self.layerwise = Layerwise(self, config.metaserver_url)
 
     def _new_request_id(self) -> str:
         # Unique per proxy process without a urandom call per request: a random prefix drawn once.
@@ -149,6 +156,10 @@ class Proxy:
             ("POST", CHAT_PATH): self.chat, ("POST", COMPLETIONS_PATH): self.completions,
             ("GET", "/v1/models"): self.models, ("GET", "/health"): self.health, ("GET", "/metrics"): self.metrics_text,
         }
+        if self.layerwise is not None:
+            from epdctl.proxy.layerwise import METASERVER_PATH
+
+            routes[("POST", METASERVER_PATH)] = self.layerwise.metaserver
         paths = {path for _, path in routes}
         limit = self.config.max_body_bytes
         loop = asyncio.get_running_loop()  # web.Server needs a running loop too
@@ -325,6 +336,9 @@ class Proxy:
                 handles = await self._encode_all(body, items, request_id, headers, consumer)
                 if handles:
                     body["ec_transfer_params"] = handles
+            if self.layerwise is not None:  # the decoder first; its metaserver call starts the prefill
+                return await self.layerwise.serve(request, body, path, stream, request_id, headers, weight, outcome,
+                                                  consumer)
             if self.prefill:
                 body["kv_transfer_params"] = await self._prefill(body, path, request_id, headers, weight, consumer)
                 body.pop("ec_transfer_params", None)  # D is no EC consumer
@@ -487,7 +501,11 @@ class Proxy:
         raise error or StageError(503, f"no healthy {pool.role} instance")
 
     async def _decode(self, request: web.BaseRequest, payload: bytes, path: str, stream: bool, request_id: str,
-                      headers: dict, weight: float, outcome: Outcome, only: Optional[Backend] = None) -> web.StreamResponse:
+                      headers: dict, weight: float, outcome: Outcome, only: Optional[Backend] = None,
+                      prepare: Optional[Callable[[Backend], str]] = None,
+                      inspect: Optional[Callable[[bytes], Optional[str]]] = None) -> web.StreamResponse:
+        """`prepare(backend)`: the request id to send this attempt with (the layerwise flow's own);
+        `inspect(bytes)`: an error message when the decoder's answer must not reach the client."""
         session, timeout = self.sessions["decode"], self.timeouts["decode"]
         started = time.perf_counter()
         tried: list[Backend] = _others(self.decode, only)
@@ -501,10 +519,11 @@ class Proxy:
                 self.metrics.retries.labels("decode").inc()
             tried.append(backend)
             backend.acquire(weight)
+            sent_id = prepare(backend) if prepare is not None else request_id
             try:
                 try:
                     resp = await session.post(backend.endpoint(path), data=payload,
-                                              headers={**headers, "X-Request-Id": request_id}, timeout=timeout)
+                                              headers={**headers, "X-Request-Id": sent_id}, timeout=timeout)
                 except asyncio.TimeoutError:
                     self._eject(backend)
                     error = StageError(504, f"decode {backend.name} ({backend.url}) did not answer in {timeout.sock_read:g}s")
@@ -515,7 +534,7 @@ class Proxy:
                     error = StageError(502, f"decode {backend.name} ({backend.url}): {describe_failure(exc)}")
                     continue
                 try:
-                    return await self._relay(request, resp, backend, stream, request_id, started, outcome)
+                    return await self._relay(request, resp, backend, stream, request_id, started, outcome, inspect)
                 finally:
                     resp.release()
             finally:
@@ -523,7 +542,8 @@ class Proxy:
         raise error or StageError(503, "no healthy decode instance")
 
     async def _relay(self, request: web.BaseRequest, resp: aiohttp.ClientResponse, backend: Backend, stream: bool,
-                     request_id: str, started: float, outcome: Outcome) -> web.StreamResponse:
+                     request_id: str, started: float, outcome: Outcome,
+                     inspect: Optional[Callable[[bytes], Optional[str]]] = None) -> web.StreamResponse:
         where = f"decode {backend.name} ({backend.url})"
         try:
             if resp.status != 200 or not stream:
@@ -531,6 +551,8 @@ class Proxy:
                 self.metrics.stage_decode.observe(time.perf_counter() - started)
                 if resp.status >= 500:
                     raise StageError(502, f"{where} answered {resp.status}: {snippet(data)}")
+                if inspect is not None and resp.status == 200 and (problem := inspect(data)):
+                    raise StageError(502, f"{where}: {problem}")
                 outcome.value = outcome_of(resp.status)
                 return web.Response(status=resp.status, body=data, content_type=resp.content_type,
                                     headers={"X-Request-Id": request_id})
@@ -548,24 +570,32 @@ class Proxy:
         await out.prepare(request)
         try:
             if first:
+                if inspect is not None and (problem := inspect(first)):
+                    raise _Refused(problem)
                 # Once [DONE] is relayed the client has all it asked for, and may hang up (which
                 # cancels us) before the backend's end of stream arrives: that is a success.
                 await out.write(first)
                 if first.endswith(SSE_DONE):
                     outcome.value = "ok"
                 async for chunk in resp.content.iter_any():
+                    if inspect is not None and (problem := inspect(chunk)):
+                        raise _Refused(problem)
                     await out.write(chunk)
                     if chunk.endswith(SSE_DONE):
                         outcome.value = "ok"
             outcome.value = "ok"
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (aiohttp.ClientError, asyncio.TimeoutError, _Refused) as exc:
             outcome.value = "stream_error"
-            message = f"{where} failed mid-stream: {describe_failure(exc)}"
+            message = f"{where}: {exc}" if isinstance(exc, _Refused) else f"{where} failed mid-stream: {describe_failure(exc)}"
             log.warning("request %s: %s", request_id, message)
             event = json.dumps(error_body(message, 502), separators=(",", ":"))
             await out.write(f"data: {event}\n\ndata: [DONE]\n\n".encode())
         await out.write_eof()
         return out
+
+
+class _Refused(Exception):
+    """A decoder's stream that must end here (the layerwise flow's `recomputed`)."""
 
 
 def _others(pool: Pool, only: Optional[Backend]) -> list[Backend]:

@@ -109,6 +109,16 @@ def _role(raw: Optional[str], key: str, flag: str) -> tuple[Optional[str], dict]
     return config.get(key), config
 
 
+def _kv_port(kv: dict) -> int:
+    """kv_port as vLLM's KVTransferConfig reads it (an int, or its digits as text), else its default."""
+    value = kv.get("kv_port", 14579) if kv else 14579
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 < value < 65536:
+        raise SystemExit(f"epdctl.sim: --kv-transfer-config kv_port must be a port number (got {value!r})")
+    return value
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args, unknown = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout)
@@ -122,7 +132,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from epdctl.sim.server import SimConfig, configure_from_env
 
     ec_role, ec = _role(args.ec_transfer_config, "ec_role", "--ec-transfer-config")
-    kv_role, _ = _role(args.kv_transfer_config, "kv_role", "--kv-transfer-config")
+    kv_role, kv = _role(args.kv_transfer_config, "kv_role", "--kv-transfer-config")
     ec_path = (ec.get("ec_connector_extra_config") or {}).get("shared_storage_path") if ec else None
     config = SimConfig(
         model=args.model, served_names=tuple(args.served_model_name or [args.model]),
@@ -136,6 +146,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         sleep_share=args.sim_sleep_share,
         device_slots=args.sim_device_slots, ledger=args.sim_ledger,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        kv_connector=kv.get("kv_connector") if kv else None, kv_port=_kv_port(kv),
     )
     configure_from_env(config)
     if args.sim_ignore_sigterm:
@@ -172,7 +183,13 @@ async def _listen(config, app, args, log) -> int:
     # handler_cancellation: a client that disconnects cancels its handler, which frees its slot in
     # the step loop, as vLLM aborts such a request (aiohttp's default lets it run to the end).
     runner = web.AppRunner(app, access_log=None, handle_signals=False, handler_cancellation=True)
-    await runner.setup()
+    try:
+        await runner.setup()  # a layerwise decoder binds its kv_port here
+    except OSError as exc:
+        await runner.cleanup()
+        what = "is already in use" if exc.errno == errno.EADDRINUSE else f"cannot be bound: {exc.strerror}"
+        print(f"epdctl.sim: the kv_port on {config.host} {what}", file=sys.stderr)
+        return 1
     # SO_REUSEADDR, as uvicorn sets it for vLLM: a restart must not wait out the TIME_WAITs of
     # its last connections. (It never lets two listeners share a port on Linux.)
     try:

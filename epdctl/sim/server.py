@@ -28,6 +28,7 @@ from epdctl.connectors import ec_exists, load_ec, save_ec
 from epdctl.media import MediaError, MediaItem, check_media_key, content_hash, iter_media, local_media_path
 from epdctl.sim.contention import Pace
 from epdctl.sim.costmodel import DEFAULT_MAX_NUM_BATCHED_TOKENS, DEFAULT_MAX_NUM_SEQS, CostModel, Scheduler, Seq
+from epdctl.sim.layerwise import LAYERWISE, LayerwiseKV, TransferError, vllm_request_id
 
 log = logging.getLogger("epdctl.sim")
 disable_created_metrics()  # `_created` gauges only clutter what smoke and people read
@@ -79,6 +80,8 @@ class SimConfig:
     limit_mm_per_prompt: dict[str, int] = field(default_factory=dict)  # modality → items; DEFAULT_MM_LIMIT otherwise
     side_channel_port: int = 5600
     engine_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    kv_connector: Optional[str] = None  # MooncakeLayerwiseConnector: the decoder-first flow (sim/layerwise.py)
+    kv_port: int = 14579
 
 
 @dataclass
@@ -124,6 +127,7 @@ class Metrics:
         self.ec_missed = counter("epdctl_sim_ec_missed", "Media items a consumer found no encoder-cache file for.")
         self.prefills = counter("epdctl_sim_prefills", "Prefills computed here.")
         self.remote_prefills = counter("epdctl_sim_remote_prefills", "Decodes that used KV from a prefill instance.")
+        self.kv_pushes = counter("epdctl_sim_kv_pushes", "Prefills whose KV this instance pushed to a decoder (layerwise).")
         # vLLM's own names and buckets, timed on the step loop's clock: what the engine saw, without
         # HTTP or proxy, so a client's figures can be checked against the server's.
         label = ["model_name"]
@@ -162,6 +166,9 @@ class SimEngine:
         name = config.served_names[0]
         self._ttft, self._tpot, self._e2e = (h.labels(model_name=name) for h in
                                              (self.metrics.ttft, self.metrics.tpot, self.metrics.e2e))
+        self.layerwise = None
+        if config.kv_connector == LAYERWISE and config.kv_role:
+            self.layerwise = LayerwiseKV(config.host, config.kv_port, config.kv_role, config.engine_id)
         self.metrics.running.labels(model_name=name).set_function(lambda: self.scheduler.running)
         self.metrics.waiting.labels(model_name=name).set_function(lambda: len(self.scheduler.waiting))
         self.metrics.contention.set_function(lambda: self.pace.stretched_s)
@@ -339,14 +346,22 @@ class SimEngine:
         remote_prefill = bool(
             kv_in and kv_in.get("do_remote_prefill") and cfg.kv_role in ("kv_consumer", "kv_both")
         )
+        push = bool(self.layerwise and kv_in and kv_in.get("do_remote_decode") and kv_in.get("remote_host")
+                    and cfg.kv_role in ("kv_producer", "kv_both"))
+        if remote_prefill and self.layerwise is not None:
+            # Decoder first: the prefill starts on our metaserver call; its KV arrives before we decode.
+            try:
+                await self.layerwise.receive(vllm_request_id(chat, request_id), kv_in)
+            except TransferError as exc:
+                return error_response(f"KV transfer failed: {exc}", 500, "InternalServerError")
         encoded_here, loaded_here = self._encode_items(keys, remote_prefill)
         if remote_prefill:
             self.metrics.remote_prefills.inc()
         else:
             self.metrics.prefills.inc()
         kv_out = None
-        if kv_in and kv_in.get("do_remote_decode") and cfg.kv_role in ("kv_producer", "kv_both"):
-            kv_out = self._kv_params_out()
+        if kv_in and kv_in.get("do_remote_decode") and cfg.kv_role in ("kv_producer", "kv_both") and not push:
+            kv_out = self._kv_params_out()  # a layerwise producer returns none: it pushed the KV itself
 
         # An ec_producer runs the encoder only (vLLM resolves it to mm_encoder_only): it costs its
         # items' encode time, no prefill and no decode, and finishes once the prompt is consumed.
@@ -371,6 +386,12 @@ class SimEngine:
         created = int(time.time())
         if not ask.stream:
             await self.scheduler.run(seq)
+            if push:
+                try:
+                    await self.layerwise.push(vllm_request_id(chat, request_id), kv_in)
+                except TransferError as exc:
+                    return error_response(f"KV transfer failed: {exc}", 500, "InternalServerError")
+                self.metrics.kv_pushes.inc()
             content = "".join(tokens)
             if chat:
                 choice = {"index": 0, "message": {"role": "assistant", "content": content},
@@ -453,6 +474,17 @@ def build_app(engine: SimEngine, max_body_bytes: int = 256 * 1024 * 1024) -> web
     app.router.add_get("/health", engine.health)
     app.router.add_get("/v1/models", engine.models)
     app.router.add_get("/metrics", engine.metrics_text)
+    if engine.layerwise is not None:
+        layerwise = engine.layerwise
+
+        async def start(app: web.Application) -> None:
+            await layerwise.start()
+
+        async def close(app: web.Application) -> None:
+            await layerwise.close()
+
+        app.on_startup.append(start)
+        app.on_cleanup.append(close)
     return app
 
 

@@ -43,13 +43,16 @@ TEXT_OPTIONS = {
     "sweep --splits",
     "calibrate --contention",  # a choice of models, never a path
     "export k8s --namespace", "export k8s --image", "export k8s --proxy-image", "export k8s --storage-class",
+    "export k8s --device-resource",  # checked to Kubernetes' resource name form
     "export slurm --time", "export slurm --partition", "export slurm --account",  # checked to Slurm's forms
+    "export slurm --gres",
     *(f"proxy {flag}" for flag in (
         "--encode-servers-urls", "--prefill-servers-urls", "--decode-servers-urls", "--host", "--policy",
         "--encode-servers-names", "--prefill-servers-names", "--decode-servers-names",
         "--ec-shared-storage-path", "--allowed-local-media-path",  # read (and refused outside), never written
         "--pool-file",  # read (bounded, O_NOFOLLOW, a regular file of ours), never written
-        "--kv-connector", "--ec-connector", "--ec-consumer-zmq-addrs", "--log-level")),
+        "--kv-connector", "--ec-connector", "--ec-consumer-zmq-addrs", "--log-level",
+        "--metaserver-host")),  # a host name or address (checked); only a URL built from it is sent
 }
 
 

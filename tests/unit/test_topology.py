@@ -71,7 +71,7 @@ BAD = [
     ("port-range", GOOD_1E1PD.replace("port: 9002", "port: 70000"), "t.yaml:6: pd[0].port: Input should be less than or equal to 65535"),
     ("missing-port", GOOD_1E1PD.replace("{port: 9002}", "{args: {}}"), "t.yaml:6: pd[0].port: required but missing"),
     ("bad-engine", GOOD_1E1PD.replace("engine: sim", "engine: tgi"), "t.yaml:2: engine: Input should be 'vllm' or 'sim'"),
-    ("bad-platform", GOOD_1E1PD.replace("platform: cpu", "platform: rocm"), "t.yaml:3: platform: Input should be 'cuda', 'xpu' or 'cpu'"),
+    ("bad-platform", GOOD_1E1PD.replace("platform: cpu", "platform: rocm"), "t.yaml:3: platform: Input should be 'cuda', 'xpu', 'npu' or 'cpu'"),
     ("bad-name", "name: Big_Name\n" + GOOD_1E1PD, "t.yaml:1: name: String should match pattern"),
     ("encode-without-ec", GOOD_1E1PD.replace("ec_transfer: {connector: ECExampleConnector, shared_storage_path: /tmp/ec}\n", ""),
      "t.yaml:4: encode: encode instances need ec_transfer (the EC connector)"),
