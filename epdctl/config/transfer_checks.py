@@ -123,7 +123,7 @@ def _ascend_problems(topology: Topology) -> list[Problem]:
                              "(it answers such a request with an error): leave it off", True))
     if layerwise:
         proxy = topology.proxy
-        if proxy.host in WILDCARD_HOSTS and proxy.metaserver_host is None and topology.launcher == "local":
+        if proxy.host in WILDCARD_HOSTS and proxy.metaserver_host is None:
             problems.append((("proxy", "host"), f"{MOONCAKE_LAYERWISE}: decoders call the proxy back at its own "
                              f"address, and {proxy.host} is none: set proxy.metaserver_host to the address they "
                              "reach it at", False))
