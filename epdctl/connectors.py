@@ -325,3 +325,19 @@ def load_ec(storage_path: str, mm_hash: str):
         return load_file(path)[EC_TENSOR]
     except (FileNotFoundError, KeyError, SafetensorError, OSError):
         return None
+
+
+# ---------------------------------------------------------------- the proxy's KV hand-off
+
+# NixlConnector's request shape for "prefill here, decode elsewhere" (as vLLM's own proxies send it).
+PREFILL_KV_PARAMS = {
+    "do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None,
+    "remote_block_ids": None, "remote_host": None, "remote_port": None,
+}
+# KV connectors whose prefill answer carries the kv_transfer_params the decoder needs (P2P hand-off).
+# Storage-based ones (ExampleConnector, LMCache, offloading, ...) return none: the decoder finds the
+# KV by the prompt itself. MultiConnector may wrap either kind.
+HANDOFF_KV_CONNECTORS = frozenset({
+    "NixlConnector", "NixlPullConnector", "NixlPushConnector", "MooncakeConnector", "MoRIIOConnector",
+    "P2pNcclConnector", "MultiConnector", "MooncakeConnectorV1",
+})

@@ -49,10 +49,10 @@ def scale(name: str, assignments: list[str], timeout: float, out=None) -> int:
         raise EpdctlError(f"{name}: its supervisor is not running, so nothing can scale it "
                           f"(`epdctl up {state.get('source') or name}` adopts its processes first)", EXIT_RUNTIME)
     job = secrets.token_hex(4)
-    write_json_atomic(state_dir.path / SCALE_FILE, {"id": job, "counts": counts})
+    deadline = time.monotonic() + timeout
+    _put_request(state_dir, job, counts, deadline)
     wanted = ", ".join(f"{role}={count}" for role, count in counts.items())
     print(f"epdctl: scaling {name} to {wanted} (request {job})", file=out, flush=True)
-    deadline = time.monotonic() + timeout
     shown = 0
     while time.monotonic() < deadline:
         record = _job(state_dir, job)
@@ -77,10 +77,36 @@ def scale(name: str, assignments: list[str], timeout: float, out=None) -> int:
     raise EpdctlError(f"scale {name}: not done after {timeout:g}s (`epdctl status {name}` shows where it is)", EXIT_RUNTIME)
 
 
+def _put_request(state_dir: StateDir, job: str, counts: dict[str, int], deadline: float) -> None:
+    """Our request at SCALE_FILE, never over another client's that the supervisor has not taken yet
+    (a rename would replace it, and that client would wait for an answer that never comes): written
+    beside, then linked into place, which fails while one is there."""
+    path = state_dir.path / SCALE_FILE
+    beside = state_dir.path / f"{SCALE_FILE}.{job}"
+    write_json_atomic(beside, {"id": job, "counts": counts})
+    try:
+        while True:
+            try:
+                os.link(beside, path)
+                return
+            except FileExistsError:
+                if time.monotonic() >= deadline:
+                    raise EpdctlError(f"scale {state_dir.name}: another scale request was not taken in time", EXIT_RUNTIME)
+                time.sleep(POLL_S)
+    finally:
+        try:
+            os.unlink(beside)
+        except OSError:
+            pass
+
+
 def _job(state_dir: StateDir, job: str) -> Optional[dict]:
     try:
         state = state_dir.read() or {}
     except EpdctlError:
         return None
-    record = ((state.get("scale") or {}).get("job")) or {}
-    return record if record.get("id") == job else None
+    scale = state.get("scale") or {}
+    for record in (scale.get("job") or {}, scale.get("refused") or {}):  # a refusal beside a job in progress
+        if isinstance(record, dict) and record.get("id") == job:
+            return record
+    return None

@@ -306,6 +306,18 @@ def assert_no_orphans(marker: str, ports: list[int] = (), timeout: float = 5.0) 
         time.sleep(0.1)
 
 
+def wait_settled(state_dir: Path, name: str, timeout: float = 30) -> None:
+    """Until the supervisor has saved its first look at the instances (run/witness.py): with no
+    traffic after it, it writes the state again only when something changes. A test that deletes
+    the state folder waits for this, or the supervisor's next save puts the folder back at once."""
+    def looked() -> bool:
+        try:
+            return bool(json.loads((state_dir / name / "state.json").read_text()).get("evidence"))
+        except (OSError, ValueError):
+            return False
+    wait_for(looked, timeout, f"{name}'s supervisor to save its first look")
+
+
 def write_sim_topology(tmp: Path, kind: str = "1e1pd", *, name: str = "t", instance_args: Optional[dict] = None,
                        extra: str = "", timings: str = "sim-ttft-ms: 5, sim-tpot-ms: 1, sim-encode-ms: 5",
                        health_timeout: float = 30, ec_path: Optional[str] = None) -> tuple[Path, dict]:

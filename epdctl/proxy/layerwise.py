@@ -33,10 +33,12 @@ from aiohttp import web
 
 from epdctl import jsoncodec
 from epdctl.connectors import METASERVER_PATH, WILDCARD_HOSTS, metaserver_url  # noqa: F401 (re-exported)
+from epdctl.proxy.errors import StageError, error_response
 
 if TYPE_CHECKING:
     from epdctl.proxy.pool import Backend
-    from epdctl.proxy.server import Outcome, Proxy
+    from epdctl.proxy.metrics import Outcome
+    from epdctl.proxy.server import Proxy
 
 log = logging.getLogger("epdctl.proxy")
 
@@ -127,7 +129,6 @@ class Layerwise:
 
     async def serve(self, request: web.BaseRequest, body: dict, path: str, stream: bool, request_id: str,
                     headers: dict, weight: float, outcome: "Outcome", consumer: Optional["Backend"]) -> web.StreamResponse:
-        from epdctl.proxy.server import StageError
 
         prompt = body.get("prompt")
         if isinstance(prompt, list) and prompt and not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
@@ -158,7 +159,6 @@ class Layerwise:
     # ------------------------------------------------------------ the metaserver
 
     async def metaserver(self, request: web.BaseRequest) -> web.Response:
-        from epdctl.proxy.server import StageError, error_response
 
         if not await self._from_a_decoder(request.remote, None):
             return self._refuse("source", f"{request.remote} is not a decoder of this proxy")
@@ -196,7 +196,6 @@ class Layerwise:
         return web.json_response({"status": "ok"})
 
     def _refuse(self, reason: str, message: str) -> web.Response:
-        from epdctl.proxy.server import error_response
 
         self.refused.labels(reason).inc()
         log.warning("metaserver call refused: %s", message)

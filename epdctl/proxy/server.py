@@ -32,7 +32,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from epdctl import jsoncodec
-from epdctl.connectors import MOONCAKE_LAYERWISE, ec_exists
+from epdctl.connectors import HANDOFF_KV_CONNECTORS, MOONCAKE_LAYERWISE, PREFILL_KV_PARAMS, ec_exists
 from epdctl.media import MediaError, check_media_key, content_hash, iter_media, local_media_path, strip_text
 from epdctl.proxy.ec_handles import HANDLE_CONNECTORS, consumer_params, push_params
 from epdctl.proxy.errors import (JsonErrorServer, StageError, describe_failure, error_body, error_response, snippet,
@@ -54,18 +54,6 @@ FAST_PROBE_INTERVAL_S = 0.25
 ENCODE_CALLS_PER_REQUEST = 16
 ENCODE_CALLS_TOTAL = 512
 CONNECT_TIMEOUT_S = 10.0
-# NixlConnector's request shape for "prefill here, decode elsewhere" (as vLLM's own proxies send it).
-PREFILL_KV_PARAMS = {
-    "do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None,
-    "remote_block_ids": None, "remote_host": None, "remote_port": None,
-}
-# KV connectors whose prefill answer carries the kv_transfer_params the decoder needs (P2P hand-off).
-# Storage-based ones (ExampleConnector, LMCache, offloading, ...) return none: the decoder finds the
-# KV by the prompt itself. MultiConnector may wrap either kind.
-HANDOFF_KV_CONNECTORS = frozenset({
-    "NixlConnector", "NixlPullConnector", "NixlPushConnector", "MooncakeConnector", "MoRIIOConnector",
-    "P2pNcclConnector", "MultiConnector", "MooncakeConnectorV1",
-})
 FORWARDED_HEADERS = ("Authorization",)
 SKIPPED_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding")
 SSE_DONE = b"data: [DONE]\n\n"

@@ -36,6 +36,7 @@ class Scaler:
         self.ports = dict(ports or {})  # the ports of instances a scale added, by name (kept for adoption)
         self.version = version  # of the pool file; 0: never written (the proxy routes by its argv)
         self.job: Optional[ScaleJob] = None
+        self.refused: Optional[ScaleJob] = None  # the last request refused while a job worked (its client waits on it)
         self.joined = {spec.name for spec in sup.plan.instances}  # in the proxy's pool
         self.drain_version: dict[str, int] = {}
         self.drain_since: dict[str, float] = {}
@@ -54,7 +55,8 @@ class Scaler:
 
     def record(self) -> dict[str, Any]:
         record = {"counts": self.counts(), "ports": self.ports, "pool_version": self.version,
-                  "job": self.job.record() if self.job else None}
+                  "job": self.job.record() if self.job else None,
+                  "refused": self.refused.record() if self.refused else None}
         if self.watches:
             record["autoscale"] = {"roles": {role: {"min": w.spec.min, "max": w.spec.max,
                                                     "target_inflight": w.spec.target_inflight}
@@ -94,7 +96,7 @@ class Scaler:
         job = ScaleJob(id=request["id"], counts=request["counts"])
         if self.job is not None and self.job.status == "working":
             job.status, job.reason = "refused", f"scale {self.job.id} is still in progress"
-            self.job = job
+            self.refused = job  # not self.job: the one in progress keeps its record, its client waits on it
             return True
         self.job = job
         try:

@@ -33,6 +33,7 @@ STOP_FILE = "stop-request"
 # `epdctl scale`: the request it leaves, and the pool the supervisor writes for the proxy (run/scaling.py).
 SCALE_FILES = ("scale-request", "pool.json")
 LEDGER_FILE = "sim-ledger"  # the device ledger of `--sim-contention device` sims (epdctl/sim/ledger.py)
+_SCALE_BESIDE = re.compile(r"scale-request\.[0-9a-f]{8}")  # a request `epdctl scale` writes before linking it into place
 RUN_ENV = "EPDCTL_RUN"  # every child gets this tag; the sweep finds strays by it
 INSTANCE_ENV = "EPDCTL_INSTANCE"  # and its instance's name: a restart sweeps what the dead one left
 CREATE_TIME_TOLERANCE_S = 0.05
@@ -209,7 +210,8 @@ class StateDir:
 
     def remove(self) -> None:
         """Delete only what we create here: state, lock, logs and events, then the folder if empty."""
-        self._remove(lambda entry: entry in (STATE_FILE, LOCK_FILE, STOP_FILE, LEDGER_FILE, *SCALE_FILES) or bool(_LOG.fullmatch(entry) or _STEP.fullmatch(entry)),
+        self._remove(lambda entry: entry in (STATE_FILE, LOCK_FILE, STOP_FILE, LEDGER_FILE, *SCALE_FILES)
+                     or bool(_LOG.fullmatch(entry) or _STEP.fullmatch(entry) or _SCALE_BESIDE.fullmatch(entry)),
                      rmdir=True)
 
     def request_stop(self, by: str) -> None:

@@ -18,7 +18,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import assert_no_orphans, epdctl, free_ports, http_post, wait_for, wait_healthy, write_sim_topology
+from conftest import (assert_no_orphans, epdctl, free_ports, http_post, wait_for, wait_healthy, wait_settled,
+                      write_sim_topology)
 
 ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give files to another uid")
 OTHER_UID = 54321  # no such user is needed: root can chown to any uid
@@ -219,6 +220,7 @@ def test_down_finds_the_processes_of_a_topology_whose_state_was_deleted(tmp_path
     try:
         import shutil
 
+        wait_settled(state_dir, "lost")
         shutil.rmtree(state_dir / "lost")
         status = epdctl("status", "lost")
         assert status.returncode == 3 and "processes of an unknown state remain: lost (4 process(es))" in status.stderr

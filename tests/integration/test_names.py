@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, TOPOLOGIES, assert_no_orphans, epdctl, wait_for, write_sim_topology
+from conftest import REPO, TOPOLOGIES, assert_no_orphans, epdctl, wait_for, wait_settled, write_sim_topology
 
 from epdctl.names import shipped_topologies
 
@@ -190,6 +190,7 @@ def test_status_with_no_name_reports_processes_whose_state_folder_is_gone(tmp_pa
     topology, ports = write_sim_topology(tmp_path, "agg", name="gone")
     epdctl("up", "-d", str(topology), check=0)
     try:
+        wait_settled(state_dir, "gone")
         shutil.rmtree(state_dir / "gone")
         status = epdctl("status", check=3)
         assert "processes of an unknown state remain: gone (2 process(es))" in status.stderr

@@ -259,3 +259,21 @@ def test_a_scaled_instance_takes_a_device_of_its_roles_pool_and_one_that_cannot_
     finally:
         epdctl("down", "gpu", env=env, check=0)
     assert_no_orphans(str(state_dir), ports)
+def test_two_scales_at_once_each_gets_its_answer(scalable, state_dir):
+    # Both requests land together: one is carried out, the other is refused while it works (or,
+    # taken after, finds the pool already that size). Neither may wait out its timeout unanswered.
+    results = {}
+
+    def ask(key: str) -> None:
+        results[key] = epdctl("scale", "sc", "encode=3", "--wait-timeout", "60", timeout=120)
+
+    threads = [threading.Thread(target=ask, args=(key,)) for key in ("a", "b")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    codes = sorted(r.returncode for r in results.values())
+    assert codes in ([0, 0], [0, 2]), {k: (r.returncode, r.stdout, r.stderr) for k, r in results.items()}
+    refused = [r for r in results.values() if r.returncode == 2]
+    assert all("still in progress" in r.stderr for r in refused), refused[0].stderr
+    assert sum(1 for n in _processes(state_dir, "sc") if n.startswith("encode-")) == 3
