@@ -90,6 +90,8 @@ def _put_request(state_dir: StateDir, job: str, counts: dict[str, int], deadline
                 os.link(beside, path)
                 return
             except FileExistsError:
+                if not os.path.isfile(path) or os.path.islink(path):
+                    raise EpdctlError(f"{path}: exists and is not a scale request; remove it", EXIT_RUNTIME) from None
                 if time.monotonic() >= deadline:
                     raise EpdctlError(f"scale {state_dir.name}: another scale request was not taken in time", EXIT_RUNTIME)
                 time.sleep(POLL_S)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import stat
 from typing import TYPE_CHECKING, Any, Optional
 
 from epdctl.errors import EpdctlError
@@ -303,7 +304,10 @@ def _read_request(path) -> Optional[dict[str, Any]]:
     except OSError:
         return None
     try:
-        data = os.read(fd, MAX_REQUEST_BYTES + 1)
+        # Only a file: read() on a folder found at the name raises, and would end the supervisor.
+        data = os.read(fd, MAX_REQUEST_BYTES + 1) if stat.S_ISREG(os.fstat(fd).st_mode) else b""
+    except OSError:
+        return None
     finally:
         os.close(fd)
     try:

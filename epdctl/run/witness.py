@@ -10,6 +10,7 @@ The reads run on a small thread pool, so a slow /metrics never holds up the supe
 from __future__ import annotations
 
 import os
+import stat
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -42,15 +43,21 @@ class LogCount:
 
     def read_on(self) -> Optional[dict[str, int]]:
         try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW)
+            # O_NONBLOCK: a FIFO found at the name must not hold the look (and the supervisor's exit) forever.
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except OSError:
             return None
         try:
-            size = os.fstat(fd).st_size
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                return None  # a folder or a FIFO where the log was: nothing to count, and nothing to crash on
+            size = info.st_size
             if size < self.offset:  # rotated (docs/commands.md, logs): the new file from its start
                 self.offset, self.partial = 0, b""
             start = max(self.offset, size - MAX_LOG_READ)
             data = os.pread(fd, size - start, start) if size > start else b""
+        except OSError:
+            return None
         finally:
             os.close(fd)
         self.offset = start + len(data)

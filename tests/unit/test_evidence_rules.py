@@ -251,3 +251,22 @@ def test_the_proxys_pool_gauge_is_read_per_role():
             b'epdctl_proxy_pool_instances{role="decode"} 1.0\n')
     assert asyncio.run(read_pool(_Session(text), "http://proxy")) == {"encode": 3, "decode": 1}
     assert asyncio.run(read_pool(_Session(text, status=404), "http://proxy")) is None
+
+
+def test_the_log_counter_takes_a_folder_or_a_fifo_at_the_log_name_as_no_log(tmp_path):
+    # A folder there made the look raise (and the supervisor end); a FIFO held it, and the
+    # supervisor's exit, until some writer opened it.
+    import threading
+
+    folder = tmp_path / "pd-0.log"
+    folder.mkdir()
+    assert LogCount(folder).read_on() is None
+    fifo = tmp_path / "prefill-0.log"
+    os.mkfifo(fifo)
+    seen = {}
+    reader = threading.Thread(target=lambda: seen.update(got=LogCount(fifo).read_on()), daemon=True)
+    reader.start()
+    reader.join(10)
+    if reader.is_alive():  # release it before failing
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    assert not reader.is_alive() and seen == {"got": None}

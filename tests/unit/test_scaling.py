@@ -190,3 +190,15 @@ def test_scale_devices_is_checked_at_validate(tmp_path, extra, error):
     with pytest.raises(EpdctlError) as caught:
         _gpu_topology(tmp_path, extra)
     assert error in str(caught.value) and "g.yaml:" in str(caught.value), str(caught.value)
+
+
+def test_a_folder_or_a_fifo_at_the_scale_request_name_is_no_request(tmp_path):
+    # os.read on a folder raised out of the supervise loop: the detached supervisor ended.
+    from epdctl.run.scaler import _read_request
+
+    (tmp_path / "scale-request").mkdir()
+    assert _read_request(tmp_path / "scale-request") is None
+    os.mkfifo(tmp_path / "fifo")
+    assert _read_request(tmp_path / "fifo") is None
+    (tmp_path / "file").write_text(json.dumps({"id": "ab12cd34", "counts": {"encode": 2}}))
+    assert _read_request(tmp_path / "file") == {"id": "ab12cd34", "counts": {"encode": 2}}
