@@ -9,8 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional
 
 from epdctl.errors import EXIT_NOTHING_RUNNING, EXIT_RUNTIME, EXIT_USAGE, EpdctlError
+from epdctl.run.logfiles import Follower, display, tail_lines, wants_colour
 from epdctl.run.state import StateDir, elsewhere, readable_states, verified_process
-from epdctl.run.logfiles import Follower, tail_lines, wants_colour
 from epdctl.run.runtime import Runtime
 from epdctl.run.states import ALIVE, ENDED, Health, ProcessState, TopologyPhase
 
@@ -211,17 +211,19 @@ def _print_table(reports, states, out) -> None:
             table.add_row(row["name"], row["role"], *where, pid, str(row["port"]), row["url"], row["state"],
                           str(row.get("restarts") or 0), code)
         console.print(table)
-        said = [f"{e['name']} {e['evidence']['detail']}" for e in report["instances"]
+        # The evidence is the supervisor's record in state.json: shown safe for a terminal (display:
+        # rich's escape() stops markup, not escape sequences), whatever its types.
+        said = [f"{e['name']} {e['evidence'].get('detail', '')}" for e in report["instances"]
                 if e.get("evidence", {}).get("counts")]
         if report["health"] != Health.HEALTHY and report["reasons"]:
-            console.print(escape("why: " + "; ".join(report["reasons"])))
+            console.print(escape(display("why: " + "; ".join(map(str, report["reasons"])))))
         elif said:
-            console.print(escape("evidence: " + " · ".join(said)))
+            console.print(escape(display("evidence: " + " · ".join(said))))
         for role, pool in (report.get("autoscale") or {}).items():
             last = pool["history"][-1] if pool["history"] else None
-            console.print(escape(f"autoscale {role}: {pool['size']} instance(s) (min {pool['min']}, max {pool['max']}, "
+            console.print(escape(display(f"autoscale {role}: {pool['size']} instance(s) (min {pool['min']}, max {pool['max']}, "
                                  f"target {pool['target_inflight']:g} in flight each)"
-                                 + (f"; last {last['from']} -> {last['to']} at {last['at']}: {last['why']}" if last else "")))
+                                 + (f"; last {last['from']} -> {last['to']} at {last['at']}: {last['why']}" if last else ""))))
         if report.get("warning"):
             console.print(f"warning: {report['warning']}")
         for row in rows:

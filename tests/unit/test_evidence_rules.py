@@ -270,3 +270,38 @@ def test_the_log_counter_takes_a_folder_or_a_fifo_at_the_log_name_as_no_log(tmp_
     if reader.is_alive():  # release it before failing
         os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
     assert not reader.is_alive() and seen == {"got": None}
+
+
+def test_status_shows_a_hostile_evidence_record_safe_for_a_terminal():
+    # state.json's "evidence" printed as it was: rich's escape() stops markup, not escape
+    # sequences (a screen clear, a clipboard write); a record without "detail" was a KeyError.
+    import io
+
+    import psutil
+
+    from epdctl.status import _print_table, live_status
+
+    class Up:
+        def probe(self, url, timeout=1.0):
+            return True
+
+    me = {"pid": os.getpid(), "create_time": psutil.Process().create_time()}
+
+    def state(evidence):
+        return {"name": "ev", "phase": "running", "supervisor": {**me, "mode": "detached"}, "evidence": evidence,
+                "processes": [{"name": "pd-0", "role": "pd", "port": 1, "url": "http://127.0.0.1:1", **me},
+                              {"name": "proxy", "role": "proxy", "port": 2, "url": "http://127.0.0.1:2", **me}]}
+
+    for evidence, shown in [
+        ({"instances": {"pd-0": {"verdict": "degraded", "detail": "x", "counts": {}}},
+          "reasons": ["pd-0 \x1b[2J\x1b]52;c;ZXZpbA==\x07 bad", 3, None]}, "why: pd-0"),
+        ({"instances": {"pd-0": {"verdict": "ok", "detail": "d\x1b]0;pwned\x07", "counts": {"a": 1}}}}, "evidence: pd-0 d"),
+        ({"instances": {"pd-0": {"verdict": "ok", "counts": {"a": 1}}}, "reasons": []}, "evidence: pd-0"),
+        ({"instances": {"pd-0": {"verdict": ["degraded"], "detail": 7, "counts": [1]}}, "reasons": [["pd-0"]]},
+         "evidence: pd-0 7"),
+    ]:
+        report = live_status(state(evidence), Up())
+        out = io.StringIO()
+        _print_table([report], [state(evidence)], out)
+        text = out.getvalue()
+        assert shown in text and "\x1b" not in text and "\x07" not in text, repr(text)
