@@ -52,7 +52,7 @@ def read_pool_file(path: str) -> Optional[dict[str, Any]]:
         if len(data) > MAX_POOL_BYTES:
             raise ValueError("too large")
         return check_pool(json.loads(data))
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested too deep to be a pool (at start-up, uncaught)
         log.warning("pool file %s: %s; keeping the pool", path, exc)
         return None
 
@@ -60,6 +60,8 @@ def read_pool_file(path: str) -> Optional[dict[str, Any]]:
 def check_pool(data: Any) -> dict[str, Any]:
     if not isinstance(data, dict) or not isinstance(data.get("version"), int) or not isinstance(data.get("roles"), dict):
         raise ValueError("not a pool (version, roles)")
+    if isinstance(data["version"], bool) or not 0 <= data["version"] < 1 << 53:  # the gauge is a float
+        raise ValueError("version: a count from 0 expected")
     roles: dict[str, list[tuple[str, str]]] = {}
     for role, entries in data["roles"].items():
         if role not in POOL_ROLES or not isinstance(entries, list) or not entries:

@@ -96,6 +96,8 @@ def test_in_flight_is_read_from_the_proxys_metrics():
     {"version": 1, "roles": {"encode": [{"name": "encode-0", "url": "file:///etc/passwd"}]}},
     {"version": 1, "roles": {"encode": [{"name": "encode-0", "url": "http://h:1/v1/x?a=b"}]}},
     {"version": 1, "roles": {"encode": [{"name": "encode-0", "url": "http://h:1"}]}, "draining": "encode-0"},
+    {"version": 10 ** 400, "roles": {}},  # past a float: the version gauge raised OverflowError after the pool applied
+    {"version": -1, "roles": {}}, {"version": True, "roles": {}},
 ])
 def test_the_proxy_refuses_a_pool_that_is_not_one(hostile):
     with pytest.raises(ValueError):
@@ -114,6 +116,9 @@ def test_the_proxy_reads_no_pool_through_a_symlink_or_past_its_bound(tmp_path):
     huge.write_text(json.dumps({**good, "pad": "x" * (1 << 21)}))
     assert read_pool_file(str(huge)) is None
     assert read_pool_file(str(tmp_path / "missing.json")) is None
+    deep = tmp_path / "deep.json"  # a RecursionError, not a ValueError: a (re)starting proxy died on it
+    deep.write_text("[" * 200_000 + "]" * 200_000)
+    assert read_pool_file(str(deep)) is None
 
 
 def test_autoscale_rule_on_a_virtual_clock():
