@@ -8,6 +8,7 @@ and evidence"). Pure: no process, no socket; the callers fetch and read.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Optional
 
@@ -109,7 +110,8 @@ def counts(part: Part, metrics: Optional[Mapping[str, float]], log: Optional[Map
     known = metrics is not None
 
     def metric(name: str) -> Optional[float]:
-        return m.get(name, 0.0) if known else None
+        value = m.get(name, 0.0) if known else None
+        return value if value is None or math.isfinite(value) else None  # NaN or inf says nothing
 
     sim = part.engine == "sim"
     if part.role == "encode":

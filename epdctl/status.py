@@ -27,6 +27,8 @@ def live_status(state: dict[str, Any], runtime: Optional[Runtime] = None) -> dic
     supervised = bool(live_steps) if remote else verified_process(sup_record.get("pid"),
                                                                   sup_record.get("create_time")) is not None
 
+    joining = _joining(state) if supervised else set()  # a scale under way is starting these
+
     def one(record: dict[str, Any]) -> dict[str, Any]:
         if remote:  # a step is alive while Slurm lists it; the proxy (on the supervisor's host) while it answers
             alive = record.get("step") in live_steps if record.get("node") else runtime.probe(record["url"], timeout=1.0)
@@ -42,7 +44,7 @@ def live_status(state: dict[str, Any], runtime: Optional[Runtime] = None) -> dic
         elif runtime.probe(record["url"], timeout=1.0):
             current = ProcessState.HEALTHY
         else:
-            current = (ProcessState.STARTING if phase == TopologyPhase.STARTING
+            current = (ProcessState.STARTING if (phase == TopologyPhase.STARTING or record["name"] in joining)
                        and record.get("state") != ProcessState.HEALTHY else ProcessState.UNHEALTHY)
         entry = {
             "name": record["name"], "role": record["role"], "pid": record.get("pid"), "port": record["port"],
@@ -67,7 +69,9 @@ def live_status(state: dict[str, Any], runtime: Optional[Runtime] = None) -> dic
     if proxy:
         proxy = {k: v for k, v in proxy.items() if k != "role"}
     states = [e["state"] for e in entries]
-    if states and all(s in (ProcessState.HEALTHY, ProcessState.DRAINING) for s in states):
+    scaling = (ProcessState.HEALTHY, ProcessState.DRAINING)  # a drain, or a start a scale makes, is not a fault
+    if states and all(e["state"] in scaling or (e["name"] in joining and e["state"] == ProcessState.STARTING)
+                      for e in entries):
         overall = TopologyPhase.RUNNING
     elif phase == TopologyPhase.STARTING and ProcessState.EXITED not in states:
         overall = TopologyPhase.STARTING  # instances still loading are not a degraded topology
@@ -107,6 +111,14 @@ def _live_steps(state: dict[str, Any]) -> dict[str, str]:
     from epdctl.run.slurm import steps_of
 
     return steps_of(str(launcher["job"]), state["run_token"])
+
+
+def _joining(state: dict[str, Any]) -> set[str]:
+    """The instances the scale under way is adding (run/scaler.py records its job)."""
+    job = (state.get("scale") or {}).get("job") if isinstance(state.get("scale"), dict) else None
+    if not isinstance(job, dict) or job.get("status") != "working" or not isinstance(job.get("adding"), list):
+        return set()
+    return {name for name in job["adding"] if isinstance(name, str)}
 
 
 def _evidence(state: dict[str, Any], instances: list[dict[str, Any]], supervised: bool) -> list[str]:

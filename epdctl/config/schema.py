@@ -10,7 +10,8 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Iterator, Literal, NamedTuple, Optional
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, StrictInt, field_validator,
+                      model_validator)
 
 from epdctl.config.yamlmarks import Marks, dotted, error_line
 
@@ -183,8 +184,8 @@ class ProxySpec(_Model):
 class AutoscaleRole(_Model):
     """One role's pool under `autoscale:` (run/autoscale.py has the rule)."""
 
-    min: int = Field(1, ge=1, le=MAX_INSTANCES)
-    max: int = Field(4, ge=1, le=MAX_INSTANCES)
+    min: StrictInt = Field(1, ge=1, le=MAX_INSTANCES)  # strict: `min: true` is not 1
+    max: StrictInt = Field(4, ge=1, le=MAX_INSTANCES)
     # Requests in flight per instance the pool aims at (the proxy's count: encoder calls for encode).
     target_inflight: float = Field(2, gt=0, le=10_000)
     scale_up_after_s: float = Field(5, ge=0, le=3600)  # above the target this long: one more

@@ -139,7 +139,7 @@ class Scaler:
             except EpdctlError as exc:
                 job.status, job.reason = "failed", str(exc).splitlines()[0]
             self.history.append({"at": now_iso(), "role": role, "from": size, "to": target, "why": why,
-                                 "status": job.status if job.status != "working" else "started"})
+                                 "job": job.id, "status": job.status if job.status != "working" else "started"})
             del self.history[:-HISTORY]
             append_event(self.sup.state_dir.path / EVENTS_FILE, f"autoscale-{role}", "autoscale",
                          size=f"{size}->{target}", reason=why)
@@ -272,7 +272,21 @@ class Scaler:
             self.job.done.append(f"{child.spec.name}: drained and stopped")
         sup.note(f"{child.spec.name} drained and stopped")
 
+    def joining(self) -> set[str]:
+        """Instances the scale under way is adding: their start-up is a scale, not a fault."""
+        job = self.job
+        return set(job.adding) if job is not None and job.status == "working" else set()
+
     def _finish_job(self, now: float) -> bool:
+        changed = self._finish_working_job(now)
+        job = self.job
+        if changed and job is not None and job.status != "working":
+            for entry in self.history:  # the autoscale change that started it: its outcome, once known
+                if entry.get("job") == job.id:
+                    entry["status"] = job.status
+        return changed
+
+    def _finish_working_job(self, now: float) -> bool:
         job = self.job
         if job is None or job.status != "working":
             return False

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationError
 
 from epdctl.errors import EpdctlError
 
@@ -75,6 +75,39 @@ class LauncherRecord(_Record):
     job: Optional[Name] = None
 
 
+class AutoscaleBounds(_Record):
+    min: StrictInt
+    max: StrictInt
+    target_inflight: StrictFloat
+
+
+class AutoscaleChange(_Record):
+    at: Optional[Text] = None
+    role: Name
+    from_: StrictInt = Field(alias="from")
+    to: StrictInt
+    why: Text = ""
+    status: Optional[Name] = None
+    job: Optional[Name] = None
+
+
+class AutoscaleRecord(_Record):
+    roles: dict[Name, AutoscaleBounds] = {}
+    history: list[AutoscaleChange] = []
+
+
+class ScaleRecord(_Record):
+    """run/scaler.py's record: the scaled sizes and ports (what an adopting `up` plans), the pool
+    file's version, the scale under way (and the last one refused), the autoscaler's pools."""
+
+    counts: dict[Name, StrictInt] = {}
+    ports: dict[Name, Port] = {}
+    pool_version: StrictInt = 0
+    job: Optional[dict[str, Any]] = None
+    refused: Optional[dict[str, Any]] = None
+    autoscale: Optional[AutoscaleRecord] = None
+
+
 class StateRecord(_Record):
     name: Name
     source: Optional[Text] = None
@@ -88,7 +121,7 @@ class StateRecord(_Record):
     launcher: LauncherRecord = LauncherRecord()
     processes: list[ProcessRecord] = []
     health_timeout_s: Optional[float] = None
-    scale: Optional[dict[str, Any]] = None  # run/scaler.py's record: counts, ports, pool version, autoscale
+    scale: Optional[ScaleRecord] = None
     evidence: Optional[dict[str, Any]] = None  # run/witness.py's last look
 
 
@@ -109,4 +142,4 @@ def checked(data: Any, where: str, name: str) -> dict[str, Any]:
         first = exc.errors()[0]
         field = ".".join(str(part) for part in first["loc"]) or "(the file)"
         raise UnreadableState(where, f"{field}: {first['msg']}", name) from None
-    return record.model_dump(mode="json", exclude_unset=True)
+    return record.model_dump(mode="json", exclude_unset=True, by_alias=True)

@@ -401,8 +401,10 @@ class Supervisor:
             if changed or self.phase == TopologyPhase.ADOPTING:  # adopting: every process was looked at once now
                 adopting = self.phase == TopologyPhase.ADOPTING
                 serving = (ProcessState.HEALTHY, ProcessState.DRAINING)  # a drain is a scale, not a fault
-                self.phase = (TopologyPhase.RUNNING if all(c.state in serving for c in self.children)
-                              else TopologyPhase.DEGRADED)
+                joining = self.scaler.joining()  # and so is an instance a scale is starting
+                self.phase = (TopologyPhase.RUNNING if all(c.state in serving or (c.spec.name in joining and c.state
+                                                                                   == ProcessState.STARTING)
+                                                           for c in self.children) else TopologyPhase.DEGRADED)
                 self.save()
                 if adopting:
                     self._report_adoption()

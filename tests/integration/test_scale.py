@@ -96,6 +96,9 @@ def test_scale_up_under_load_every_new_encoder_serves_and_no_request_fails(scala
     assert status["health"] == "healthy"
     events = epdctl("events", "sc", check=0).stdout
     assert "encode-2" in events and "started" in events
+    # Starting the new encoders is a scale, not a fault: the topology's health never changed.
+    changes = [json.loads(line) for line in (state_dir / "sc" / "events.jsonl").read_text().splitlines()]
+    assert not [e for e in changes if e["process"] == "topology"], changes
 
 
 def test_scale_down_drains_with_zero_failed_requests(scalable, state_dir):

@@ -305,3 +305,10 @@ def test_status_shows_a_hostile_evidence_record_safe_for_a_terminal():
         _print_table([report], [state(evidence)], out)
         text = out.getvalue()
         assert shown in text and "\x1b" not in text and "\x07" not in text, repr(text)
+
+
+def test_a_counter_that_is_nan_or_infinite_says_nothing():
+    part = _part("1e1pd", "pd-0")
+    got = counts(part, {SIM["loaded"]: float("nan"), SIM["encoded"]: float("inf")}, None)
+    assert got == {"ec_loaded": None, "encoded_locally": None}  # never NaN into state.json (invalid JSON)
+    assert verdict(part, got, recent(got, got))[0] == "unknown"

@@ -148,7 +148,9 @@ def test_autoscale_is_checked_at_validate(tmp_path):
     for extra, needle in [("autoscale: {encode: {min: 3, max: 2}}", "min (3) is above max (2)"),
                           ("autoscale: {encode: {min: 2, max: 4}}", "outside min 2"),
                           ("autoscale: {prefill: {max: 2}}", "no prefill instance"),
-                          ("autoscale: {encode: {target_inflight: 0}}", "greater than 0")]:
+                          ("autoscale: {encode: {target_inflight: 0}}", "greater than 0"),
+                          ("autoscale: {encode: {min: true}}", "autoscale.encode.min"),  # not 1
+                          ("autoscale: {encode: {max: 2.5}}", "autoscale.encode.max")]:
         with pytest.raises(EpdctlError, match=re.escape(needle)):
             _topology(tmp_path, extra)
     assert _topology(tmp_path, "autoscale: {encode: {max: 4}}").autoscale.encode.max == 4

@@ -38,6 +38,14 @@ def test_an_older_epdctls_state_reads_as_it_was_written(tmp_path):
     assert _folder(tmp_path, OLD).read() == OLD
 
 
+def test_a_scale_record_reads_as_the_scaler_wrote_it(tmp_path):
+    scaled = {**OLD, "scale": {"counts": {"encode": 2, "pd": 1}, "ports": {"encode-1": 19536}, "pool_version": 3,
+                               "job": None, "autoscale": {"roles": {"encode": {"min": 1, "max": 3, "target_inflight": 2.0}},
+                                                          "history": [{"at": "t", "role": "encode", "from": 1, "to": 2,
+                                                                       "why": "w", "job": "auto-1", "status": "done"}]}}}
+    assert _folder(tmp_path, scaled).read() == scaled
+
+
 def test_a_newer_epdctls_keys_are_kept(tmp_path):
     newer = {**OLD, "gpu_topology": {"nvlink": True}, "processes": [{**OLD["processes"][0], "numa": 1}]}
     assert _folder(tmp_path, newer).read() == newer
@@ -61,6 +69,11 @@ def test_a_minimal_hand_written_state_reads(tmp_path):
     (lambda s: s.update(storage=[{"path": ["/"]}]), "storage.0.path"),
     (lambda s: s.update(name=""), "name"),
     (lambda s: s["processes"][0].update(error="x" * 100_000), "processes.0.error"),
+    # the scale record status prints from: formatted with :g and **, so typed too
+    (lambda s: s.update(scale={"autoscale": {"roles": {"encode": "x"}}}), "scale.autoscale.roles.encode"),
+    (lambda s: s.update(scale={"autoscale": {"roles": {"encode": {"min": 1, "max": 2, "target_inflight": "2"}}}}),
+     "scale.autoscale.roles.encode.target_inflight"),
+    (lambda s: s.update(scale={"ports": {"encode-1": True}}), "scale.ports.encode-1"),
 ])
 def test_a_hostile_value_is_one_line_naming_the_field(tmp_path, change, field):
     state = json.loads(json.dumps(OLD))
