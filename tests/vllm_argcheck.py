@@ -12,6 +12,11 @@ import json
 import sys
 
 
+class PluginMissing(Exception):
+    """The connector lives in an out-of-tree plugin (vllm-ascend's `vllm_ascend`) that this venv lacks:
+    everything up to loading its class was checked; the class itself cannot be."""
+
+
 def connector_class(config) -> type:
     """The connector class vLLM would instantiate for this EC/KV transfer config (a typo'd name
     fails here, where the config classes alone accept any string)."""
@@ -26,7 +31,13 @@ def connector_class(config) -> type:
     if module_path:
         import importlib
 
-        return getattr(importlib.import_module(module_path), name)
+        try:
+            module = importlib.import_module(module_path)
+        except ModuleNotFoundError as exc:
+            if exc.name == module_path.split(".")[0]:
+                raise PluginMissing(exc.name) from None
+            raise
+        return getattr(module, name)
     if name not in factory._registry:
         raise ValueError(f"unknown connector {name!r}; vLLM has {sorted(factory._registry)}")
     return factory._registry[name]()
@@ -95,20 +106,24 @@ def check(argv: list[str], env: dict | None = None) -> str:
         return f"{type(exc).__name__}: {exc}"
     if getattr(args, "model_tag", None):
         args.model = args.model_tag
+    missing = None
     try:
         validate_parsed_serve_args(args)
         engine_args = AsyncEngineArgs.from_cli_args(args)
         for flag, cls in (("--ec-transfer-config", ECTransferConfig), ("--kv-transfer-config", KVTransferConfig)):
             if flag in rest:
                 config = cls(**json.loads(rest[rest.index(flag) + 1]))
-                connector_class(config)
+                try:
+                    connector_class(config)
+                except PluginMissing as exc:
+                    missing = str(exc)
                 if cls is ECTransferConfig:
                     check_ec_connector(config, engine_args, env or {})
         if engine_args.model != args.model:
             return f"model {engine_args.model!r} is not the planned {args.model!r}"
     except Exception as exc:
         return f"{type(exc).__name__}: {exc}"
-    return "ok"
+    return f"ok without the plugin {missing}" if missing else "ok"
 
 
 def main() -> int:
