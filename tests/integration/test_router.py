@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import assert_no_orphans, epdctl, free_ports, http_get, http_post, run_processes, wait_healthy
+from conftest import (assert_no_orphans, epdctl, free_ports, http_get, http_post, run_processes, wait_healthy,
+                      wait_settled)
 
 from epdctl.commands import router_command
 from epdctl.config.load import parse_topology
@@ -219,6 +220,7 @@ def test_down_finds_the_router_by_its_tag_when_the_state_is_gone(tmp_path, state
     # with it the EPDCTL_RUN tag: `down` then missed it and left it running.
     path, ports = pd_file(tmp_path)
     epdctl("up", "-d", str(path), check=0, timeout=90)
+    wait_settled(state_dir, "rt")  # else the supervisor's first look writes the state back
     for state in state_dir.glob("rt/state.json"):
         state.unlink()
     result = epdctl("down", "rt", check=0, timeout=60)
