@@ -152,6 +152,7 @@ class Prober:
         cpu_before = self.meter.read(url) if alone and self.meter else None
         started = time.perf_counter()
         first: Optional[float] = None
+        last: Optional[float] = None
         usage: dict[str, Any] = {}
         timeout = aiohttp.ClientTimeout(total=self.args.timeout_s)
         try:
@@ -169,9 +170,9 @@ class Prober:
                         event = json.loads(line[6:])
                         if event.get("usage"):
                             usage = event["usage"]
-                        if first is None and any((c.get("delta") or {}).get("content")
-                                                 for c in event.get("choices") or ()):
-                            first = time.perf_counter()
+                        if event.get("choices"):  # a token's chunk, its text empty or not (as bench)
+                            last = time.perf_counter()
+                            first = last if first is None else first
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             raise EpdctlError(f"calibrate: {url}: {type(exc).__name__}: {exc}", EXIT_RUNTIME) from None
         end = time.perf_counter()
@@ -179,11 +180,13 @@ class Prober:
             self.meter.add(url, cpu_before, end - started)
         self.tick()
         answer = Answer((end - started) * 1000, usage.get("prompt_tokens"))
-        # Counted in tokens, not chunks: a token that decodes to no text (a partial UTF-8 sequence,
-        # common with random weights) has no chunk of its own.
+        # As `epdctl bench` and `vllm bench serve` time it: from the first chunk carrying a choice to
+        # the last, over the tokens the usage counts. A token that decodes to no text yet (a partial
+        # UTF-8 sequence, common with random weights) still has its chunk, with empty content:
+        # waiting for text instead put most of a stream's tokens before `first` (TPOT ~0).
         tokens = usage.get("completion_tokens")
-        if first is not None and isinstance(tokens, int) and tokens >= 3:
-            answer.tpot_ms = (end - first) * 1000 / (tokens - 1)
+        if first is not None and last is not None and isinstance(tokens, int) and tokens >= 3:
+            answer.tpot_ms = (last - first) * 1000 / (tokens - 1)
         return answer
 
     def _text(self, words: int) -> str:
