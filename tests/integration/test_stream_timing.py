@@ -12,6 +12,7 @@ import json
 
 import aiohttp
 from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from epdctl.bench.dataset import BenchRequest
 from epdctl.bench.runner import send
@@ -45,16 +46,8 @@ async def vllm_like(request: web.Request) -> web.StreamResponse:
 async def _serve_and(check):
     app = web.Application()
     app.router.add_post("/v1/chat/completions", vllm_like)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]
-    try:
-        async with aiohttp.ClientSession() as session:
-            return await check(session, f"http://127.0.0.1:{port}")
-    finally:
-        await runner.cleanup()
+    async with TestServer(app, host="127.0.0.1") as server, aiohttp.ClientSession() as session:
+        return await check(session, str(server.make_url("")).rstrip("/"))
 
 
 def test_bench_counts_a_token_whose_text_is_empty():
